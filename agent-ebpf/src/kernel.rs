@@ -1,0 +1,237 @@
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use damselfly_common::{
+    AF_INET, AF_INET6, COMM_LEN, Config, Counters, MAX_COMMS, MAX_PORTS, OrigDst, SockKey,
+};
+
+/// Return value that lets the syscall go on (cgroup sock_addr programs).
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// Live steered connections we can track at once, per node.
+const MAX_CONNS: u32 = 65536;
+
+#[map]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Destination port (host order) -> counter slot.
+#[map]
+static PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_PORTS, 0);
+/// Allowed process names (`comm`, NUL padded).
+#[map]
+static COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(MAX_COMMS, 0);
+#[map]
+static EXCLUDE4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(256, 0);
+#[map]
+static EXCLUDE6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, 0);
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
+/// Socket cookie -> original destination; lives as long as the client may call getpeername.
+#[map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+/// Client's local endpoint -> original destination; what the agent looks up on accept.
+#[map]
+static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some((cfg, slot)) = steerable(sa) else {
+        return ALLOW;
+    };
+    let dst = sa.user_ip4;
+    let first = dst.to_ne_bytes();
+    let excluded = first[0] == 127
+        || EXCLUDE4.get(Key::new(32, first)).is_some()
+        || cfg.listen4_port == 0;
+    if excluded || !comm_allowed() {
+        count(slot, false);
+        return ALLOW;
+    }
+    let orig = OrigDst {
+        family: AF_INET,
+        addr: [dst, 0, 0, 0],
+        port: port_of(sa),
+        _pad: 0,
+    };
+    if remember(&ctx, &orig) {
+        sa.user_ip4 = cfg.listen4_addr;
+        sa.user_port = u32::from(cfg.listen4_port.to_be());
+        count(slot, true);
+    } else {
+        count(slot, false);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some((cfg, slot)) = steerable(sa) else {
+        return ALLOW;
+    };
+    let dst = sa.user_ip6;
+    let excluded = is_loopback6(&dst)
+        || EXCLUDE6.get(Key::new(128, words_to_bytes(&dst))).is_some()
+        || cfg.listen6_port == 0;
+    if excluded || !comm_allowed() {
+        count(slot, false);
+        return ALLOW;
+    }
+    let orig = OrigDst {
+        family: AF_INET6,
+        addr: dst,
+        port: port_of(sa),
+        _pad: 0,
+    };
+    if remember(&ctx, &orig) {
+        sa.user_ip6 = cfg.listen6_addr;
+        sa.user_port = u32::from(cfg.listen6_port.to_be());
+        count(slot, true);
+    } else {
+        count(slot, false);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn damselfly_peer4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(orig) = original_of(&ctx) {
+        if orig.family == AF_INET {
+            sa.user_ip4 = orig.addr[0];
+            sa.user_port = u32::from(orig.port.to_be());
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn damselfly_peer6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(orig) = original_of(&ctx) {
+        if orig.family == AF_INET6 {
+            sa.user_ip6 = orig.addr;
+            sa.user_port = u32::from(orig.port.to_be());
+        }
+    }
+    ALLOW
+}
+
+/// On the SYN of a steered connect, re-key its original destination by the
+/// client's local endpoint, which is the peer address the agent sees on accept.
+#[sock_ops]
+pub fn damselfly_sops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 0;
+    }
+    let Some(orig) = original_of(&ctx) else {
+        return 0;
+    };
+    let family = ctx.family();
+    let addr = if family == AF_INET {
+        [ctx.local_ip4(), 0, 0, 0]
+    } else if family == AF_INET6 {
+        ctx.local_ip6()
+    } else {
+        return 0;
+    };
+    let key = SockKey {
+        family,
+        addr,
+        // bpf_sock_ops.local_port is already in host byte order.
+        port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    let _ = ORIG_BY_ADDR.insert(&key, orig, u64::from(BPF_ANY));
+    0
+}
+
+/// A TCP connect to a port in the set, from anyone but the agent: the config
+/// and the port's counter slot. `None` means "not ours, don't count".
+#[inline(always)]
+fn steerable(sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
+    if sa.type_ != SOCK_STREAM || (sa.protocol != 0 && sa.protocol != IPPROTO_TCP) {
+        return None;
+    }
+    let cfg = CONFIG.get(0)?;
+    let slot = *unsafe { PORTS.get(&port_of(sa)) }?;
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
+        count(slot, false);
+        return None;
+    }
+    Some((cfg, slot))
+}
+
+#[inline(always)]
+fn port_of(sa: &bpf_sock_addr) -> u16 {
+    // user_port holds the port in network byte order in its low 16 bits.
+    u16::from_be(sa.user_port as u16)
+}
+
+#[inline(always)]
+fn comm_allowed() -> bool {
+    match bpf_get_current_comm() {
+        Ok(comm) => unsafe { COMMS.get(&comm) }.is_some(),
+        Err(_) => false,
+    }
+}
+
+#[inline(always)]
+fn remember<C: EbpfContext>(ctx: &C, orig: &OrigDst) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_BY_COOKIE.insert(&cookie, orig, u64::from(BPF_ANY)).is_ok()
+}
+
+#[inline(always)]
+fn original_of<C: EbpfContext>(ctx: &C) -> Option<OrigDst> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
+}
+
+#[inline(always)]
+fn count(slot: u32, steered: bool) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race us.
+        let c = unsafe { &mut *c };
+        if steered {
+            c.steered += 1;
+        } else {
+            c.passed += 1;
+        }
+    }
+}
+
+#[inline(always)]
+fn is_loopback6(a: &[u32; 4]) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 1u32.to_be()
+}
+
+#[inline(always)]
+fn words_to_bytes(a: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

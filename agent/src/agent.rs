@@ -1,0 +1,113 @@
+//! `damselfly agent`: wire steering, interception and admin together, and take
+//! them down cleanly on SIGTERM/SIGINT.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, bail};
+use tokio::{net::TcpListener, signal::unix::{SignalKind, signal}};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{Admin, metrics::Metrics},
+    cli::AgentArgs,
+    intercept::Interceptor,
+    steer::{Listeners, Rules, Steering, mounts},
+};
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let rules = Rules::new(&args.steer_ports, &args.steer_comm, &args.steer_exclude)?;
+    let cgroup = match args.cgroup {
+        Some(c) => c,
+        None => mounts::cgroup2_root()?,
+    };
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
+
+    // Listeners first: the kernel sends connects to them as soon as we attach.
+    let (listeners, bound) = bind_listeners(&args.listen).await?;
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding --admin {}", args.admin))?;
+    raise_memlock();
+
+    let steering = Arc::new(
+        Steering::start(&args.instance, &cgroup, rules, listeners)
+            .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?,
+    );
+    let mut metrics = Metrics::new();
+    metrics.attach_steering(&steering);
+    let metrics = Arc::new(metrics);
+
+    let interceptor = Arc::new(Interceptor {
+        steering: steering.clone(),
+        metrics: metrics.clone(),
+    });
+    let listen: Vec<SocketAddr> = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
+    for l in bound {
+        tokio::spawn(interceptor.clone().serve(l));
+    }
+    let admin = Arc::new(Admin {
+        instance: args.instance.clone(),
+        listen: listen.clone(),
+        steering: steering.clone(),
+        metrics,
+    });
+    tokio::spawn(admin.serve(admin_listener));
+    info!(
+        instance = %args.instance,
+        cgroup = %cgroup.display(),
+        ?listen,
+        admin = %args.admin,
+        pins = %steering.pin_dir.display(),
+        "steering"
+    );
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    steering.shutdown().context("removing pins")?;
+    info!("detached; pins removed");
+    Ok(())
+}
+
+/// Bind each `--listen` address. An IPv6 listener that cannot be bound (no
+/// IPv6 on this host) only turns off IPv6 steering.
+async fn bind_listeners(addrs: &[SocketAddr]) -> anyhow::Result<(Listeners, Vec<TcpListener>)> {
+    let mut listeners = Listeners::default();
+    let mut bound = Vec::new();
+    for &addr in addrs {
+        let slot = if addr.is_ipv4() { &mut listeners.v4 } else { &mut listeners.v6 };
+        if slot.is_some() {
+            bail!("--listen: give at most one IPv4 and one IPv6 address");
+        }
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                *slot = Some(l.local_addr()?);
+                bound.push(l);
+            }
+            Err(e) if addr.is_ipv6() => {
+                warn!(%addr, error = %e, "no IPv6 listener: IPv6 connects are not steered");
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding --listen {addr}")),
+        }
+    }
+    if bound.is_empty() {
+        bail!("--listen: no listener could be bound");
+    }
+    Ok((listeners, bound))
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        warn!("could not raise RLIMIT_MEMLOCK; map creation may fail on old kernels");
+    }
+}

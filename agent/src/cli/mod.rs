@@ -1,0 +1,116 @@
+//! The command line: the product's interface. Flags also read `DAMSELFLY_*`.
+
+pub mod status;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "damselfly", version, about = "Peer-to-peer container image pulls, no runtime config change")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: steer registry connections and carry them on.
+    Agent(AgentArgs),
+    /// Show a running agent's programs, rules and counters.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Name of this agent; its maps are pinned under /sys/fs/bpf/damselfly/NAME.
+    #[arg(long, env = "DAMSELFLY_INSTANCE", default_value = "default", value_parser = parse_instance)]
+    pub instance: String,
+    /// cgroup v2 directory to attach to [default: the cgroup2 mount in /proc/mounts].
+    #[arg(long, env = "DAMSELFLY_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// Destination TCP ports to steer.
+    #[arg(long, env = "DAMSELFLY_STEER_PORTS", value_delimiter = ',', default_value = "443,80")]
+    pub steer_ports: Vec<u16>,
+    /// Process names (comm) whose connections are steered.
+    #[arg(
+        long,
+        env = "DAMSELFLY_STEER_COMM",
+        value_delimiter = ',',
+        default_value = "containerd,dockerd,crio,podman,skopeo,ctr,nerdctl"
+    )]
+    pub steer_comm: Vec<String>,
+    /// Destinations never steered (CIDRs, e.g. the cluster's service range). Loopback never is.
+    #[arg(long, env = "DAMSELFLY_STEER_EXCLUDE", value_delimiter = ',')]
+    pub steer_exclude: Vec<String>,
+    /// Steering listeners, at most one IPv4 and one IPv6.
+    #[arg(
+        long,
+        env = "DAMSELFLY_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7403,[::1]:7403"
+    )]
+    pub listen: Vec<SocketAddr>,
+    /// Admin HTTP: /healthz, /metrics, /status.
+    #[arg(long, env = "DAMSELFLY_ADMIN", default_value = "127.0.0.1:7402")]
+    pub admin: SocketAddr,
+    /// Where the agent keeps its state.
+    #[arg(long, env = "DAMSELFLY_STATE_DIR", default_value = "/var/lib/damselfly")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's admin address.
+    #[arg(long, env = "DAMSELFLY_ADMIN", default_value = "127.0.0.1:7402")]
+    pub admin: SocketAddr,
+    /// Print the raw JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Instance names become a bpffs directory: keep them to one safe path segment.
+fn parse_instance(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("use 1-64 of [A-Za-z0-9-_.], not starting with '.'".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_interface() {
+        let cli = Cli::try_parse_from(["damselfly", "agent"]).unwrap();
+        let Command::Agent(a) = cli.command else { panic!() };
+        assert_eq!(a.instance, "default");
+        assert_eq!(a.steer_ports, vec![443, 80]);
+        assert_eq!(a.steer_comm.len(), 7);
+        assert_eq!(a.listen.len(), 2);
+        assert_eq!(a.admin.port(), 7402);
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/damselfly"));
+    }
+
+    #[test]
+    fn lists_and_instance_are_validated() {
+        let cli = Cli::try_parse_from([
+            "damselfly", "agent", "--instance", "dfly-n1", "--steer-ports", "8443,80",
+            "--steer-exclude", "10.96.0.0/12,fd00::/108",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else { panic!() };
+        assert_eq!(a.steer_ports, vec![8443, 80]);
+        assert_eq!(a.steer_exclude.len(), 2);
+        for bad in ["../x", "", "a/b", ".hidden"] {
+            assert!(Cli::try_parse_from(["damselfly", "agent", "--instance", bad]).is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["damselfly", "agent", "--steer-ports", "70000"]).is_err());
+    }
+}

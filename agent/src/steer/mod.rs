@@ -1,0 +1,388 @@
+//! Loads the kernel programs, fills their maps from [`Rules`], pins the maps
+//! and attaches the programs to a cgroup.
+//!
+//! The links stay owned by this process (aya cannot pin cgroup links, and we
+//! would not want to): when the agent exits for any reason the kernel drops
+//! them and stops steering at once. That is the fail-open guarantee.
+
+pub mod mounts;
+pub mod rules;
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+};
+use damselfly_common::{AF_INET, AF_INET6, Config, Counters, OrigDst, SockKey, maps, programs};
+use serde::{Deserialize, Serialize};
+
+pub use rules::Rules;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("DAMSELFLY_EBPF_OBJECT"));
+
+/// Root of all agents' pins; each instance owns one directory below it.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/damselfly";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bpffs at /sys/fs/bpf: {0}")]
+    Bpffs(std::io::Error),
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning map {name}: {source}")]
+    Pin {
+        name: &'static str,
+        source: aya::pin::PinError,
+    },
+    #[error("the kernel object has no {0}")]
+    Missing(&'static str),
+}
+
+/// Where steered connects are sent: the agent's own listeners. A family
+/// without a listener is not steered.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listeners {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttachedProgram {
+    pub name: String,
+    pub id: u32,
+    pub hook: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortCounters {
+    pub port: u16,
+    pub steered: u64,
+    pub passed: u64,
+}
+
+/// The loaded, attached steering programs of one agent instance.
+pub struct Steering {
+    /// Owns the programs and their links; dropping it detaches everything.
+    ebpf: Mutex<Option<Ebpf>>,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub rules: Rules,
+    pub attached: Vec<AttachedProgram>,
+    orig_by_addr: Mutex<HashMap<MapData, SockKey, OrigDst>>,
+    counters: PerCpuArray<MapData, Counters>,
+}
+
+impl Steering {
+    /// Load, configure, pin and attach. Stale pins of the same instance (an
+    /// agent that was killed) are replaced.
+    pub fn start(
+        instance: &str,
+        cgroup: &Path,
+        rules: Rules,
+        listeners: Listeners,
+    ) -> Result<Self, SteerError> {
+        mounts::ensure_bpffs().map_err(SteerError::Bpffs)?;
+        let pin_dir = Path::new(BPFFS_ROOT).join(instance);
+        remove_pins(&pin_dir).map_err(|source| SteerError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        fs::create_dir_all(&pin_dir).map_err(|source| SteerError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| SteerError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        configure(&mut ebpf, &rules, listeners)?;
+        for name in maps::ALL {
+            let map = ebpf.map(name).ok_or(SteerError::Missing(name))?;
+            map.pin(pin_dir.join(name.to_ascii_lowercase()))
+                .map_err(|source| SteerError::Pin { name, source })?;
+        }
+
+        let mut attached = Vec::new();
+        // sock_ops first: a connect steered before it is attached could not be
+        // looked up by the agent.
+        {
+            let name = programs::SOCK_OPS;
+            let prog: &mut SockOps = program(&mut ebpf, name)?;
+            let prog_err = |source| SteerError::Program { name, source };
+            prog.load().map_err(prog_err)?;
+            prog.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            let id = prog.info().map_err(prog_err)?.id();
+            attached.push(AttachedProgram {
+                name: name.into(),
+                id,
+                hook: "sock_ops".into(),
+            });
+        }
+        for (name, hook) in [
+            (programs::GETPEERNAME4, "cgroup/getpeername4"),
+            (programs::GETPEERNAME6, "cgroup/getpeername6"),
+            (programs::CONNECT4, "cgroup/connect4"),
+            (programs::CONNECT6, "cgroup/connect6"),
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            let prog_err = |source| SteerError::Program { name, source };
+            prog.load().map_err(prog_err)?;
+            prog.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(prog_err)?;
+            let id = prog.info().map_err(prog_err)?.id();
+            attached.push(AttachedProgram {
+                name: name.into(),
+                id,
+                hook: hook.into(),
+            });
+        }
+
+        let orig_by_addr = take_map(&mut ebpf, maps::ORIG_BY_ADDR, HashMap::try_from)?;
+        let counters = take_map(&mut ebpf, maps::COUNTERS, PerCpuArray::try_from)?;
+        Ok(Self {
+            ebpf: Mutex::new(Some(ebpf)),
+            cgroup: cgroup.to_path_buf(),
+            pin_dir,
+            rules,
+            attached,
+            orig_by_addr: Mutex::new(orig_by_addr),
+            counters,
+        })
+    }
+
+    /// The destination a steered connection was headed for, found by the
+    /// client's endpoint (our accepted socket's peer). The entry is consumed:
+    /// a later unrelated connection from a reused port must not match it.
+    pub fn take_original(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = sock_key(client);
+        let mut map = self.orig_by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        let orig = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        orig_to_socket_addr(&orig)
+    }
+
+    /// Connect counters per steered port, summed over CPUs.
+    pub fn counters(&self) -> Vec<PortCounters> {
+        self.rules
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(slot, &port)| {
+                let mut total = PortCounters {
+                    port,
+                    ..Default::default()
+                };
+                if let Ok(values) = self.counters.get(&(slot as u32), 0) {
+                    for c in values.iter() {
+                        total.steered += c.steered;
+                        total.passed += c.passed;
+                    }
+                }
+                total
+            })
+            .collect()
+    }
+
+    /// Detach (by dropping the links) and remove this instance's pins.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        drop(self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take());
+        remove_pins(&self.pin_dir)?;
+        // The shared root goes too once the last instance is gone.
+        let _ = fs::remove_dir(BPFFS_ROOT);
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, SteerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(SteerError::Missing(name))?;
+    prog.try_into()
+        .map_err(|source| SteerError::Program { name, source })
+}
+
+fn take_map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, SteerError> {
+    let map = ebpf.take_map(name).ok_or(SteerError::Missing(name))?;
+    convert(map).map_err(|source| SteerError::Map { name, source })
+}
+
+fn configure(ebpf: &mut Ebpf, rules: &Rules, listeners: Listeners) -> Result<(), SteerError> {
+    fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, SteerError> {
+        ebpf.map_mut(name).ok_or(SteerError::Missing(name))
+    }
+    let map_err = |name: &'static str| move |source| SteerError::Map { name, source };
+
+    let mut config = Config {
+        agent_tgid: std::process::id(),
+        ..Default::default()
+    };
+    if let Some(SocketAddr::V4(a)) = listeners.v4 {
+        config.listen4_addr = u32::from_ne_bytes(a.ip().octets());
+        config.listen4_port = a.port();
+    }
+    if let Some(SocketAddr::V6(a)) = listeners.v6 {
+        config.listen6_addr = ip6_words(a.ip());
+        config.listen6_port = a.port();
+    }
+    let mut cfg: Array<_, Config> =
+        Array::try_from(map_mut(ebpf, maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+    cfg.set(0, config, 0).map_err(map_err(maps::CONFIG))?;
+
+    let mut ports: HashMap<_, u16, u32> =
+        HashMap::try_from(map_mut(ebpf, maps::PORTS)?).map_err(map_err(maps::PORTS))?;
+    for (slot, port) in rules.ports.iter().enumerate() {
+        ports
+            .insert(port, slot as u32, 0)
+            .map_err(map_err(maps::PORTS))?;
+    }
+
+    let mut comms: HashMap<_, [u8; 16], u8> =
+        HashMap::try_from(map_mut(ebpf, maps::COMMS)?).map_err(map_err(maps::COMMS))?;
+    for key in rules.comm_keys() {
+        comms.insert(key, 1, 0).map_err(map_err(maps::COMMS))?;
+    }
+
+    let mut ex4: LpmTrie<_, [u8; 4], u8> =
+        LpmTrie::try_from(map_mut(ebpf, maps::EXCLUDE4)?).map_err(map_err(maps::EXCLUDE4))?;
+    for (len, addr) in rules.exclude4() {
+        ex4.insert(&Key::new(len, addr), 1, 0)
+            .map_err(map_err(maps::EXCLUDE4))?;
+    }
+    let mut ex6: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(map_mut(ebpf, maps::EXCLUDE6)?).map_err(map_err(maps::EXCLUDE6))?;
+    for (len, addr) in rules.exclude6() {
+        ex6.insert(&Key::new(len, addr), 1, 0)
+            .map_err(map_err(maps::EXCLUDE6))?;
+    }
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) -> std::io::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                fs::remove_file(entry?.path())?;
+            }
+            fs::remove_dir(dir)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// IPv6 address as four words holding the network-order bytes, as in
+/// `struct bpf_sock_addr.user_ip6`.
+fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+fn words_ip6(w: &[u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
+
+pub fn sock_key(addr: SocketAddr) -> SockKey {
+    match addr.ip() {
+        IpAddr::V4(ip) => SockKey {
+            family: AF_INET,
+            addr: [u32::from_ne_bytes(ip.octets()), 0, 0, 0],
+            port: addr.port(),
+            _pad: 0,
+        },
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            // A v4 client accepted on a dual-stack socket: the kernel keyed it as AF_INET.
+            Some(v4) => sock_key(SocketAddr::new(IpAddr::V4(v4), addr.port())),
+            None => SockKey {
+                family: AF_INET6,
+                addr: ip6_words(&ip),
+                port: addr.port(),
+                _pad: 0,
+            },
+        },
+    }
+}
+
+pub fn orig_to_socket_addr(orig: &OrigDst) -> Option<SocketAddr> {
+    let ip = match orig.family {
+        AF_INET => IpAddr::V4(Ipv4Addr::from(orig.addr[0].to_ne_bytes())),
+        AF_INET6 => IpAddr::V6(words_ip6(&orig.addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, orig.port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_key_matches_kernel_layout() {
+        let k = sock_key("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.family, AF_INET);
+        // Network order in memory: first byte 127.
+        assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(k.port, 40000);
+    }
+
+    #[test]
+    fn mapped_v4_is_keyed_as_v4() {
+        let a = sock_key("[::ffff:127.0.0.1]:5".parse().unwrap());
+        let b = sock_key("127.0.0.1:5".parse().unwrap());
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn orig_round_trips_both_families() {
+        for s in ["10.1.2.3:443", "[fd00::1:2]:80"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            let k = sock_key(addr);
+            let orig = OrigDst {
+                family: k.family,
+                addr: k.addr,
+                port: k.port,
+                _pad: 0,
+            };
+            assert_eq!(orig_to_socket_addr(&orig), Some(addr));
+        }
+    }
+}
