@@ -1,3 +1,5 @@
+use core::ptr::{read_volatile, write_volatile};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
@@ -75,7 +77,7 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
     let Some((cfg, slot)) = steerable(sa) else {
         return ALLOW;
     };
-    let dst = sa.user_ip6;
+    let dst = read_ip6(sa);
     let excluded = is_loopback6(&dst)
         || EXCLUDE6.get(Key::new(128, words_to_bytes(&dst))).is_some()
         || cfg.listen6_port == 0;
@@ -90,7 +92,7 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         _pad: 0,
     };
     if remember(&ctx, &orig) {
-        sa.user_ip6 = cfg.listen6_addr;
+        write_ip6(sa, &cfg.listen6_addr);
         sa.user_port = u32::from(cfg.listen6_port.to_be());
         count(slot, true);
     } else {
@@ -116,7 +118,7 @@ pub fn damselfly_peer6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(orig) = original_of(&ctx) {
         if orig.family == AF_INET6 {
-            sa.user_ip6 = orig.addr;
+            write_ip6(sa, &orig.addr);
             sa.user_port = u32::from(orig.port.to_be());
         }
     }
@@ -133,19 +135,27 @@ pub fn damselfly_sops(ctx: SockOpsContext) -> u32 {
     let Some(orig) = original_of(&ctx) else {
         return 0;
     };
-    let family = ctx.family();
-    let addr = if family == AF_INET {
-        [ctx.local_ip4(), 0, 0, 0]
-    } else if family == AF_INET6 {
-        ctx.local_ip6()
-    } else {
-        return 0;
+    // Every context field is read unconditionally and once, at a constant
+    // offset: the verifier rejects a ctx pointer the compiler offsets on a branch.
+    let ops = ctx.ops;
+    let (family, ip4, ip6, port) = unsafe {
+        (
+            read_volatile(&raw const (*ops).family),
+            read_volatile(&raw const (*ops).local_ip4),
+            read_volatile(&raw const (*ops).local_ip6),
+            read_volatile(&raw const (*ops).local_port),
+        )
+    };
+    let addr = match family {
+        AF_INET => [ip4, 0, 0, 0],
+        AF_INET6 => ip6,
+        _ => return 0,
     };
     let key = SockKey {
         family,
         addr,
         // bpf_sock_ops.local_port is already in host byte order.
-        port: ctx.local_port() as u16,
+        port: port as u16,
         _pad: 0,
     };
     let _ = ORIG_BY_ADDR.insert(&key, orig, u64::from(BPF_ANY));
@@ -166,6 +176,30 @@ fn steerable(sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
         return None;
     }
     Some((cfg, slot))
+}
+
+/// `user_ip6` word by word: the kernel only allows 4-byte context accesses
+/// there, and a plain array copy may become a byte-wise memcpy.
+#[inline(always)]
+fn read_ip6(sa: &bpf_sock_addr) -> [u32; 4] {
+    unsafe {
+        [
+            read_volatile(&sa.user_ip6[0]),
+            read_volatile(&sa.user_ip6[1]),
+            read_volatile(&sa.user_ip6[2]),
+            read_volatile(&sa.user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn write_ip6(sa: &mut bpf_sock_addr, w: &[u32; 4]) {
+    unsafe {
+        write_volatile(&mut sa.user_ip6[0], w[0]);
+        write_volatile(&mut sa.user_ip6[1], w[1]);
+        write_volatile(&mut sa.user_ip6[2], w[2]);
+        write_volatile(&mut sa.user_ip6[3], w[3]);
+    }
 }
 
 #[inline(always)]

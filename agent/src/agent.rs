@@ -108,6 +108,6 @@ fn raise_memlock() {
     };
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        warn!("could not raise RLIMIT_MEMLOCK; map creation may fail on old kernels");
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (only kernels before 5.11 need it)");
     }
 }
