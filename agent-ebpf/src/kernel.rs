@@ -170,11 +170,12 @@ fn steerable(sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
         return None;
     }
     let cfg = CONFIG.get(0)?;
-    let slot = *unsafe { PORTS.get(&port_of(sa)) }?;
+    // The agent's own connects (to the origins it splices to) are not client
+    // connects: neither steered nor counted.
     if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
-        count(slot, false);
         return None;
     }
+    let slot = *unsafe { PORTS.get(&port_of(sa)) }?;
     Some((cfg, slot))
 }
 

@@ -1,1 +1,15 @@
+//! The Damselfly testbed: simulated nodes (network namespace + cgroup) on one
+//! machine, real processes started inside them, and cleanup that also runs on
+//! panic and sweeps what killed runs left behind.
+//!
+//! Every object a run makes is named `dfly-<pid>-<n>...`, so a later run can
+//! tell a dead run's leftovers (its pid is gone) from a live run's.
 
+pub mod agent;
+pub mod body;
+pub mod pki;
+pub mod probe;
+pub mod testbed;
+
+pub use agent::Agent;
+pub use testbed::{Node, Proc, Testbed};

@@ -92,7 +92,8 @@ pub struct Counters {
     /// Connects rewritten to the agent.
     pub steered: u64,
     /// Connects to a port in the set left alone: process not allowed, destination
-    /// excluded or loopback, the agent's own socket, or no listener of that family.
+    /// excluded or loopback, or no listener of that family. The agent's own
+    /// connects are in neither count.
     pub passed: u64,
 }
 

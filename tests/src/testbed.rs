@@ -1,0 +1,458 @@
+//! Nodes as network namespaces on a bridge, each with its own cgroup.
+//!
+//! Layout of one testbed with tag `dfly-<pid>-<n>`:
+//! - namespace `<tag>-hub` holds bridge `br0`;
+//! - node `i` is namespace `<tag>-n<i>` with `eth0` = 10.213.0.(10+i)/24 and
+//!   fd00:213::(10+i)/64, its veth peer `n<i>` enslaved to `br0`, and cgroup
+//!   `<cgroup2>/<tag>-n<i>`;
+//! - per-node `/etc/netns/<ns>/hosts`, bind-mounted over /etc/hosts for
+//!   processes started in the node (the real /etc/hosts is never touched).
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+
+pub const PREFIX: &str = "dfly-";
+const NETNS_DIR: &str = "/run/netns";
+const ETC_NETNS: &str = "/etc/netns";
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/damselfly";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub struct Testbed {
+    pub tag: String,
+    pub hub: String,
+    pub nodes: Vec<Node>,
+    /// Scratch space for this run (certificates, logs, state dirs).
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub index: usize,
+    /// Namespace name; also the agent instance name on this node.
+    pub name: String,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    pub cgroup: PathBuf,
+    pub hosts: PathBuf,
+}
+
+impl Testbed {
+    /// A testbed with `n` nodes. Requires root, iproute2 and cgroup v2.
+    pub fn new(n: usize) -> anyhow::Result<Self> {
+        preflight()?;
+        sweep_stale();
+        let tag = format!("{PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&tag);
+        let mut tb = Testbed {
+            hub: format!("{tag}-hub"),
+            tag,
+            nodes: Vec::new(),
+            dir,
+        };
+        // From here on, Drop cleans up whatever was made, also on error.
+        fs::create_dir_all(&tb.dir)?;
+        tb.build(n)?;
+        Ok(tb)
+    }
+
+    fn build(&mut self, n: usize) -> anyhow::Result<()> {
+        let cg_root = cgroup2_root()?;
+        ip(&["netns", "add", &self.hub])?;
+        ip(&["-n", &self.hub, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &self.hub, "link", "set", "br0", "up"])?;
+        ip(&["-n", &self.hub, "link", "set", "lo", "up"])?;
+        for i in 1..=n {
+            let name = format!("{}-n{i}", self.tag);
+            let node = Node {
+                index: i,
+                ip4: Ipv4Addr::new(10, 213, 0, 10 + i as u8),
+                ip6: Ipv6Addr::new(0xfd00, 0x213, 0, 0, 0, 0, 0, 10 + i as u16),
+                cgroup: cg_root.join(&name),
+                hosts: Path::new(ETC_NETNS).join(&name).join("hosts"),
+                name,
+            };
+            // Record first so a failure below still cleans this node up.
+            self.nodes.push(node.clone());
+            ip(&["netns", "add", &node.name])?;
+            let peer = format!("n{i}");
+            ip(&[
+                "link", "add", "eth0", "netns", &node.name, "type", "veth", "peer", "name", &peer,
+                "netns", &self.hub,
+            ])?;
+            ip(&["-n", &self.hub, "link", "set", &peer, "master", "br0", "up"])?;
+            ip(&["-n", &node.name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &node.name, "addr", "add", &format!("{}/24", node.ip4), "dev", "eth0"])?;
+            ip(&[
+                "-n", &node.name, "addr", "add", &format!("{}/64", node.ip6), "dev", "eth0", "nodad",
+            ])?;
+            ip(&["-n", &node.name, "link", "set", "eth0", "up"])?;
+            fs::create_dir_all(&node.cgroup)
+                .with_context(|| format!("creating cgroup {}", node.cgroup.display()))?;
+            fs::create_dir_all(node.hosts.parent().expect("has parent"))?;
+            fs::write(&node.hosts, "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")?;
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i - 1]
+    }
+
+    /// Add `name` to every node's /etc/hosts.
+    pub fn add_host(&self, name: &str, addr: IpAddr) -> anyhow::Result<()> {
+        for n in &self.nodes {
+            let mut f = fs::OpenOptions::new().append(true).open(&n.hosts)?;
+            writeln!(f, "{addr} {name}")?;
+        }
+        Ok(())
+    }
+
+    pub fn cleanup(&mut self) {
+        for node in &self.nodes {
+            remove_node(&node.name, &node.cgroup);
+        }
+        self.nodes.clear();
+        let _ = quiet_ip(&["netns", "del", &self.hub]);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+impl Node {
+    pub fn addr4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip4), port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6), port)
+    }
+
+    /// A command that runs inside this node: its network namespace, its
+    /// cgroup, and its /etc/hosts. /sys stays the host's (unlike `ip netns
+    /// exec`), so an agent started this way sees the real cgroup tree and bpffs.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        let netns = fs::File::open(Path::new(NETNS_DIR).join(&self.name))
+            .with_context(|| format!("opening netns {}", self.name))?;
+        let procs = CString::new(self.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        let hosts = CString::new(self.hosts.clone().into_os_string().into_encoded_bytes())?;
+        let etc_hosts = CString::new("/etc/hosts")?;
+        let root = CString::new("/")?;
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe syscalls on data prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                libc::close(fd);
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+                    || libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        root.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_SLAVE | libc::MS_REC,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        hosts.as_ptr(),
+                        etc_hosts.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Start `cmd` (from [`Node::command`]) with stdout and stderr going to `log`.
+    pub fn spawn(&self, mut cmd: Command, log: &Path) -> anyhow::Result<Proc> {
+        let out = fs::File::create(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?} in {}", self.name))?;
+        Ok(Proc { child: Some(child), log: log.to_path_buf() })
+    }
+
+    /// Run a closure with this thread inside the node's network namespace
+    /// (on a fresh thread: setns is per thread, and ours stays where it is).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let netns = fs::File::open(Path::new(NETNS_DIR).join(&self.name))?;
+        std::thread::spawn(move || {
+            // SAFETY: plain syscall on an open fd.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::Error::from(std::io::Error::last_os_error()).context("setns"));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// `GET path` over plain HTTP/1.0 from inside the node; returns (status, body).
+    pub fn http_get(&self, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+        let path = path.to_string();
+        self.in_netns(move || -> anyhow::Result<(u16, String)> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP head")?;
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no status code")?;
+            Ok((code, body.to_string()))
+        })?
+    }
+
+    /// Shape this node's link both ways (token bucket at `mbit` Mbit/s).
+    pub fn shape(&self, hub: &str, mbit: u32) -> anyhow::Result<()> {
+        let rate = format!("{mbit}mbit");
+        for (ns, dev) in [(self.name.as_str(), "eth0".to_string()), (hub, format!("n{}", self.index))] {
+            ip_cmd("tc", &[
+                "-n", ns, "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &rate, "burst",
+                "256kb", "latency", "50ms",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Bytes this node has sent and received on its link (from the veth counters).
+    pub fn link_bytes(&self) -> anyhow::Result<(u64, u64)> {
+        let read = |what: &str| -> anyhow::Result<u64> {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.name, "cat"])
+                .arg(format!("/sys/class/net/eth0/statistics/{what}"))
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        };
+        Ok((read("tx_bytes")?, read("rx_bytes")?))
+    }
+}
+
+/// A process started in a node. Killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain syscall.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
+    /// SIGKILL and reap: when this returns the process and its fds are gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Wait up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("already reaped")?;
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("process {} did not exit within {limit:?}", c.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Fail with a message naming what is missing, never skip.
+fn preflight() -> anyhow::Result<()> {
+    // SAFETY: plain syscall.
+    ensure!(unsafe { libc::geteuid() } == 0, "the testbed needs root (network namespaces, cgroups, eBPF)");
+    for tool in ["ip", "tc"] {
+        ensure!(
+            Command::new(tool).arg("-V").output().is_ok(),
+            "the testbed needs `{tool}` (apt-get install iproute2; `cargo xtask setup` does it)"
+        );
+    }
+    cgroup2_root()?;
+    Ok(())
+}
+
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .context("the testbed needs a cgroup2 mount (none in /proc/mounts)")
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    ip_cmd("ip", args)
+}
+
+fn ip_cmd(tool: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(tool).args(args).output().with_context(|| format!("running {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn quiet_ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Kill everything in a node's cgroup, then remove the cgroup, netns, hosts
+/// file and any bpffs pins an agent of that name left (a SIGKILLed agent does).
+fn remove_node(name: &str, cgroup: &Path) {
+    kill_cgroup(cgroup);
+    let _ = quiet_ip(&["netns", "del", name]);
+    let _ = fs::remove_dir_all(Path::new(ETC_NETNS).join(name));
+    let _ = fs::remove_dir_all(Path::new(BPFFS_ROOT).join(name));
+    let _ = fs::remove_dir(BPFFS_ROOT);
+}
+
+fn kill_cgroup(cgroup: &Path) {
+    for _ in 0..100 {
+        let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            // SAFETY: plain syscall. Reaping is the parent's business; an
+            // orphaned zombie leaves the cgroup once init reaps it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = fs::remove_dir(cgroup);
+}
+
+/// The pid of the run that made `name` (`dfly-<pid>-...`), if it has that shape.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+fn is_stale(name: &str) -> bool {
+    owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Remove what runs that died without cleaning up left: namespaces, cgroups,
+/// hosts files, bpffs pins and temp dirs whose owner pid is gone.
+pub fn sweep_stale() {
+    let names = |dir: &Path| -> Vec<String> {
+        fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| is_stale(n))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if let Ok(root) = cgroup2_root() {
+        for n in names(&root) {
+            kill_cgroup(&root.join(n));
+        }
+    }
+    for n in names(Path::new(NETNS_DIR)) {
+        let _ = quiet_ip(&["netns", "del", &n]);
+    }
+    for n in names(Path::new(ETC_NETNS)) {
+        let _ = fs::remove_dir_all(Path::new(ETC_NETNS).join(n));
+    }
+    for n in names(Path::new(BPFFS_ROOT)) {
+        let _ = fs::remove_dir_all(Path::new(BPFFS_ROOT).join(n));
+    }
+    let _ = fs::remove_dir(BPFFS_ROOT);
+    for n in names(&std::env::temp_dir()) {
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_only_our_names() {
+        assert_eq!(owner_pid("dfly-1234-0-n1"), Some(1234));
+        assert_eq!(owner_pid("dfly-1234-0-hub"), Some(1234));
+        assert_eq!(owner_pid("dfly-x-0"), None);
+        assert_eq!(owner_pid("other-1234"), None);
+    }
+
+    #[test]
+    fn our_own_objects_are_never_stale() {
+        let mine = format!("{PREFIX}{}-9-n1", std::process::id());
+        assert!(!is_stale(&mine));
+    }
+}
