@@ -48,9 +48,8 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
     };
     let dst = sa.user_ip4;
     let first = dst.to_ne_bytes();
-    let excluded = first[0] == 127
-        || EXCLUDE4.get(Key::new(32, first)).is_some()
-        || cfg.listen4_port == 0;
+    let excluded =
+        first[0] == 127 || EXCLUDE4.get(Key::new(32, first)).is_some() || cfg.listen4_port == 0;
     if excluded || !comm_allowed() {
         count(slot, false);
         return ALLOW;
@@ -220,7 +219,9 @@ fn comm_allowed() -> bool {
 #[inline(always)]
 fn remember<C: EbpfContext>(ctx: &C, orig: &OrigDst) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE.insert(&cookie, orig, u64::from(BPF_ANY)).is_ok()
+    ORIG_BY_COOKIE
+        .insert(&cookie, orig, u64::from(BPF_ANY))
+        .is_ok()
 }
 
 #[inline(always)]

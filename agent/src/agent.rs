@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::{Context, bail};
-use tokio::{net::TcpListener, signal::unix::{SignalKind, signal}};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -79,7 +82,11 @@ async fn bind_listeners(addrs: &[SocketAddr]) -> anyhow::Result<(Listeners, Vec<
     let mut listeners = Listeners::default();
     let mut bound = Vec::new();
     for &addr in addrs {
-        let slot = if addr.is_ipv4() { &mut listeners.v4 } else { &mut listeners.v6 };
+        let slot = if addr.is_ipv4() {
+            &mut listeners.v4
+        } else {
+            &mut listeners.v6
+        };
         if slot.is_some() {
             bail!("--listen: give at most one IPv4 and one IPv6 address");
         }

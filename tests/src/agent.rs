@@ -22,7 +22,10 @@ fn workspace_bin(name: &str, env: &str) -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(|d| d.parent()).context("no target dir")?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("no target dir")?;
     let bin = dir.join(name);
     if !bin.exists() {
         bail!(
@@ -68,9 +71,18 @@ impl Agent {
         let admin: SocketAddr = "127.0.0.1:7402".parse()?;
         let log = tb.dir.join(format!("agent-n{}", node.index));
         let mut cmd = node.command(damselfly_bin()?)?;
-        cmd.args(&args).env("DAMSELFLY_LOG", "info").env_remove("RUST_BACKTRACE");
+        cmd.args(&args)
+            .env("DAMSELFLY_LOG", "info")
+            .env_remove("RUST_BACKTRACE");
         let proc = node.spawn(cmd, &log.with_extension("0.log"))?;
-        let mut agent = Self { proc, node: node.clone(), admin, args, log, starts: 1 };
+        let mut agent = Self {
+            proc,
+            node: node.clone(),
+            admin,
+            args,
+            log,
+            starts: 1,
+        };
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -95,8 +107,13 @@ impl Agent {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill();
         let mut cmd = self.node.command(damselfly_bin()?)?;
-        cmd.args(&self.args).env("DAMSELFLY_LOG", "info").env_remove("RUST_BACKTRACE");
-        self.proc = self.node.spawn(cmd, &self.log.with_extension(format!("{}.log", self.starts)))?;
+        cmd.args(&self.args)
+            .env("DAMSELFLY_LOG", "info")
+            .env_remove("RUST_BACKTRACE");
+        self.proc = self.node.spawn(
+            cmd,
+            &self.log.with_extension(format!("{}.log", self.starts)),
+        )?;
         self.starts += 1;
         self.wait_ready()
     }
@@ -124,11 +141,15 @@ impl Agent {
     }
 
     pub fn steered(&self, port: u16) -> anyhow::Result<f64> {
-        self.metric(&format!("damselfly_steer_connects_total{{port=\"{port}\",action=\"steered\"}}"))
+        self.metric(&format!(
+            "damselfly_steer_connects_total{{port=\"{port}\",action=\"steered\"}}"
+        ))
     }
 
     pub fn passed(&self, port: u16) -> anyhow::Result<f64> {
-        self.metric(&format!("damselfly_steer_connects_total{{port=\"{port}\",action=\"passed\"}}"))
+        self.metric(&format!(
+            "damselfly_steer_connects_total{{port=\"{port}\",action=\"passed\"}}"
+        ))
     }
 
     pub fn spliced(&self) -> anyhow::Result<f64> {
@@ -158,7 +179,12 @@ pub fn start_server(
 ) -> anyhow::Result<Proc> {
     let mut cmd = node.command(probe_bin()?)?;
     cmd.arg("serve");
-    let join = |a: &[SocketAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let join = |a: &[SocketAddr]| {
+        a.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     if !http.is_empty() {
         cmd.args(["--http", &join(http)]);
     }
@@ -168,7 +194,9 @@ pub fn start_server(
     if let Some((cert, key)) = tls {
         cmd.arg("--cert").arg(cert).arg("--key").arg(key);
     }
-    let log = tb.dir.join(format!("server-n{}-{}.log", node.index, std::process::id()));
+    let log = tb
+        .dir
+        .join(format!("server-n{}-{}.log", node.index, std::process::id()));
     let mut proc = node.spawn(cmd, &log)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proc.log_text().contains("ready") {
@@ -181,16 +209,27 @@ pub fn start_server(
 }
 
 /// Run `dfly-probe get URL` in `node` under process name `comm`.
-pub fn probe_get(node: &Node, comm: &str, url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<GetResult> {
+pub fn probe_get(
+    node: &Node,
+    comm: &str,
+    url: &str,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<GetResult> {
     let mut cmd = node.command(probe_bin()?)?;
     cmd.args(["--comm", comm, "get", url]);
     if let Some(ca) = ca {
         cmd.arg("--ca").arg(ca);
     }
-    let out = cmd.stdin(Stdio::null()).output().context("running dfly-probe get")?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("running dfly-probe get")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).with_context(|| {
-        format!("dfly-probe printed {stdout:?}, stderr {:?}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "dfly-probe printed {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 

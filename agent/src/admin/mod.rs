@@ -99,7 +99,10 @@ impl Admin {
                 );
                 r
             }
-            _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /metrics, /status\n".into()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz, /metrics, /status\n".into(),
+            ),
         }
     }
 }

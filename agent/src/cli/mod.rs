@@ -7,7 +7,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "damselfly", version, about = "Peer-to-peer container image pulls, no runtime config change")]
+#[command(
+    name = "damselfly",
+    version,
+    about = "Peer-to-peer container image pulls, no runtime config change"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,7 +34,12 @@ pub struct AgentArgs {
     #[arg(long, env = "DAMSELFLY_CGROUP")]
     pub cgroup: Option<PathBuf>,
     /// Destination TCP ports to steer.
-    #[arg(long, env = "DAMSELFLY_STEER_PORTS", value_delimiter = ',', default_value = "443,80")]
+    #[arg(
+        long,
+        env = "DAMSELFLY_STEER_PORTS",
+        value_delimiter = ',',
+        default_value = "443,80"
+    )]
     pub steer_ports: Vec<u16>,
     /// Process names (comm) whose connections are steered.
     #[arg(
@@ -55,7 +64,11 @@ pub struct AgentArgs {
     #[arg(long, env = "DAMSELFLY_ADMIN", default_value = "127.0.0.1:7402")]
     pub admin: SocketAddr,
     /// Where the agent keeps its state.
-    #[arg(long, env = "DAMSELFLY_STATE_DIR", default_value = "/var/lib/damselfly")]
+    #[arg(
+        long,
+        env = "DAMSELFLY_STATE_DIR",
+        default_value = "/var/lib/damselfly"
+    )]
     pub state_dir: PathBuf,
 }
 
@@ -73,7 +86,8 @@ pub struct StatusArgs {
 fn parse_instance(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !s.starts_with('.');
     if ok {
         Ok(s.to_string())
@@ -89,7 +103,9 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_interface() {
         let cli = Cli::try_parse_from(["damselfly", "agent"]).unwrap();
-        let Command::Agent(a) = cli.command else { panic!() };
+        let Command::Agent(a) = cli.command else {
+            panic!()
+        };
         assert_eq!(a.instance, "default");
         assert_eq!(a.steer_ports, vec![443, 80]);
         assert_eq!(a.steer_comm.len(), 7);
@@ -101,15 +117,26 @@ mod tests {
     #[test]
     fn lists_and_instance_are_validated() {
         let cli = Cli::try_parse_from([
-            "damselfly", "agent", "--instance", "dfly-n1", "--steer-ports", "8443,80",
-            "--steer-exclude", "10.96.0.0/12,fd00::/108",
+            "damselfly",
+            "agent",
+            "--instance",
+            "dfly-n1",
+            "--steer-ports",
+            "8443,80",
+            "--steer-exclude",
+            "10.96.0.0/12,fd00::/108",
         ])
         .unwrap();
-        let Command::Agent(a) = cli.command else { panic!() };
+        let Command::Agent(a) = cli.command else {
+            panic!()
+        };
         assert_eq!(a.steer_ports, vec![8443, 80]);
         assert_eq!(a.steer_exclude.len(), 2);
         for bad in ["../x", "", "a/b", ".hidden"] {
-            assert!(Cli::try_parse_from(["damselfly", "agent", "--instance", bad]).is_err(), "{bad}");
+            assert!(
+                Cli::try_parse_from(["damselfly", "agent", "--instance", bad]).is_err(),
+                "{bad}"
+            );
         }
         assert!(Cli::try_parse_from(["damselfly", "agent", "--steer-ports", "70000"]).is_err());
     }

@@ -12,9 +12,9 @@ use tokio::net::TcpStream;
 use crate::admin::Status;
 
 pub async fn fetch(admin: SocketAddr) -> anyhow::Result<Status> {
-    let stream = TcpStream::connect(admin)
-        .await
-        .with_context(|| format!("no agent answers on {admin} (is `damselfly agent` running? see --admin)"))?;
+    let stream = TcpStream::connect(admin).await.with_context(|| {
+        format!("no agent answers on {admin} (is `damselfly agent` running? see --admin)")
+    })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = Request::get("/status")
@@ -42,7 +42,11 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(
         out,
         "exclude    {}",
-        if exclude.is_empty() { "(loopback only)".to_string() } else { format!("{} (and loopback)", exclude.join(", ")) }
+        if exclude.is_empty() {
+            "(loopback only)".to_string()
+        } else {
+            format!("{} (and loopback)", exclude.join(", "))
+        }
     );
 
     out.push('\n');
@@ -57,7 +61,13 @@ pub fn render(s: &Status) -> String {
     let rows: Vec<[String; 3]> = s
         .counters
         .iter()
-        .map(|c| [c.port.to_string(), c.steered.to_string(), c.passed.to_string()])
+        .map(|c| {
+            [
+                c.port.to_string(),
+                c.steered.to_string(),
+                c.passed.to_string(),
+            ]
+        })
         .collect();
     table(&mut out, ["PORT", "STEERED", "PASSED"], &rows);
 
@@ -66,7 +76,11 @@ pub fn render(s: &Status) -> String {
     table(
         &mut out,
         ["SPLICED CONNECTIONS", "BYTES UPSTREAM", "BYTES DOWNSTREAM"],
-        &[[i.connections.to_string(), i.bytes_upstream.to_string(), i.bytes_downstream.to_string()]],
+        &[[
+            i.connections.to_string(),
+            i.bytes_upstream.to_string(),
+            i.bytes_downstream.to_string(),
+        ]],
     );
     out
 }
@@ -79,7 +93,11 @@ fn table<const N: usize>(out: &mut String, head: [&str; N], rows: &[[String; N]]
         }
     }
     let line = |out: &mut String, cells: [&str; N]| {
-        let cells: Vec<String> = cells.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = cells
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     };
     line(out, head);
@@ -104,19 +122,41 @@ mod tests {
             cgroup: "/sys/fs/cgroup/n1".into(),
             pin_dir: "/sys/fs/bpf/damselfly/n1".into(),
             listen: vec!["127.0.0.1:7403".parse().unwrap()],
-            programs: vec![AttachedProgram { name: "damselfly_conn4".into(), id: 7, hook: "cgroup/connect4".into() }],
+            programs: vec![AttachedProgram {
+                name: "damselfly_conn4".into(),
+                id: 7,
+                hook: "cgroup/connect4".into(),
+            }],
             rules: Rules::new(&[443, 80], &["ctr".into()], &["10.96.0.0/12".into()]).unwrap(),
             counters: vec![
-                PortCounters { port: 443, steered: 12345, passed: 1 },
-                PortCounters { port: 80, steered: 0, passed: 0 },
+                PortCounters {
+                    port: 443,
+                    steered: 12345,
+                    passed: 1,
+                },
+                PortCounters {
+                    port: 80,
+                    steered: 0,
+                    passed: 0,
+                },
             ],
-            intercept: InterceptTotals { connections: 3, bytes_upstream: 10, bytes_downstream: 99 },
+            intercept: InterceptTotals {
+                connections: 3,
+                bytes_upstream: 10,
+                bytes_downstream: 99,
+            },
         };
         let text = render(&s);
-        assert!(text.contains("damselfly_conn4  cgroup/connect4  7"), "{text}");
+        assert!(
+            text.contains("damselfly_conn4  cgroup/connect4  7"),
+            "{text}"
+        );
         assert!(text.contains("443   12345    1"), "{text}");
         assert!(text.contains("80    0        0"), "{text}");
         assert!(text.contains("10.96.0.0/12 (and loopback)"), "{text}");
-        assert!(text.contains("3                    10              99"), "{text}");
+        assert!(
+            text.contains("3                    10              99"),
+            "{text}"
+        );
     }
 }

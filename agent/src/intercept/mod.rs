@@ -78,12 +78,23 @@ impl Interceptor {
         self.splice(client, upstream, &head).await
     }
 
-    async fn splice(&self, mut client: TcpStream, mut upstream: TcpStream, head: &[u8]) -> io::Result<()> {
+    async fn splice(
+        &self,
+        mut client: TcpStream,
+        mut upstream: TcpStream,
+        head: &[u8],
+    ) -> io::Result<()> {
         if let Err(e) = upstream.write_all(head).await {
             return reset(client).and(Err(e));
         }
         self.metrics.intercept_bytes("upstream", head.len() as u64);
-        let r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, SPLICE_BUF, SPLICE_BUF).await;
+        let r = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            SPLICE_BUF,
+            SPLICE_BUF,
+        )
+        .await;
         match r {
             Ok((up, down)) => {
                 self.metrics.intercept_bytes("upstream", up);

@@ -143,7 +143,10 @@ mod tests {
         assert_eq!(classify(b""), Peek::NeedMore);
         // A handshake record header with a bogus body.
         let junk = [0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5];
-        assert!(matches!(classify(&junk), Peek::Tls { sni: None } | Peek::Other));
+        assert!(matches!(
+            classify(&junk),
+            Peek::Tls { sni: None } | Peek::Other
+        ));
     }
 
     #[test]

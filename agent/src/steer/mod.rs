@@ -243,7 +243,10 @@ fn take_map<T>(
 }
 
 fn configure(ebpf: &mut Ebpf, rules: &Rules, listeners: Listeners) -> Result<(), SteerError> {
-    fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, SteerError> {
+    fn map_mut<'a>(
+        ebpf: &'a mut Ebpf,
+        name: &'static str,
+    ) -> Result<&'a mut aya::maps::Map, SteerError> {
         ebpf.map_mut(name).ok_or(SteerError::Missing(name))
     }
     let map_err = |name: &'static str| move |source| SteerError::Map { name, source };
@@ -310,7 +313,9 @@ fn remove_pins(dir: &Path) -> std::io::Result<()> {
 /// `struct bpf_sock_addr.user_ip6`.
 fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
-    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 fn words_ip6(w: &[u32; 4]) -> Ipv6Addr {

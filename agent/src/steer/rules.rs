@@ -149,7 +149,10 @@ mod tests {
         assert_eq!(Rules::new(&[0], &[], &[]), Err(RuleError::PortZero));
         assert_eq!(Rules::new(&[], &[], &[]), Err(RuleError::NoPorts));
         let many: Vec<u16> = (1..=17).collect();
-        assert_eq!(Rules::new(&many, &[], &[]), Err(RuleError::TooManyPorts(17)));
+        assert_eq!(
+            Rules::new(&many, &[], &[]),
+            Err(RuleError::TooManyPorts(17))
+        );
     }
 
     #[test]
@@ -160,7 +163,7 @@ mod tests {
         assert!(key[3..].iter().all(|&b| b == 0));
         let long = "a".repeat(16);
         assert_eq!(
-            Rules::new(&[443], &[long.clone()], &[]),
+            Rules::new(&[443], std::slice::from_ref(&long), &[]),
             Err(RuleError::BadComm(long))
         );
         // 15 bytes is the longest comm the kernel keeps.

@@ -54,7 +54,12 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { http, https, cert, key } => {
+        Cmd::Serve {
+            http,
+            https,
+            cert,
+            key,
+        } => {
             let tls = cert.as_deref().zip(key.as_deref());
             probe::serve(&http, &https, tls)
         }
