@@ -21,19 +21,19 @@ fn workspace_bin(name: &str, env: &str) -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("no target dir")?;
-    let bin = dir.join(name);
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (`cargo xtask test` does), or set {env}",
-            bin.display()
-        );
+    // A test runs from target/<profile>/deps/, a tool from target/<profile>/.
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join(name))
+        .collect();
+    match candidates.iter().find(|p| p.exists()) {
+        Some(p) => Ok(p.clone()),
+        None => bail!(
+            "{name} not found in {candidates:?}: build it first (`cargo xtask test` does), or set {env}"
+        ),
     }
-    Ok(bin)
 }
 
 pub fn damselfly_bin() -> anyhow::Result<PathBuf> {

@@ -35,6 +35,12 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
+    /// Measurements on the testbed (root): steering connect cost, splice throughput.
+    Bench {
+        /// Arguments for dfly-bench (see `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Debian packages the build and the testbed need.
@@ -58,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Test { unit, e2e, filter } => test(!e2e, !unit, filter.as_deref()),
         Cmd::Lint => lint(),
+        Cmd::Bench { args } => bench(&args),
     }
 }
 
@@ -182,6 +189,22 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
             .current_dir(&root))?;
     }
     Ok(())
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let root = root();
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "damselfly",
+            "-p",
+            "damselfly-testbed",
+            "--bins",
+        ])
+        .current_dir(&root))?;
+    run(Command::new(root.join("target/release/dfly-bench")).args(args))
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -22,6 +22,12 @@ enum Cmd {
         #[arg(long)]
         ca: Option<PathBuf>,
     },
+    /// Open and close `count` TCP connections to `addr` (connect cost benchmark).
+    Connect {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+    },
     /// Serve /bytes/<n> and /peer.
     Serve {
         #[arg(long, value_delimiter = ',')]
@@ -51,6 +57,12 @@ fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             if r.error.is_some() {
                 std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Connect { addr, count } => {
+            for _ in 0..count {
+                drop(std::net::TcpStream::connect(addr)?);
             }
             Ok(())
         }

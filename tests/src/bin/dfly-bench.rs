@@ -1,0 +1,192 @@
+//! `dfly-bench`: measurements on the testbed, printed as a markdown table.
+//! Run through `cargo xtask bench` (root). Nothing here is asserted: these are
+//! the numbers issues ask for in their closing notes.
+//!
+//! - connect cost of the steering programs (kernel `bpf_stats`: run_time_ns / run_cnt)
+//!   for a port outside the set, a steered port from a process not in the
+//!   allow-list, and a steered connect;
+//! - splice throughput: one large download by curl through the agent vs direct.
+
+use std::{process::Command, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use damselfly_testbed::{
+    Agent, Node, Testbed,
+    agent::{probe_bin, start_server},
+};
+
+#[derive(Parser)]
+struct Cli {
+    /// Bytes per download in the splice benchmark.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    bytes: u64,
+    /// Downloads per mode (median reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// connect() calls per connect scenario.
+    /// (Kept well below the ephemeral port range: TIME_WAIT sockets make connect() search for ports.)
+    #[arg(long, default_value_t = 5_000)]
+    connects: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let tb = Testbed::new(2)?;
+    let (client, srv) = (tb.node(1).clone(), tb.node(2).clone());
+    let _server = start_server(&tb, &srv, &[srv.addr4(80), srv.addr4(8080)], &[], None)?;
+
+    println!("| measurement | value |\n|---|---|");
+    connect_costs(&tb, &client, &srv, cli.connects)?;
+    splice_throughput(&tb, &client, &srv, cli.bytes, cli.repeat)?;
+    Ok(())
+}
+
+fn connect_costs(tb: &Testbed, client: &Node, srv: &Node, n: u32) -> anyhow::Result<()> {
+    let _stats = BpfStats::enable()?;
+    // The allow-list holds a name no scenario below uses except the steered one.
+    let agent = Agent::start(tb, client, &["--steer-comm", "dfly-steered"])?;
+    let conn4 = prog_id(&agent, "damselfly_conn4")?;
+    for (label, comm, port) in [
+        ("connect4 cost, port not in the set", "dfly-other", 8080),
+        (
+            "connect4 cost, steered port, process not allowed",
+            "dfly-other",
+            80,
+        ),
+        // Two runs per connect: the client's, steered, and the agent's own upstream connect, passed early.
+        (
+            "connect4 cost, steered connect (+ the agent's upstream connect)",
+            "dfly-steered",
+            80,
+        ),
+    ] {
+        let before = prog_stats(conn4)?;
+        let mut cmd = client.command(probe_bin()?)?;
+        cmd.args([
+            "--comm",
+            comm,
+            "connect",
+            &srv.addr4(port).to_string(),
+            "--count",
+            &n.to_string(),
+        ]);
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!(
+                "connect loop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let after = prog_stats(conn4)?;
+        let runs = after.1 - before.1;
+        let ns = (after.0 - before.0) as f64 / runs.max(1) as f64;
+        println!("| {label} | {ns:.0} ns per run ({runs} runs) |");
+    }
+    Ok(())
+}
+
+fn splice_throughput(
+    tb: &Testbed,
+    client: &Node,
+    srv: &Node,
+    bytes: u64,
+    repeat: usize,
+) -> anyhow::Result<()> {
+    let url = format!("http://{}/bytes/{bytes}", srv.addr4(80));
+    let mut direct = Vec::new();
+    let mut steered = Vec::new();
+    for _ in 0..repeat {
+        direct.push(curl_seconds(client, &url, bytes)?);
+        let agent = Agent::start(tb, client, &["--steer-comm", "curl"])?;
+        steered.push(curl_seconds(client, &url, bytes)?);
+        anyhow::ensure!(
+            agent.steered(80)? == 1.0,
+            "the curl download was not steered"
+        );
+        drop(agent);
+    }
+    let (d, s) = (median(&mut direct), median(&mut steered));
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "| splice throughput, direct (curl, unshaped veth) | {:.0} MB/s |",
+        mb / d
+    );
+    println!(
+        "| splice throughput, steered through the agent | {:.0} MB/s |",
+        mb / s
+    );
+    println!("| ratio steered / direct | {:.2} |", d / s);
+    Ok(())
+}
+
+fn curl_seconds(node: &Node, url: &str, bytes: u64) -> anyhow::Result<f64> {
+    let mut cmd = node.command("curl")?;
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{time_total}",
+        url,
+    ]);
+    let out = cmd.output().context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut f = text.split_whitespace();
+    let got: u64 = f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
+    let secs: f64 = f.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    if got != bytes {
+        bail!(
+            "curl got {got} of {bytes} bytes: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(secs)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn prog_id(agent: &Agent, name: &str) -> anyhow::Result<u64> {
+    let (_, body) = agent.node.http_get(agent.admin, "/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    status["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["id"].as_u64())
+        .with_context(|| format!("{name} not in /status"))
+}
+
+/// (run_time_ns, run_cnt) of one program.
+fn prog_stats(id: u64) -> anyhow::Result<(u64, u64)> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "id", &id.to_string()])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok((
+        v["run_time_ns"].as_u64().unwrap_or(0),
+        v["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// `kernel.bpf_stats_enabled=1` for as long as this lives; restored after.
+struct BpfStats(String);
+
+impl BpfStats {
+    const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(Self::PATH)?.trim().to_string();
+        std::fs::write(Self::PATH, "1").context("enabling kernel.bpf_stats_enabled")?;
+        std::thread::sleep(Duration::from_millis(10));
+        Ok(Self(old))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
