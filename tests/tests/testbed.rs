@@ -74,3 +74,49 @@ fn leftovers_of_a_dead_run_are_swept_at_start() {
         assert!(!d.exists(), "stale {} not swept", d.display());
     }
 }
+
+#[test]
+fn two_agents_on_one_machine_steer_only_their_own_node() {
+    let tb = Testbed::new(3).unwrap();
+    let srv = tb.node(3).clone();
+    let _server =
+        damselfly_testbed::agent::start_server(&tb, &srv, &[srv.addr4(80)], &[], None).unwrap();
+    let a1 = Agent::start(&tb, tb.node(1), &[]).unwrap();
+    let a2 = Agent::start(&tb, tb.node(2), &[]).unwrap();
+    let url = format!("http://{}/bytes/1000", srv.addr4(80));
+    for (client, hits) in [(1, (1.0, 0.0)), (2, (1.0, 1.0)), (2, (1.0, 2.0))] {
+        let r = damselfly_testbed::agent::probe_get(tb.node(client), "ctr", &url, None).unwrap();
+        assert_eq!((r.error, r.status), (None, 200));
+        assert_eq!((a1.steered(80).unwrap(), a2.steered(80).unwrap()), hits);
+    }
+    // Each instance has its own pins.
+    for n in [1, 2] {
+        assert!(
+            PathBuf::from(BPFFS_ROOT)
+                .join(&tb.node(n).name)
+                .join("counters")
+                .exists()
+        );
+    }
+}
+
+#[test]
+fn links_can_be_shaped() {
+    let tb = Testbed::new(1).unwrap();
+    let node = tb.node(1);
+    node.shape(&tb.hub, 50).unwrap();
+    for (ns, dev) in [
+        (node.name.as_str(), "eth0".to_string()),
+        (tb.hub.as_str(), "n1".to_string()),
+    ] {
+        let out = Command::new("tc")
+            .args(["-n", ns, "qdisc", "show", "dev", &dev])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("tbf") && text.contains("rate 50Mbit"),
+            "{ns}/{dev}: {text}"
+        );
+    }
+}
