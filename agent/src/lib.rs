@@ -2,6 +2,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod ca;
 pub mod cli;
 pub mod intercept;
+pub mod registry;
 pub mod steer;
+pub mod store;

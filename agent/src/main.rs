@@ -13,6 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Command::Agent(args) => damselfly::agent::run(args).await,
+        Command::Ca(args) => damselfly::cli::ca::run(args),
         Command::Status(args) => {
             let s = status::fetch(args.admin).await?;
             if args.json {

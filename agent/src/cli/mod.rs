@@ -1,5 +1,6 @@
 //! The command line: the product's interface. Flags also read `DAMSELFLY_*`.
 
+pub mod ca;
 pub mod status;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -23,6 +24,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show a running agent's programs, rules and counters.
     Status(StatusArgs),
+    /// The node CA: show it, install it into the host trust store, remove it, rotate it.
+    Ca(ca::CaArgs),
 }
 
 #[derive(Debug, Args)]

@@ -1,0 +1,1 @@
+//! Node CA: name-constrained, per-SNI leaf certificates, trust-store install.

@@ -1,0 +1,1 @@
+//! Content-addressed piece store on disk (see issue 3).
