@@ -8,3 +8,4 @@ pub mod intercept;
 pub mod registry;
 pub mod steer;
 pub mod store;
+pub mod upstream;

@@ -1,6 +1,9 @@
 //! OCI distribution routing: blob GET/HEAD by digest go through the cache;
 //! everything else goes to the origin as is.
 
+pub mod authz;
 pub mod hosts;
+pub mod range;
+pub mod route;
 
 pub use hosts::RegistryHosts;
