@@ -44,6 +44,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let interceptor = Arc::new(Interceptor {
         steering: steering.clone(),
         metrics: metrics.clone(),
+        gateway: None,
     });
     let listen: Vec<SocketAddr> = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
     for l in bound {

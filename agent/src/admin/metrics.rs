@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family},
+    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::ConstGauge},
     registry::Registry,
 };
 
@@ -23,6 +23,16 @@ struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SteerLabels {
     port: u16,
     action: &'static str,
@@ -32,6 +42,9 @@ pub struct Metrics {
     registry: Registry,
     intercept_connections: Family<ModeLabel, Counter>,
     intercept_bytes: Family<DirectionLabel, Counter>,
+    blob_requests: Family<ResultLabel, Counter>,
+    blob_bytes: Family<SourceLabel, Counter>,
+    authz_checks: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -49,11 +62,59 @@ impl Metrics {
             "Bytes carried for steered connections (upstream: client to origin)",
             intercept_bytes.clone(),
         );
+        let blob_requests = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "damselfly_blob_requests",
+            "Blob requests by outcome: hit (cache), miss (fetched), denied (origin refused the credential), passthrough (forwarded as is)",
+            blob_requests.clone(),
+        );
+        let blob_bytes = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "damselfly_blob_bytes",
+            "Blob bytes sent to clients, by where they came from",
+            blob_bytes.clone(),
+        );
+        let authz_checks = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "damselfly_authz_checks",
+            "Origin HEAD checks of a client's credential before serving a blob it did not fetch itself",
+            authz_checks.clone(),
+        );
         Self {
             registry,
             intercept_connections,
             intercept_bytes,
+            blob_requests,
+            blob_bytes,
+            authz_checks,
         }
+    }
+
+    pub fn blob_request(&self, result: &'static str) {
+        self.blob_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn blob_bytes(&self, source: &'static str, n: u64) {
+        self.blob_bytes
+            .get_or_create(&SourceLabel { source })
+            .inc_by(n);
+    }
+
+    pub fn authz_check(&self, result: &'static str) {
+        self.authz_checks
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Report `damselfly_cache_bytes` from `used` on every scrape.
+    pub fn register_cache_gauge(&mut self, used: impl Fn() -> u64 + Send + Sync + 'static) {
+        self.registry.register_collector(Box::new(GaugeCollector {
+            name: "damselfly_cache_bytes",
+            help: "Bytes held in the blob cache",
+            read: Box::new(used),
+        }));
     }
 
     /// Read the kernel's per-port counters on every scrape.
@@ -109,6 +170,26 @@ pub struct InterceptTotals {
     pub connections: u64,
     pub bytes_upstream: u64,
     pub bytes_downstream: u64,
+}
+
+struct GaugeCollector {
+    name: &'static str,
+    help: &'static str,
+    read: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for GaugeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl Collector for GaugeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new((self.read)() as i64);
+        let m = encoder.encode_descriptor(self.name, self.help, None, gauge.metric_type())?;
+        gauge.encode(m)
+    }
 }
 
 struct SteerCollector(Weak<Steering>);

@@ -2,18 +2,30 @@
 //! them on, byte for byte, to where they were going.
 
 pub mod peek;
+pub mod rewind;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
+use bytes::Bytes;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     time::timeout,
 };
 use tracing::{debug, info, warn};
 
-use crate::{admin::metrics::Metrics, steer::Steering};
+use crate::{
+    admin::metrics::Metrics,
+    registry::{RegistryHosts, hosts, proxy::OriginRef, service::RegistryService},
+    steer::Steering,
+};
 use peek::{PEEK_LIMIT, Peek};
+use rewind::Rewind;
 
 /// How long to wait for a client's first bytes. Registry clients speak first;
 /// after this we splice without a name.
@@ -26,6 +38,22 @@ const SPLICE_BUF: usize = 64 * 1024;
 pub struct Interceptor {
     pub steering: Arc<Steering>,
     pub metrics: Arc<Metrics>,
+    /// Registry hosts are terminated and served; `None` splices everything.
+    pub gateway: Option<Gateway>,
+}
+
+/// What terminating registry connections takes.
+pub struct Gateway {
+    pub hosts: RegistryHosts,
+    /// Leaf certificates minted per SNI by the node CA; ALPN h2 and http/1.1.
+    pub tls: Arc<rustls::ServerConfig>,
+    pub service: Arc<RegistryService>,
+}
+
+/// How one steered connection is carried.
+enum Plan {
+    Splice,
+    Terminate { tls: bool, host: String },
 }
 
 impl Interceptor {
@@ -60,7 +88,16 @@ impl Interceptor {
         let seen = timeout(PEEK_TIMEOUT, peek_head(&mut client, &mut head))
             .await
             .unwrap_or(Peek::Other);
-        info!(%peer, %orig, proto = seen.protocol(), name = seen.name().unwrap_or("-"), "steered");
+        let plan = self.plan(&seen);
+        info!(
+            %peer, %orig, proto = seen.protocol(), name = seen.name().unwrap_or("-"),
+            terminate = matches!(plan, Plan::Terminate { .. }), "steered"
+        );
+        if let (Plan::Terminate { tls, host }, Some(gw)) = (plan, &self.gateway) {
+            return self
+                .terminate(gw, client, Bytes::from(head), orig, tls, host)
+                .await;
+        }
 
         let upstream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(orig)).await {
             Ok(Ok(s)) => s,
@@ -76,6 +113,57 @@ impl Interceptor {
         let _ = upstream.set_nodelay(true);
         self.metrics.intercept_connection("splice");
         self.splice(client, upstream, &head).await
+    }
+
+    fn plan(&self, seen: &Peek) -> Plan {
+        let Some(gw) = &self.gateway else {
+            return Plan::Splice;
+        };
+        match seen {
+            Peek::Tls { sni: Some(name) } if gw.hosts.contains(name) => Plan::Terminate {
+                tls: true,
+                host: name.to_ascii_lowercase(),
+            },
+            Peek::Http { host: Some(h) } if gw.hosts.contains(h) => Plan::Terminate {
+                tls: false,
+                host: hosts::strip_port(h).to_ascii_lowercase(),
+            },
+            _ => Plan::Splice,
+        }
+    }
+
+    /// Be the registry for this connection: TLS with a node-CA leaf (or plain
+    /// HTTP), then HTTP/2 or HTTP/1.1 requests routed by [`RegistryService`].
+    async fn terminate(
+        &self,
+        gw: &Gateway,
+        client: TcpStream,
+        head: Bytes,
+        orig: SocketAddr,
+        tls: bool,
+        host: String,
+    ) -> io::Result<()> {
+        self.metrics.intercept_connection("terminate");
+        gw.service.upstream.learned.learn(&host, orig.ip());
+        let origin = OriginRef {
+            scheme: if tls { "https" } else { "http" },
+            host,
+            port: orig.port(),
+        };
+        let stream = Rewind::new(head, client);
+        if tls {
+            let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());
+            match acceptor.accept(stream).await {
+                Ok(s) => serve_http(s, gw.service.clone(), origin).await,
+                Err(e) => {
+                    // Most likely the client does not trust the node CA yet.
+                    warn!(host = %origin.host, error = %e, "TLS handshake with the client failed");
+                    Err(e)
+                }
+            }
+        } else {
+            serve_http(stream, gw.service.clone(), origin).await
+        }
     }
 
     async fn splice(
@@ -108,6 +196,25 @@ impl Interceptor {
             }
         }
     }
+}
+
+async fn serve_http<S>(
+    stream: S,
+    service: Arc<RegistryService>,
+    origin: OriginRef,
+) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let origin = Arc::new(origin);
+    let svc = service_fn(move |req| {
+        let (service, origin) = (service.clone(), origin.clone());
+        async move { Ok::<_, Infallible>(service.handle(req, &origin).await) }
+    });
+    auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await
+        .map_err(io::Error::other)
 }
 
 /// Read until the head can be classified, the limit is hit or the client closes.

@@ -60,7 +60,8 @@ impl RegistryHosts {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host[:port]` or `[v6]:port` without the port.
+pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // An IPv6 literal is never a registry name.
         return rest.split(']').next().unwrap_or(rest);

@@ -3,7 +3,9 @@
 
 pub mod authz;
 pub mod hosts;
+pub mod proxy;
 pub mod range;
 pub mod route;
+pub mod service;
 
 pub use hosts::RegistryHosts;
