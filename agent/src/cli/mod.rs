@@ -1,6 +1,7 @@
 //! The command line: the product's interface. Flags also read `DAMSELFLY_*`.
 
 pub mod ca;
+pub mod size;
 pub mod status;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -66,13 +67,28 @@ pub struct AgentArgs {
     /// Admin HTTP: /healthz, /metrics, /status.
     #[arg(long, env = "DAMSELFLY_ADMIN", default_value = "127.0.0.1:7402")]
     pub admin: SocketAddr,
-    /// Where the agent keeps its state.
+    /// Where the agent keeps its state: the node CA and the blob cache.
     #[arg(
         long,
         env = "DAMSELFLY_STATE_DIR",
         default_value = "/var/lib/damselfly"
     )]
     pub state_dir: PathBuf,
+    /// More registry hosts to intercept, besides the public ones (wildcards: *.example.com).
+    #[arg(long = "registry", env = "DAMSELFLY_REGISTRY", value_delimiter = ',')]
+    pub registries: Vec<String>,
+    /// Extra CA certificates (PEM) to trust for origins, besides the system roots.
+    #[arg(long, env = "DAMSELFLY_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Blob cache capacity (e.g. 20GiB).
+    #[arg(long, env = "DAMSELFLY_CACHE_SIZE", default_value = "20GiB", value_parser = size::parse_size)]
+    pub cache_size: u64,
+    /// Piece size of cached blobs.
+    #[arg(long, env = "DAMSELFLY_PIECE_SIZE", default_value = "4MiB", value_parser = size::parse_size, hide = true)]
+    pub piece_size: u64,
+    /// Only steer and splice: never terminate TLS or cache.
+    #[arg(long, env = "DAMSELFLY_SPLICE_ONLY")]
+    pub splice_only: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,0 +1,547 @@
+//! The blob path: authorize with the origin, then serve from the cache, or
+//! fetch from the origin once while streaming to the client and writing the
+//! store; a store that cannot help turns into a plain stream-through.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode,
+    body::{Frame, Incoming},
+    header::{self, HeaderValue},
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::{
+    admin::metrics::Metrics,
+    registry::{
+        authz::AuthzCache,
+        proxy::{self, OriginRef},
+        range::{self, ByteRange},
+    },
+    store::{BlobReader, BlobWriter, Digest, Store},
+    upstream::{Body, BoxError, Upstream},
+};
+
+/// Chunks in flight between a producer and a client connection.
+const CHANNEL_DEPTH: usize = 8;
+
+pub struct Blobs {
+    pub upstream: Upstream,
+    pub store: Option<Store>,
+    pub metrics: Arc<Metrics>,
+    authz: Mutex<AuthzCache>,
+    /// Downloads in progress, so concurrent requests for a digest share one.
+    inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>,
+}
+
+enum Authz {
+    Allowed { size: Option<u64> },
+    /// The origin's refusal, to hand back as is.
+    Denied(Response<Incoming>),
+    /// The origin could not be asked; serve nothing we hold.
+    Unknown,
+}
+
+impl Blobs {
+    pub fn new(upstream: Upstream, store: Option<Store>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            upstream,
+            store,
+            metrics,
+            authz: Mutex::default(),
+            inflight: Mutex::default(),
+        }
+    }
+
+    pub async fn serve(&self, req: Request<Incoming>, origin: &OriginRef, repo: &str, hex: &str) -> Response<Body> {
+        let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
+            self.metrics.blob_request("passthrough");
+            return proxy::forward(&self.upstream, origin, req).await;
+        };
+        let size = match self.authorize(origin, repo, hex, req.headers()).await {
+            Authz::Allowed { size } => size,
+            Authz::Denied(resp) => {
+                self.metrics.blob_request("denied");
+                return if req.method() == Method::HEAD {
+                    proxy::relay(resp)
+                } else {
+                    // The origin answers the GET itself, with its own error body.
+                    proxy::forward(&self.upstream, origin, req).await
+                };
+            }
+            Authz::Unknown => {
+                self.metrics.blob_request("passthrough");
+                return proxy::forward(&self.upstream, origin, req).await;
+            }
+        };
+
+        if let Some(reader) = store.get(&digest) {
+            self.metrics.blob_request("hit");
+            return self.hit(reader, &digest, req, origin);
+        }
+        // A HEAD, or a ranged GET (a client resuming its own partial download),
+        // is the origin's to answer: caching starts with a whole-blob GET.
+        if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
+            self.metrics.blob_request("passthrough");
+            return proxy::forward(&self.upstream, origin, req).await;
+        }
+
+        // Someone on this node is fetching it already: wait, then serve the copy.
+        let waiting = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        if let Some(mut done) = waiting {
+            let ok = done.wait_for(Option::is_some).await.map(|v| *v == Some(true)).unwrap_or(false);
+            if let (true, Some(reader)) = (ok, store.get(&digest)) {
+                self.metrics.blob_request("hit");
+                return self.hit(reader, &digest, req, origin);
+            }
+            self.metrics.blob_request("passthrough");
+            return proxy::forward(&self.upstream, origin, req).await;
+        }
+        self.miss(store, digest, size, req, origin).await
+    }
+
+    /// Ask the origin (HEAD, the client's own headers) whether this client
+    /// may read this blob; remember a yes for a minute.
+    async fn authorize(&self, origin: &OriginRef, repo: &str, hex: &str, headers: &HeaderMap) -> Authz {
+        let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        if self.authz.lock().unwrap_or_else(|e| e.into_inner()).is_allowed(&origin.host, repo, auth, Instant::now()) {
+            self.metrics.authz_check("cached");
+            return Authz::Allowed { size: None };
+        }
+        let Ok(uri) = origin.uri(&format!("/v2/{repo}/blobs/sha256:{hex}")) else {
+            return Authz::Unknown;
+        };
+        let mut req = Request::head(uri);
+        if let Some(h) = req.headers_mut() {
+            proxy::copy_headers(headers, h);
+            h.remove(header::RANGE);
+        }
+        let Ok(req) = req.body(crate::upstream::empty()) else {
+            return Authz::Unknown;
+        };
+        match self.upstream.send(req).await {
+            // A redirect to storage is a yes too: the registry accepted the credential.
+            Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
+                self.metrics.authz_check("allowed");
+                self.authz
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow(&origin.host, repo, auth, Instant::now());
+                let size = resp
+                    .status()
+                    .is_success()
+                    .then(|| content_length(resp.headers()))
+                    .flatten();
+                Authz::Allowed { size }
+            }
+            Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
+                self.metrics.authz_check("denied");
+                Authz::Denied(resp)
+            }
+            Ok(resp) => {
+                debug!(status = %resp.status(), "unexpected answer to the authorization HEAD");
+                self.metrics.authz_check("error");
+                Authz::Unknown
+            }
+            Err(e) => {
+                debug!(error = %e, "authorization HEAD failed");
+                self.metrics.authz_check("error");
+                Authz::Unknown
+            }
+        }
+    }
+
+    /// Serve a cached blob, honouring a single `Range`. Every piece is checked
+    /// against its stored hash as it is read; if one is corrupt, the rest of
+    /// the response comes from the origin and the copy is dropped.
+    fn hit(&self, reader: BlobReader, digest: &Digest, req: Request<Incoming>, origin: &OriginRef) -> Response<Body> {
+        let size = reader.size();
+        let range = range::parse(req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+        let (status, start, end) = match range {
+            ByteRange::Full => (StatusCode::OK, 0, size),
+            ByteRange::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
+            ByteRange::Unsatisfiable => {
+                let mut r = proxy::error_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+                r.headers_mut().insert(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
+                return r;
+            }
+        };
+        let head = req.method() == Method::HEAD;
+        let body = if head {
+            crate::upstream::empty()
+        } else {
+            let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+            let ctx = Continuation {
+                upstream: self.upstream.clone(),
+                store: self.store.clone(),
+                metrics: self.metrics.clone(),
+                digest: digest.clone(),
+                origin: origin.clone(),
+                headers: req.headers().clone(),
+                path: req.uri().path().to_string(),
+            };
+            tokio::spawn(stream_hit(reader, start, end, tx, ctx));
+            channel_body(rx)
+        };
+        let mut resp = blob_response(status, digest, end - start, body);
+        if status == StatusCode::PARTIAL_CONTENT {
+            resp.headers_mut()
+                .insert(header::CONTENT_RANGE, hv(format!("bytes {start}-{}/{size}", end - 1)));
+        }
+        resp
+    }
+
+    /// Fetch from the origin, stream to the client and into the store at once.
+    async fn miss(
+        &self,
+        store: &Store,
+        digest: Digest,
+        size: Option<u64>,
+        req: Request<Incoming>,
+        origin: &OriginRef,
+    ) -> Response<Body> {
+        let headers = strip_range(req.headers());
+        let size = match size {
+            Some(s) => s,
+            // The authorization answer was cached or a redirect: learn the size from the GET.
+            None => match self.origin_get(origin, req.uri().path(), &headers, None).await {
+                Ok(resp) if resp.status() == StatusCode::OK => match content_length(resp.headers()) {
+                    Some(s) => return self.fetch_with(store, digest, s, resp).await,
+                    None => return self.passthrough(resp),
+                },
+                Ok(resp) => return self.passthrough(resp),
+                Err(e) => return proxy::origin_error(&e),
+            },
+        };
+        let writer = match begin(store, &digest, size).await {
+            Ok(w) => w,
+            Err(e) => {
+                info!(%digest, error = %e, "store cannot take this blob; streaming it through");
+                self.metrics.blob_request("passthrough");
+                return proxy::forward(&self.upstream, origin, req).await;
+            }
+        };
+        // Resume: what a killed download already wrote stays; fetch from the first gap.
+        let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
+        let offset = first_missing * store.piece_size();
+        let resp = match self.origin_get(origin, req.uri().path(), &headers, (offset > 0).then_some(offset)).await {
+            Ok(r) => r,
+            Err(e) => return proxy::origin_error(&e),
+        };
+        let expected = if offset > 0 { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        if resp.status() != expected && resp.status() != StatusCode::OK {
+            return self.passthrough(resp);
+        }
+        // A 200 to a range request restarts from byte 0.
+        let body_offset = if resp.status() == StatusCode::OK { 0 } else { offset };
+        self.start_download(writer, digest, size, resp, body_offset)
+    }
+
+    async fn fetch_with(
+        &self,
+        store: &Store,
+        digest: Digest,
+        size: u64,
+        resp: Response<Incoming>,
+    ) -> Response<Body> {
+        match begin(store, &digest, size).await {
+            // This body starts at byte 0, so pieces a killed download left are rewritten.
+            Ok(w) => self.start_download(w, digest, size, resp, 0),
+            Err(e) => {
+                info!(%digest, error = %e, "store cannot take this blob; streaming it through");
+                self.passthrough(resp)
+            }
+        }
+    }
+
+    fn passthrough(&self, resp: Response<Incoming>) -> Response<Body> {
+        self.metrics.blob_request("passthrough");
+        proxy::relay(resp)
+    }
+
+    async fn origin_get(
+        &self,
+        origin: &OriginRef,
+        path: &str,
+        headers: &HeaderMap,
+        from: Option<u64>,
+    ) -> Result<Response<Incoming>, crate::upstream::UpstreamError> {
+        let mut headers = headers.clone();
+        if let Some(off) = from {
+            headers.insert(header::RANGE, hv(format!("bytes={off}-")));
+        }
+        self.upstream
+            .fetch_following(Method::GET, origin.uri(path)?, &headers)
+            .await
+    }
+
+    fn start_download(
+        &self,
+        writer: BlobWriter,
+        digest: Digest,
+        size: u64,
+        resp: Response<Incoming>,
+        body_offset: u64,
+    ) -> Response<Body> {
+        self.metrics.blob_request("miss");
+        let (done_tx, done_rx) = watch::channel(None);
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest.clone(), done_rx);
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let job = Download {
+            writer: Some(writer),
+            digest: digest.clone(),
+            size,
+            metrics: self.metrics.clone(),
+            client: tx,
+        };
+        let inflight = self.inflight.clone();
+        let key = digest.clone();
+        let body = resp.into_body();
+        tokio::spawn(async move {
+            let ok = job.run(body, body_offset).await;
+            inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            let _ = done_tx.send(Some(ok));
+        });
+        blob_response(StatusCode::OK, &digest, size, channel_body(rx))
+    }
+}
+
+type Chunk = Result<Frame<Bytes>, BoxError>;
+
+/// One origin download: every byte goes to the client that asked (while it
+/// listens) and, piece by piece, into the store.
+struct Download {
+    /// `None` once a store error made us give up caching (the client stream goes on).
+    writer: Option<BlobWriter>,
+    digest: Digest,
+    size: u64,
+    metrics: Arc<Metrics>,
+    client: mpsc::Sender<Chunk>,
+}
+
+impl Download {
+    /// Returns whether the blob was committed to the store.
+    async fn run(mut self, mut body: Incoming, body_offset: u64) -> bool {
+        let piece_size = self.writer.as_ref().map(|w| w.piece_size()).unwrap_or(1);
+        let mut client_open = true;
+        // Pieces a killed download left behind go to the client first.
+        let first_piece = body_offset / piece_size;
+        for index in 0..first_piece {
+            let piece = match self.with_writer(move |w| w.read_piece(index)).await {
+                Some(Ok(p)) => Bytes::from(p),
+                _ => {
+                    let _ = self.client.send(Err("damselfly: resumed piece unreadable".into())).await;
+                    return false;
+                }
+            };
+            self.metrics.blob_bytes("cache", piece.len() as u64);
+            client_open = self.client.send(Ok(Frame::data(piece))).await.is_ok();
+        }
+
+        let mut pos = body_offset;
+        let mut index = first_piece;
+        let mut buf = BytesMut::new();
+        loop {
+            let frame = match body.frame().await {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    warn!(digest = %self.digest, error = %e, "origin body failed");
+                    let _ = self.client.send(Err(Box::new(e))).await;
+                    return false;
+                }
+                None => break,
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            pos += data.len() as u64;
+            self.metrics.blob_bytes("origin", data.len() as u64);
+            if client_open {
+                client_open = self.client.send(Ok(Frame::data(data.clone()))).await.is_ok();
+            }
+            if self.writer.is_none() {
+                if !client_open {
+                    return false;
+                }
+                continue;
+            }
+            buf.extend_from_slice(&data);
+            while buf.len() as u64 >= piece_size || (pos >= self.size && !buf.is_empty()) {
+                let take = (piece_size as usize).min(buf.len());
+                let piece = buf.split_to(take).freeze();
+                let i = index;
+                if let Some(Err(e)) = self.with_writer(move |w| w.write_piece(i, &piece)).await {
+                    warn!(digest = %self.digest, error = %e, "store write failed; streaming the rest through");
+                    self.writer = None;
+                    break;
+                }
+                index += 1;
+            }
+        }
+        if pos != self.size {
+            let _ = self
+                .client
+                .send(Err(format!("origin sent {pos} of {} bytes", self.size).into()))
+                .await;
+            return false;
+        }
+        let Some(writer) = self.writer.take() else {
+            return false;
+        };
+        match tokio::task::spawn_blocking(move || writer.commit()).await {
+            Ok(Ok(_)) => {
+                info!(digest = %self.digest, size = self.size, "cached");
+                true
+            }
+            Ok(Err(e)) => {
+                warn!(digest = %self.digest, error = %e, "not cached");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Run a blocking store call on the writer off the async threads.
+    async fn with_writer<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
+    ) -> Option<T> {
+        let mut w = self.writer.take()?;
+        let (w, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut w);
+            (w, out)
+        })
+        .await
+        .ok()?;
+        self.writer = Some(w);
+        Some(out)
+    }
+}
+
+/// What serving the rest of a hit from the origin takes, should a piece be corrupt.
+struct Continuation {
+    upstream: Upstream,
+    store: Option<Store>,
+    metrics: Arc<Metrics>,
+    digest: Digest,
+    origin: OriginRef,
+    headers: HeaderMap,
+    path: String,
+}
+
+async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<Chunk>, ctx: Continuation) {
+    let metrics = ctx.metrics.clone();
+    let sender = tx.clone();
+    // Blocking reads on the blocking pool; returns where it stopped if a piece was corrupt.
+    let stopped = tokio::task::spawn_blocking(move || {
+        let mut pos = start;
+        for chunk in reader.read_range(start, end) {
+            match chunk {
+                Ok(data) => {
+                    pos += data.len() as u64;
+                    metrics.blob_bytes("cache", data.len() as u64);
+                    if sender.blocking_send(Ok(Frame::data(data))).is_err() {
+                        return None;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cached blob failed verification; the rest comes from the origin");
+                    return Some(pos);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap_or(None);
+    let Some(pos) = stopped else { return };
+
+    if let Some(store) = &ctx.store {
+        let (store, digest) = (store.clone(), ctx.digest.clone());
+        let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
+    }
+    let mut headers = strip_range(&ctx.headers);
+    headers.insert(header::RANGE, hv(format!("bytes={pos}-{}", end - 1)));
+    let resp = match ctx.origin.uri(&ctx.path) {
+        Ok(uri) => ctx.upstream.fetch_following(Method::GET, uri, &headers).await,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut body = match resp {
+        Ok(r) if r.status() == StatusCode::PARTIAL_CONTENT => r.into_body(),
+        Ok(r) => {
+            let _ = tx.send(Err(format!("origin answered {} to the repair range", r.status()).into())).await;
+            return;
+        }
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Some(d) = f.data_ref() {
+                    ctx.metrics.blob_bytes("origin", d.len() as u64);
+                }
+                if tx.send(Ok(f)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn begin(store: &Store, digest: &Digest, size: u64) -> Result<BlobWriter, crate::store::StoreError> {
+    let (store, digest) = (store.clone(), digest.clone());
+    tokio::task::spawn_blocking(move || store.begin(&digest, size))
+        .await
+        .unwrap_or_else(|e| Err(crate::store::StoreError::Io(std::io::Error::other(e))))
+}
+
+fn channel_body(rx: mpsc::Receiver<Chunk>) -> Body {
+    let s = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    StreamBody::new(s).boxed()
+}
+
+fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert("docker-content-digest", hv(digest.to_string()));
+    h.insert(header::ETAG, hv(format!("\"{digest}\"")));
+    r
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn strip_range(h: &HeaderMap) -> HeaderMap {
+    let mut h = h.clone();
+    h.remove(header::RANGE);
+    h.remove(header::IF_RANGE);
+    h
+}
+
+fn hv(s: String) -> HeaderValue {
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
