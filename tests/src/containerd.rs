@@ -122,15 +122,15 @@ plugin_dir = ""
                     .arg("version")
                     .output()
                     .is_ok_and(|o| o.status.success())
-                && self.proc.log_text().contains("containerd successfully booted")
+                && self
+                    .proc
+                    .log_text()
+                    .contains("containerd successfully booted")
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "containerd not ready after 20 s:\n{}",
-                    self.proc.log_text()
-                );
+                bail!("containerd not ready after 20 s:\n{}", self.proc.log_text());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -244,11 +244,7 @@ plugin_dir = ""
             serde_json::from_str(&self.ctr_out(&["content", "get", &target])?)
                 .context("manifest JSON")?;
         let mut blobs = vec![target.clone()];
-        blobs.extend(
-            manifest["config"]["digest"]
-                .as_str()
-                .map(str::to_string),
-        );
+        blobs.extend(manifest["config"]["digest"].as_str().map(str::to_string));
         if let Some(layers) = manifest["layers"].as_array() {
             blobs.extend(
                 layers
@@ -304,5 +300,7 @@ pub async fn cri_client(
         }))
         .await
         .context("connecting to containerd's CRI socket")?;
-    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(channel))
+    Ok(k8s_cri::v1::image_service_client::ImageServiceClient::new(
+        channel,
+    ))
 }

@@ -64,3 +64,18 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_tool_names_its_package() {
+        let e = need("dfly-no-such-tool", "dfly-some-package").unwrap_err();
+        assert!(
+            e.to_string().contains("apt-get install dfly-some-package"),
+            "{e}"
+        );
+        assert!(need("sh", "dash").is_ok());
+    }
+}

@@ -24,8 +24,8 @@ fn bed(auth: Option<(&str, &str)>) -> Bed {
     let tb = Testbed::new(2).expect("testbed");
     let ca = TestCa::new("dfly test public CA").unwrap();
     let origin = Origin::start(&tb, 2, REGISTRY, &ca, auth).expect("origin");
-    let image = Image::build_and_push(&tb, &origin, "demo/app", "v1", &[MB2, MB2, MB2], 1)
-        .expect("image");
+    let image =
+        Image::build_and_push(&tb, &origin, "demo/app", "v1", &[MB2, MB2, MB2], 1).expect("image");
     let containerd = Containerd::start(&tb, tb.node(1), &origin.ca_pem).expect("containerd");
     Bed {
         containerd,
@@ -48,9 +48,7 @@ fn ctr_pulls_from_the_tls_origin_and_the_origin_counts_the_blob_bytes() {
     for d in b.image.blob_digests() {
         assert!(content.contains(&d), "{d} not in the content store");
     }
-    let sent = b
-        .origin
-        .wait_blob_bytes(b.image.total_blob_bytes, SETTLE);
+    let sent = b.origin.wait_blob_bytes(b.image.total_blob_bytes, SETTLE);
     assert!(
         sent >= b.image.layer_bytes(),
         "origin sent {sent} blob bytes, image layers are {}",
@@ -129,12 +127,27 @@ fn a_private_origin_serves_only_the_right_credentials() {
     assert_eq!(b.origin.get_status("/v2/").unwrap(), 401);
     let r = &b.image.reference;
 
-    let anon = b.containerd.ctr_pull(r, None);
-    assert!(anon.is_err(), "pull without credentials succeeded");
-    let wrong = b.containerd.ctr_pull(r, Some(("alice", "wrong")));
-    assert!(wrong.is_err(), "pull with a wrong password succeeded");
-    let cri_wrong = b.containerd.cri_pull(r, Some(("mallory", "s3cret")));
-    assert!(cri_wrong.is_err(), "CRI pull with a wrong user succeeded");
+    // Refused for the right reason (401), not for TLS or a name problem.
+    let refused = |what: &str, res: anyhow::Result<()>| {
+        let e = format!("{:#}", res.expect_err(&format!("{what} succeeded")));
+        eprintln!("{what}: {e}");
+        assert!(e.contains("401 Unauthorized"), "{what}: {e}");
+    };
+    refused("pull without credentials", b.containerd.ctr_pull(r, None));
+    refused(
+        "pull with a wrong password",
+        b.containerd.ctr_pull(r, Some(("alice", "wrong"))),
+    );
+    refused(
+        "CRI pull with a wrong user",
+        b.containerd
+            .cri_pull(r, Some(("mallory", "s3cret")))
+            .map(drop),
+    );
+    refused(
+        "CRI pull without credentials",
+        b.containerd.cri_pull(r, None).map(drop),
+    );
     assert!(!b.containerd.has_image(r).unwrap());
     assert_eq!(b.origin.blob_bytes_sent(), 0, "no blob left the origin");
 
@@ -145,9 +158,7 @@ fn a_private_origin_serves_only_the_right_credentials() {
     b.containerd.remove_image(r).unwrap();
     let id = b.containerd.cri_pull(r, b.origin.creds()).unwrap();
     assert_eq!(id, b.image.config_digest);
-    let sent = b
-        .origin
-        .wait_blob_bytes(2 * b.image.layer_bytes(), SETTLE);
+    let sent = b.origin.wait_blob_bytes(2 * b.image.layer_bytes(), SETTLE);
     assert!(sent >= 2 * b.image.layer_bytes(), "origin sent {sent}");
 }
 
@@ -155,7 +166,10 @@ fn a_private_origin_serves_only_the_right_credentials() {
 fn skopeo_copies_from_the_origin_inside_a_node() {
     let b = bed(None);
     let out = b.tb.dir.join("copied");
-    let mut cmd = b.tb.node(1).command(tools::need("skopeo", "skopeo").unwrap()).unwrap();
+    let mut cmd =
+        b.tb.node(1)
+            .command(tools::need("skopeo", "skopeo").unwrap())
+            .unwrap();
     // Trust via SSL_CERT_FILE only (no --src-cert-dir).
     let empty = b.tb.dir.join("no-certs");
     fs::create_dir_all(&empty).unwrap();
@@ -174,7 +188,10 @@ fn skopeo_copies_from_the_origin_inside_a_node() {
         "sha256:{}",
         damselfly_testbed::body::hex(&<sha2::Sha256 as sha2::Digest>::digest(&manifest))
     );
-    assert_eq!(digest, b.image.manifest_digest, "the push kept our manifest");
+    assert_eq!(
+        digest, b.image.manifest_digest,
+        "the push kept our manifest"
+    );
     assert!(b.origin.wait_blob_bytes(b.image.layer_bytes(), SETTLE) >= b.image.layer_bytes());
 
     // The test CA is needed: with the machine's roots only, the copy fails.
@@ -183,4 +200,37 @@ fn skopeo_copies_from_the_origin_inside_a_node() {
     cmd.args(["--insecure-policy", "inspect", "--raw"])
         .arg(format!("docker://{}", b.image.reference));
     assert!(tools::run(&mut cmd).is_err());
+}
+
+#[test]
+fn a_bed_with_registry_and_containerd_leaves_nothing_behind() {
+    let (tag, dir, pids) = {
+        let b = bed(None);
+        b.containerd.ctr_pull(&b.image.reference, None).unwrap();
+        let pids = [b.containerd.proc.pid(), b.origin.proc.pid()];
+        (b.tb.tag.clone(), b.tb.dir.clone(), pids)
+    };
+    for pid in pids {
+        // Reaped by Proc's drop: not even a zombie is left.
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} left"
+        );
+    }
+    assert!(!dir.exists(), "{} left", dir.display());
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&tag));
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&tag), "mounts left:\n{mounts}");
+    let cgroups = damselfly_testbed::testbed::cgroup2_root().unwrap();
+    assert!(
+        fs::read_dir(cgroups).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains(&tag))
+    );
 }
