@@ -7,9 +7,16 @@
 
 pub mod agent;
 pub mod body;
+pub mod containerd;
+pub mod image;
+pub mod origin;
 pub mod pki;
 pub mod probe;
 pub mod testbed;
+pub mod tools;
 
 pub use agent::Agent;
+pub use containerd::Containerd;
+pub use image::Image;
+pub use origin::Origin;
 pub use testbed::{Node, Proc, Testbed};

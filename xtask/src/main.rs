@@ -55,6 +55,13 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "openssl",
     "curl",
+    // real clients and registry for the end-to-end harness
+    "containerd",
+    "docker-registry",
+    "skopeo",
+    "busybox-static",
+    // k8s-cri's build script (CRI gRPC client)
+    "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
