@@ -49,7 +49,7 @@ impl Bitmap {
         }
         // Stray bits past the end mean the file is not what we wrote; refusing
         // it keeps `held` honest (a count that could reach `pieces` early).
-        if pieces % 8 != 0 && bytes[expected - 1] >> (pieces % 8) != 0 {
+        if !pieces.is_multiple_of(8) && bytes[expected - 1] >> (pieces % 8) != 0 {
             return Err(BadBitmap::TrailingBits);
         }
         let held = bytes.iter().map(|b| u64::from(b.count_ones())).sum();
@@ -127,7 +127,10 @@ mod tests {
         assert!(b.get(0) && b.get(9) && !b.get(1) && !b.get(11));
         assert_eq!(b.held(), 2);
         assert_eq!(b.as_bytes(), &[0b1, 0b10]);
-        assert_eq!(b.missing().collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7, 8, 10]);
+        assert_eq!(
+            b.missing().collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5, 6, 7, 8, 10]
+        );
         for i in 0..11 {
             b.set(i);
         }

@@ -827,7 +827,8 @@ fn verify(
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            data.read_exact_at(&mut buf[..n], at).map_err(io_err(path))?;
+            data.read_exact_at(&mut buf[..n], at)
+                .map_err(io_err(path))?;
             piece.update(&buf[..n]);
             whole.update(&buf[..n]);
             at += n as u64;
