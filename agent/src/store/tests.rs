@@ -441,3 +441,14 @@ fn zero_piece_size_is_refused() {
         Err(StoreError::PieceSizeZero)
     ));
 }
+
+#[test]
+fn a_full_disk_is_no_space() {
+    let p = Path::new("/x");
+    for errno in [libc::ENOSPC, libc::EDQUOT] {
+        let e = io_err(p)(io::Error::from_raw_os_error(errno));
+        assert!(matches!(e, StoreError::NoSpace(_)), "{e}");
+    }
+    let e = io_err(p)(io::Error::from_raw_os_error(libc::EIO));
+    assert!(matches!(e, StoreError::Io { .. }), "{e}");
+}
