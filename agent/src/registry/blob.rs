@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
 };
@@ -57,7 +58,7 @@ impl Blobs {
             store,
             metrics,
             authz: Mutex::default(),
-            inflight: Mutex::default(),
+            inflight: Arc::default(),
         }
     }
 
@@ -444,7 +445,14 @@ async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<C
     // Blocking reads on the blocking pool; returns where it stopped if a piece was corrupt.
     let stopped = tokio::task::spawn_blocking(move || {
         let mut pos = start;
-        for chunk in reader.read_range(start, end) {
+        let chunks = match reader.read_range(start, end) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cached blob unreadable; the rest comes from the origin");
+                return Some(pos);
+            }
+        };
+        for chunk in chunks {
             match chunk {
                 Ok(data) => {
                     pos += data.len() as u64;
@@ -511,7 +519,12 @@ async fn begin(store: &Store, digest: &Digest, size: u64) -> Result<BlobWriter, 
     let (store, digest) = (store.clone(), digest.clone());
     tokio::task::spawn_blocking(move || store.begin(&digest, size))
         .await
-        .unwrap_or_else(|e| Err(crate::store::StoreError::Io(std::io::Error::other(e))))
+        .unwrap_or_else(|e| {
+            Err(crate::store::StoreError::Io {
+                path: PathBuf::from("(blocking task)"),
+                source: std::io::Error::other(e),
+            })
+        })
 }
 
 fn channel_body(rx: mpsc::Receiver<Chunk>) -> Body {

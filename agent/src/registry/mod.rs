@@ -2,6 +2,7 @@
 //! everything else goes to the origin as is.
 
 pub mod authz;
+pub mod blob;
 pub mod hosts;
 pub mod proxy;
 pub mod range;
