@@ -176,7 +176,7 @@ impl NodeCa {
         let permitted = permitted_dns_subtrees(registries.patterns())?;
         let _lock = DirLock::take(&files.dir)?;
         let (issuer, origin) = match load(&files, &permitted)? {
-            Stored::Valid(issuer) => (issuer, CaOrigin::Loaded),
+            Stored::Valid(issuer) => (*issuer, CaOrigin::Loaded),
             Stored::Missing => {
                 tracing::info!(dir = %files.dir.display(), ?permitted, "creating the node CA");
                 (create(&files, &permitted)?, CaOrigin::Created)
@@ -352,7 +352,7 @@ fn ca_params(key: &KeyPair, permitted: &[String], now: OffsetDateTime) -> Certif
 }
 
 enum Stored {
-    Valid(Issuer),
+    Valid(Box<Issuer>),
     Missing,
     /// Present but unusable for this registry list; the reason, for the log.
     Stale(String),
@@ -396,7 +396,7 @@ fn load(files: &CaFiles, permitted: &[String]) -> Result<Stored, CaError> {
     let mut issuer = Issuer::from_key(key_pair, permitted)?;
     issuer.der = der;
     issuer.pem = cert_pem;
-    Ok(Stored::Valid(issuer))
+    Ok(Stored::Valid(Box::new(issuer)))
 }
 
 fn create(files: &CaFiles, permitted: &[String]) -> Result<Issuer, CaError> {
