@@ -45,6 +45,7 @@
 //! and the new certificate must be installed on the host again.
 
 pub mod constraints;
+mod der;
 mod leaf;
 pub mod trust;
 
@@ -63,7 +64,12 @@ use rcgen::{
     PKCS_ECDSA_P256_SHA256,
 };
 use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
+    RootCertStore,
+    client::{WebPkiServerVerifier, danger::ServerCertVerifier as _},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
+        pem::PemObject as _,
+    },
     sign::CertifiedKey,
 };
 use time::{Duration, OffsetDateTime};
@@ -77,6 +83,9 @@ use crate::registry::RegistryHosts;
 const CA_VALIDITY: Duration = Duration::days(3650);
 /// Backdating for clock skew between this node and whatever checks the cert.
 const CA_BACKDATE: Duration = Duration::hours(1);
+/// A stored CA that will not be valid this much longer is replaced on start,
+/// so leaves never outlive it and the new CA can be installed in good time.
+const CA_MIN_REMAINING: Duration = Duration::days(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -273,8 +282,16 @@ impl NodeCa {
 
 impl Issuer {
     fn from_key(key: KeyPair, permitted: &[String]) -> Result<Self, CaError> {
+        Self::from_key_valid_for(key, permitted, CA_VALIDITY)
+    }
+
+    fn from_key_valid_for(
+        key: KeyPair,
+        permitted: &[String],
+        validity: Duration,
+    ) -> Result<Self, CaError> {
         let now = OffsetDateTime::now_utc();
-        let cert = ca_params(&key, permitted, now).self_signed(&key)?;
+        let cert = ca_params(&key, permitted, now, validity).self_signed(&key)?;
         let der = cert.der().clone();
         let pem = cert.pem();
         Ok(Self {
@@ -283,6 +300,34 @@ impl Issuer {
             der,
             pem,
         })
+    }
+
+    /// Mint a leaf for `name` and verify it with webpki against this CA as
+    /// the only root: proves the stored certificate and the rebuilt issuer
+    /// agree and that the constraints admit `name`. (webpki ignores a trust
+    /// anchor's own validity; [`der::not_after`] covers that.)
+    fn self_check(&self, name: &str) -> Result<(), String> {
+        let now = OffsetDateTime::now_utc();
+        let leaf = self
+            .mint(name, now - Duration::minutes(5), now + Duration::hours(1))
+            .map_err(|e| e.to_string())?;
+        let mut roots = RootCertStore::empty();
+        roots.add(self.der.clone()).map_err(|e| e.to_string())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
+        verifier
+            .verify_server_cert(
+                &leaf.cert[0],
+                &leaf.cert[1..],
+                &server_name,
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// A leaf for `name`, chain [leaf, CA].
@@ -317,7 +362,12 @@ impl Issuer {
 
 /// The CA certificate's parameters. Subject and key identifier depend only on
 /// the key, so [`Issuer`] can rebuild an identical issuer on load.
-fn ca_params(key: &KeyPair, permitted: &[String], now: OffsetDateTime) -> CertificateParams {
+fn ca_params(
+    key: &KeyPair,
+    permitted: &[String],
+    now: OffsetDateTime,
+    validity: Duration,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params
@@ -347,7 +397,7 @@ fn ca_params(key: &KeyPair, permitted: &[String], now: OffsetDateTime) -> Certif
         ],
     });
     params.not_before = now - CA_BACKDATE;
-    params.not_after = now + CA_VALIDITY;
+    params.not_after = now + validity;
     params
 }
 
@@ -392,17 +442,38 @@ fn load(files: &CaFiles, permitted: &[String]) -> Result<Stored, CaError> {
     {
         return Ok(Stored::Stale("ca.crt and ca.key do not match".into()));
     }
-    tighten_key_mode(&key)?;
+    let Some(not_after) = der::not_after(&der) else {
+        return Ok(Stored::Stale("ca.crt has no readable validity".into()));
+    };
+    if not_after < OffsetDateTime::now_utc() + CA_MIN_REMAINING {
+        return Ok(Stored::Stale(format!("the stored CA expires {not_after}")));
+    }
     let mut issuer = Issuer::from_key(key_pair, permitted)?;
     issuer.der = der;
     issuer.pem = cert_pem;
+    if let Some(name) = permitted.first()
+        && let Err(e) = issuer.self_check(name)
+    {
+        return Ok(Stored::Stale(format!(
+            "the stored CA does not verify a leaf for {name}: {e}"
+        )));
+    }
+    tighten_key_mode(&key)?;
     Ok(Stored::Valid(Box::new(issuer)))
 }
 
 fn create(files: &CaFiles, permitted: &[String]) -> Result<Issuer, CaError> {
+    create_valid_for(files, permitted, CA_VALIDITY)
+}
+
+fn create_valid_for(
+    files: &CaFiles,
+    permitted: &[String],
+    validity: Duration,
+) -> Result<Issuer, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let key_pem = key.serialize_pem();
-    let issuer = Issuer::from_key(key, permitted)?;
+    let issuer = Issuer::from_key_valid_for(key, permitted, validity)?;
     // Key first, constraints last: a crash in between leaves a set that
     // load() sees as torn (key/cert mismatch or stale constraints).
     write_atomic(&files.dir, "ca.key", key_pem.as_bytes(), 0o600)?;

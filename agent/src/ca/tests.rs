@@ -180,6 +180,10 @@ fn certificate_carries_the_constraints_and_ca_extensions() {
     let years = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp())
         / (365 * 86400);
     assert!(years >= 9, "{years}");
+    assert_eq!(
+        der::not_after(ca.cert_der()).unwrap().unix_timestamp(),
+        cert.validity().not_after.timestamp()
+    );
     assert!(cert.subject().to_string().contains("CN=Damselfly node CA "));
 }
 
@@ -349,4 +353,25 @@ fn unconstrainable_patterns_are_refused() {
     let e = NodeCa::load_or_create(&dir.0, &registries(&["registry.*"])).unwrap_err();
     assert!(matches!(e, CaError::Unconstrainable(_)), "{e}");
     assert!(!dir.0.join("ca/ca.key").exists());
+}
+
+#[test]
+fn a_ca_close_to_expiry_is_replaced() {
+    let dir = StateDir::new();
+    let r = registries(&[]);
+    let permitted = permitted_dns_subtrees(r.patterns()).unwrap();
+    let files = CaFiles::new(&dir.0);
+    fs::create_dir_all(&files.dir).unwrap();
+    let short = create_valid_for(&files, &permitted, Duration::days(10)).unwrap();
+    let ca = NodeCa::load_or_create(&dir.0, &r).unwrap();
+    assert!(
+        matches!(ca.origin(), CaOrigin::Replaced(why) if why.contains("expires")),
+        "{:?}",
+        ca.origin()
+    );
+    assert_ne!(ca.cert_pem(), short.pem);
+    assert_eq!(
+        NodeCa::load_or_create(&dir.0, &r).unwrap().origin(),
+        &CaOrigin::Loaded
+    );
 }
