@@ -1,0 +1,153 @@
+//! Leaf certificates per SNI, minted on demand and cached by name.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+};
+
+use rustls::{
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use time::{Duration, OffsetDateTime};
+
+use super::Issuer;
+use crate::registry::RegistryHosts;
+
+/// What "now" is; replaceable so tests can walk a leaf towards expiry.
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// Lifetime and renewal of leaves.
+#[derive(Clone)]
+pub struct LeafPolicy {
+    /// Validity of a leaf from the moment it is minted.
+    pub lifetime: Duration,
+    /// `notBefore` this far in the past, for clients whose clock is behind.
+    pub backdate: Duration,
+    /// Leaves kept in memory. Wildcard patterns admit unboundedly many names,
+    /// so the cache is bounded; past it, the entry due soonest is dropped.
+    pub max_cached: usize,
+    pub clock: Clock,
+}
+
+impl Default for LeafPolicy {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::hours(24),
+            backdate: Duration::minutes(5),
+            max_cached: 1024,
+            clock: Arc::new(OffsetDateTime::now_utc),
+        }
+    }
+}
+
+impl fmt::Debug for LeafPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LeafPolicy")
+            .field("lifetime", &self.lifetime)
+            .field("backdate", &self.backdate)
+            .field("max_cached", &self.max_cached)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Cached {
+    key: Arc<CertifiedKey>,
+    /// Once a third of the lifetime is left, the next handshake re-mints, so a
+    /// leaf is never served close to its expiry.
+    renew_at: OffsetDateTime,
+}
+
+/// A `rustls::server::ResolvesServerCert` that answers registry names with a
+/// leaf signed by the node CA (chain: leaf, CA) and everything else with
+/// `None`, which fails the handshake.
+pub struct LeafResolver {
+    issuer: Arc<Issuer>,
+    registries: RegistryHosts,
+    policy: LeafPolicy,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+impl fmt::Debug for LeafResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let cached = self.cache.lock().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("LeafResolver")
+            .field("registries", &self.registries.patterns())
+            .field("policy", &self.policy)
+            .field("cached", &cached)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeafResolver {
+    pub(crate) fn new(issuer: Arc<Issuer>, registries: RegistryHosts, policy: LeafPolicy) -> Self {
+        Self {
+            issuer,
+            registries,
+            policy,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The leaf for `name` (an SNI), minting or renewing it as needed;
+    /// `None` if `name` is not a registry or minting failed.
+    pub fn leaf_for(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if !self.registries.contains(&name) {
+            tracing::debug!(%name, "no leaf: not a registry name");
+            return None;
+        }
+        let now = (self.policy.clock)();
+        // Minting under the lock is fine: it is a P-256 key and one signature,
+        // and it keeps concurrent handshakes for one name from minting twice.
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&name)
+            && now < c.renew_at
+        {
+            return Some(c.key.clone());
+        }
+        let not_after = now + self.policy.lifetime;
+        let key = match self
+            .issuer
+            .mint(&name, now - self.policy.backdate, not_after)
+        {
+            Ok(k) => Arc::new(k),
+            Err(e) => {
+                tracing::error!(%name, error = %e, "minting a leaf certificate");
+                return None;
+            }
+        };
+        tracing::debug!(%name, %not_after, "minted a leaf certificate");
+        if !cache.contains_key(&name) && cache.len() >= self.policy.max_cached {
+            cache.retain(|_, c| now < c.renew_at);
+            if cache.len() >= self.policy.max_cached
+                && let Some(due) = cache
+                    .iter()
+                    .min_by_key(|(_, c)| c.renew_at)
+                    .map(|(n, _)| n.clone())
+            {
+                cache.remove(&due);
+            }
+        }
+        cache.insert(
+            name,
+            Cached {
+                key: key.clone(),
+                renew_at: not_after - self.policy.lifetime / 3,
+            },
+        );
+        Some(key)
+    }
+
+    /// Leaves currently cached.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map(|c| c.len()).unwrap_or(0)
+    }
+}
+
+impl ResolvesServerCert for LeafResolver {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.leaf_for(client_hello.server_name()?)
+    }
+}

@@ -1,0 +1,225 @@
+//! `damselfly ca …` as a user runs it: the built binary, a temporary state dir
+//! and a temporary fake host root. The trust-store update and the runtime
+//! restart are always overridden: these tests never touch the machine's /etc.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+/// `<tmp>/dfly-<pid>-ca-<n>`, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "dfly-{}-ca-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// A host root that looks like Debian.
+    fn debian() -> Self {
+        let root = Self::new();
+        fs::create_dir_all(root.0.join("etc")).unwrap();
+        fs::write(root.0.join("etc/debian_version"), "13.0\n").unwrap();
+        root
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+const ANCHOR: &str = "usr/local/share/ca-certificates/damselfly-node-ca.crt";
+
+/// `damselfly ca ARGS` with a clean DAMSELFLY_* environment, the update
+/// command replaced by `true`, and the restart command by `restart`.
+fn ca(state: &Path, args: &[&str], restart: &str) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_damselfly"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DAMSELFLY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.arg("ca")
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .env("DAMSELFLY_CA_UPDATE_COMMAND", "true")
+        .env("DAMSELFLY_CA_RESTART_COMMAND", restart)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn show_creates_once_and_prints_the_same_pem() {
+    let state = TempDir::new();
+    let first = ok(ca(&state.0, &["show"], "false"));
+    assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
+    assert!(!first.contains("PRIVATE"));
+    assert_eq!(ok(ca(&state.0, &["show"], "false")), first);
+    let mode = fs::metadata(state.path("ca/ca.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn install_is_idempotent_and_uninstall_removes_it() {
+    let state = TempDir::new();
+    let root = TempDir::debian();
+    let marker = root.path("containerd-restarted");
+    let restart = format!("touch {}", marker.display());
+    let host = ["--host-root", root.0.to_str().unwrap()];
+
+    let out = ok(ca(
+        &state.0,
+        &[&["install", "--restart-runtime"][..], &host].concat(),
+        &restart,
+    ));
+    assert!(out.contains("newly trusted"), "{out}");
+    assert!(out.contains("restart it once"), "{out}");
+    assert!(marker.exists(), "containerd restarted once: {out}");
+    let pem = ok(ca(&state.0, &["show"], "false"));
+    assert_eq!(fs::read_to_string(root.path(ANCHOR)).unwrap(), pem);
+
+    fs::remove_file(&marker).unwrap();
+    let out = ok(ca(
+        &state.0,
+        &[&["install", "--restart-runtime"][..], &host].concat(),
+        &restart,
+    ));
+    assert!(out.contains("already trusted"), "{out}");
+    assert!(!marker.exists(), "not restarted when already trusted");
+
+    let out = ok(ca(&state.0, &[&["uninstall"][..], &host].concat(), "false"));
+    assert!(out.contains("removed"), "{out}");
+    assert!(!root.path(ANCHOR).exists());
+    let out = ok(ca(&state.0, &[&["uninstall"][..], &host].concat(), "false"));
+    assert!(out.contains("not installed"), "{out}");
+}
+
+#[test]
+fn a_failed_restart_says_how_to_do_it_by_hand() {
+    let state = TempDir::new();
+    let root = TempDir::debian();
+    let out = ok(ca(
+        &state.0,
+        &[
+            "install",
+            "--restart-runtime",
+            "--host-root",
+            root.0.to_str().unwrap(),
+        ],
+        "false",
+    ));
+    assert!(out.contains("newly trusted"), "{out}");
+    assert!(
+        out.contains("restart it by hand on the host: systemctl restart containerd"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_failed_update_is_an_error_and_leaves_nothing_behind() {
+    let state = TempDir::new();
+    let root = TempDir::debian();
+    let out = Command::new(env!("CARGO_BIN_EXE_damselfly"))
+        .args(["ca", "install", "--host-root"])
+        .arg(&root.0)
+        .arg("--state-dir")
+        .arg(&state.0)
+        .args(["--update-command", "false"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`false` failed"), "{err}");
+    assert!(!root.path(ANCHOR).exists());
+}
+
+#[test]
+fn unknown_distro_is_a_clear_error() {
+    let state = TempDir::new();
+    let root = TempDir::new();
+    let out = ca(
+        &state.0,
+        &["install", "--host-root", root.0.to_str().unwrap()],
+        "false",
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no known trust store")
+            && err.contains("etc/debian_version")
+            && err.contains("update-ca-trust"),
+        "{err}"
+    );
+    assert!(fs::read_dir(&root.0).unwrap().next().is_none());
+}
+
+#[test]
+fn rotate_then_install_replaces_the_trusted_ca() {
+    let state = TempDir::new();
+    let root = TempDir::debian();
+    let host = ["--host-root", root.0.to_str().unwrap()];
+    ok(ca(&state.0, &[&["install"][..], &host].concat(), "false"));
+    let old = fs::read_to_string(root.path(ANCHOR)).unwrap();
+
+    let out = ok(ca(&state.0, &["rotate"], "false"));
+    assert!(
+        out.contains(&state.path("ca/ca.crt").display().to_string()),
+        "{out}"
+    );
+    assert!(out.contains("install"), "{out}");
+    let new = ok(ca(&state.0, &["show"], "false"));
+    assert_ne!(new, old);
+
+    let out = ok(ca(&state.0, &[&["install"][..], &host].concat(), "false"));
+    assert!(out.contains("replacing an older damselfly CA"), "{out}");
+    assert_eq!(fs::read_to_string(root.path(ANCHOR)).unwrap(), new);
+}
+
+#[test]
+fn registries_from_env_shape_the_constraints() {
+    let state = TempDir::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_damselfly"))
+        .args(["ca", "show", "--state-dir"])
+        .arg(&state.0)
+        .env("DAMSELFLY_REGISTRY", "registry.dfly.test,*.corp.example")
+        .output()
+        .unwrap();
+    ok(out);
+    let constraints = fs::read_to_string(state.path("ca/constraints.txt")).unwrap();
+    let lines: Vec<&str> = constraints.lines().collect();
+    assert!(lines.contains(&"registry.dfly.test"), "{constraints}");
+    assert!(lines.contains(&"corp.example"), "{constraints}");
+    assert!(lines.contains(&"ghcr.io"), "{constraints}");
+}
