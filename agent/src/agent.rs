@@ -12,14 +12,18 @@ use tracing::{info, warn};
 
 use crate::{
     admin::{Admin, metrics::Metrics},
+    ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
-    intercept::Interceptor,
+    intercept::{Gateway, Interceptor},
+    registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
+    store::Store,
+    upstream::Upstream,
 };
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let rules = Rules::new(&args.steer_ports, &args.steer_comm, &args.steer_exclude)?;
-    let cgroup = match args.cgroup {
+    let cgroup = match args.cgroup.clone() {
         Some(c) => c,
         None => mounts::cgroup2_root()?,
     };
@@ -39,12 +43,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     let mut metrics = Metrics::new();
     metrics.attach_steering(&steering);
+
+    let parts = if args.splice_only {
+        None
+    } else {
+        Some(GatewayParts::open(&args, &mut metrics)?)
+    };
     let metrics = Arc::new(metrics);
+    let gateway = parts.map(|p| p.into_gateway(metrics.clone()));
 
     let interceptor = Arc::new(Interceptor {
         steering: steering.clone(),
         metrics: metrics.clone(),
-        gateway: None,
+        gateway,
     });
     let listen: Vec<SocketAddr> = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
     for l in bound {
@@ -75,6 +86,62 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     steering.shutdown().context("removing pins")?;
     info!("detached; pins removed");
     Ok(())
+}
+
+/// Node CA, origin client and blob cache: what terminating registry
+/// connections takes, opened before the metrics are shared.
+struct GatewayParts {
+    hosts: RegistryHosts,
+    tls: rustls::ServerConfig,
+    upstream: Upstream,
+    store: Option<Store>,
+}
+
+impl GatewayParts {
+    fn open(args: &AgentArgs, metrics: &mut Metrics) -> anyhow::Result<Self> {
+        let hosts = RegistryHosts::new(&args.registries)?;
+        let ca = NodeCa::load_or_create(&args.state_dir, &hosts).context("node CA")?;
+        match ca.origin() {
+            CaOrigin::Loaded => info!(ca = %ca.cert_path().display(), "node CA loaded"),
+            other => warn!(
+                ca = %ca.cert_path().display(),
+                "node CA {other:?}: install it (`damselfly ca install`) and restart the runtime once"
+            ),
+        }
+        let mut tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(ca.resolver()));
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let upstream = Upstream::new(args.upstream_ca.as_deref())?;
+        // A cache that cannot open costs speed, never a pull: blobs stream through.
+        let store = match Store::open(&args.state_dir, args.cache_size, args.piece_size) {
+            Ok(s) => {
+                let gauge = s.clone();
+                metrics.register_cache_gauge(move || gauge.used_bytes());
+                Some(s)
+            }
+            Err(e) => {
+                warn!(error = %e, "blob cache unavailable; blobs stream through");
+                None
+            }
+        };
+        Ok(Self {
+            hosts,
+            tls,
+            upstream,
+            store,
+        })
+    }
+
+    fn into_gateway(self, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            hosts: self.hosts,
+            tls: Arc::new(self.tls),
+            service: Arc::new(RegistryService {
+                blobs: Blobs::new(self.upstream, self.store, metrics),
+            }),
+        }
+    }
 }
 
 /// Bind each `--listen` address. An IPv6 listener that cannot be bound (no

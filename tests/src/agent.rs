@@ -215,8 +215,22 @@ pub fn probe_get(
     url: &str,
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<GetResult> {
+    probe_get_with(node, comm, url, ca, &[])
+}
+
+/// [`probe_get`] with extra request headers (`Name: value`).
+pub fn probe_get_with(
+    node: &Node,
+    comm: &str,
+    url: &str,
+    ca: Option<&std::path::Path>,
+    headers: &[&str],
+) -> anyhow::Result<GetResult> {
     let mut cmd = node.command(probe_bin()?)?;
     cmd.args(["--comm", comm, "get", url]);
+    for h in headers {
+        cmd.args(["--header", h]);
+    }
     if let Some(ca) = ca {
         cmd.arg("--ca").arg(ca);
     }

@@ -28,6 +28,9 @@ pub struct GetResult {
     pub peer: String,
     pub millis: u64,
     pub error: Option<String>,
+    /// Response headers, names lowercased.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// Set this thread's comm (what the kernel programs match), as `ctr` would have it.
@@ -81,6 +84,11 @@ fn parse_url(url: &str) -> anyhow::Result<Url> {
 
 /// GET `url`, hashing the body as it streams. TLS verifies against `ca` only.
 pub fn get(url: &str, ca: Option<&Path>) -> anyhow::Result<GetResult> {
+    get_with(url, ca, &[])
+}
+
+/// [`get`] with extra request headers (`Name: value`).
+pub fn get_with(url: &str, ca: Option<&Path>, extra: &[String]) -> anyhow::Result<GetResult> {
     let started = Instant::now();
     let u = parse_url(url)?;
     let addr = (u.host.as_str(), u.port)
@@ -92,8 +100,9 @@ pub fn get(url: &str, ca: Option<&Path>) -> anyhow::Result<GetResult> {
         .with_context(|| format!("connecting to {addr}"))?;
     tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
     let peer = tcp.peer_addr()?.to_string();
+    let extra: String = extra.iter().map(|h| format!("{h}\r\n")).collect();
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dfly-probe\r\nConnection: close\r\n\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dfly-probe\r\nConnection: close\r\n{extra}\r\n",
         u.path, u.host
     );
     let mut result = if u.tls {
@@ -129,6 +138,7 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("bad status line {line:?}"))?;
     let mut length: Option<u64> = None;
+    let mut headers = std::collections::BTreeMap::new();
     loop {
         line.clear();
         if r.read_line(&mut line)? == 0 {
@@ -138,10 +148,11 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
         if l.is_empty() {
             break;
         }
-        if let Some((k, v)) = l.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            length = Some(v.trim().parse()?);
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = Some(v.trim().parse()?);
+            }
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
     let mut h = Sha256::new();
@@ -167,6 +178,7 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
         status,
         bytes: total,
         sha256: body::hex(&h.finalize()),
+        headers,
         ..Default::default()
     })
 }

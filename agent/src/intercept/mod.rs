@@ -144,7 +144,7 @@ impl Interceptor {
         host: String,
     ) -> io::Result<()> {
         self.metrics.intercept_connection("terminate");
-        gw.service.upstream.learned.learn(&host, orig.ip());
+        gw.service.upstream().learned.learn(&host, orig.ip());
         let origin = OriginRef {
             scheme: if tls { "https" } else { "http" },
             host,

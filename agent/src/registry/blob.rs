@@ -44,7 +44,9 @@ pub struct Blobs {
 }
 
 enum Authz {
-    Allowed { size: Option<u64> },
+    Allowed {
+        size: Option<u64>,
+    },
     /// The origin's refusal, to hand back as is.
     Denied(Response<Incoming>),
     /// The origin could not be asked; serve nothing we hold.
@@ -62,7 +64,13 @@ impl Blobs {
         }
     }
 
-    pub async fn serve(&self, req: Request<Incoming>, origin: &OriginRef, repo: &str, hex: &str) -> Response<Body> {
+    pub async fn serve(
+        &self,
+        req: Request<Incoming>,
+        origin: &OriginRef,
+        repo: &str,
+        hex: &str,
+    ) -> Response<Body> {
         let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
             self.metrics.blob_request("passthrough");
             return proxy::forward(&self.upstream, origin, req).await;
@@ -96,9 +104,18 @@ impl Blobs {
         }
 
         // Someone on this node is fetching it already: wait, then serve the copy.
-        let waiting = self.inflight.lock().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned();
+        let waiting = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned();
         if let Some(mut done) = waiting {
-            let ok = done.wait_for(Option::is_some).await.map(|v| *v == Some(true)).unwrap_or(false);
+            let ok = done
+                .wait_for(Option::is_some)
+                .await
+                .map(|v| *v == Some(true))
+                .unwrap_or(false);
             if let (true, Some(reader)) = (ok, store.get(&digest)) {
                 self.metrics.blob_request("hit");
                 return self.hit(reader, &digest, req, origin);
@@ -111,9 +128,22 @@ impl Blobs {
 
     /// Ask the origin (HEAD, the client's own headers) whether this client
     /// may read this blob; remember a yes for a minute.
-    async fn authorize(&self, origin: &OriginRef, repo: &str, hex: &str, headers: &HeaderMap) -> Authz {
-        let auth = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        if self.authz.lock().unwrap_or_else(|e| e.into_inner()).is_allowed(&origin.host, repo, auth, Instant::now()) {
+    async fn authorize(
+        &self,
+        origin: &OriginRef,
+        repo: &str,
+        hex: &str,
+        headers: &HeaderMap,
+    ) -> Authz {
+        let auth = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if self
+            .authz
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_allowed(&origin.host, repo, auth, Instant::now())
+        {
             self.metrics.authz_check("cached");
             return Authz::Allowed { size: None };
         }
@@ -132,10 +162,12 @@ impl Blobs {
             // A redirect to storage is a yes too: the registry accepted the credential.
             Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
                 self.metrics.authz_check("allowed");
-                self.authz
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .allow(&origin.host, repo, auth, Instant::now());
+                self.authz.lock().unwrap_or_else(|e| e.into_inner()).allow(
+                    &origin.host,
+                    repo,
+                    auth,
+                    Instant::now(),
+                );
                 let size = resp
                     .status()
                     .is_success()
@@ -163,15 +195,30 @@ impl Blobs {
     /// Serve a cached blob, honouring a single `Range`. Every piece is checked
     /// against its stored hash as it is read; if one is corrupt, the rest of
     /// the response comes from the origin and the copy is dropped.
-    fn hit(&self, reader: BlobReader, digest: &Digest, req: Request<Incoming>, origin: &OriginRef) -> Response<Body> {
+    fn hit(
+        &self,
+        reader: BlobReader,
+        digest: &Digest,
+        req: Request<Incoming>,
+        origin: &OriginRef,
+    ) -> Response<Body> {
         let size = reader.size();
-        let range = range::parse(req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()), size);
+        let range = range::parse(
+            req.headers()
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok()),
+            size,
+        );
         let (status, start, end) = match range {
             ByteRange::Full => (StatusCode::OK, 0, size),
             ByteRange::Partial { start, end } => (StatusCode::PARTIAL_CONTENT, start, end),
             ByteRange::Unsatisfiable => {
-                let mut r = proxy::error_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
-                r.headers_mut().insert(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
+                let mut r = proxy::error_response(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "range not satisfiable",
+                );
+                r.headers_mut()
+                    .insert(header::CONTENT_RANGE, hv(format!("bytes */{size}")));
                 return r;
             }
         };
@@ -194,8 +241,10 @@ impl Blobs {
         };
         let mut resp = blob_response(status, digest, end - start, body);
         if status == StatusCode::PARTIAL_CONTENT {
-            resp.headers_mut()
-                .insert(header::CONTENT_RANGE, hv(format!("bytes {start}-{}/{size}", end - 1)));
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                hv(format!("bytes {start}-{}/{size}", end - 1)),
+            );
         }
         resp
     }
@@ -213,8 +262,12 @@ impl Blobs {
         let size = match size {
             Some(s) => s,
             // The authorization answer was cached or a redirect: learn the size from the GET.
-            None => match self.origin_get(origin, req.uri().path(), &headers, None).await {
-                Ok(resp) if resp.status() == StatusCode::OK => match content_length(resp.headers()) {
+            None => match self
+                .origin_get(origin, req.uri().path(), &headers, None)
+                .await
+            {
+                Ok(resp) if resp.status() == StatusCode::OK => match content_length(resp.headers())
+                {
                     Some(s) => return self.fetch_with(store, digest, s, resp).await,
                     None => return self.passthrough(resp),
                 },
@@ -233,16 +286,32 @@ impl Blobs {
         // Resume: what a killed download already wrote stays; fetch from the first gap.
         let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
         let offset = first_missing * store.piece_size();
-        let resp = match self.origin_get(origin, req.uri().path(), &headers, (offset > 0).then_some(offset)).await {
+        let resp = match self
+            .origin_get(
+                origin,
+                req.uri().path(),
+                &headers,
+                (offset > 0).then_some(offset),
+            )
+            .await
+        {
             Ok(r) => r,
             Err(e) => return proxy::origin_error(&e),
         };
-        let expected = if offset > 0 { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
+        let expected = if offset > 0 {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        };
         if resp.status() != expected && resp.status() != StatusCode::OK {
             return self.passthrough(resp);
         }
         // A 200 to a range request restarts from byte 0.
-        let body_offset = if resp.status() == StatusCode::OK { 0 } else { offset };
+        let body_offset = if resp.status() == StatusCode::OK {
+            0
+        } else {
+            offset
+        };
         self.start_download(writer, digest, size, resp, body_offset)
     }
 
@@ -311,7 +380,10 @@ impl Blobs {
         let body = resp.into_body();
         tokio::spawn(async move {
             let ok = job.run(body, body_offset).await;
-            inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
             let _ = done_tx.send(Some(ok));
         });
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
@@ -342,7 +414,10 @@ impl Download {
             let piece = match self.with_writer(move |w| w.read_piece(index)).await {
                 Some(Ok(p)) => Bytes::from(p),
                 _ => {
-                    let _ = self.client.send(Err("damselfly: resumed piece unreadable".into())).await;
+                    let _ = self
+                        .client
+                        .send(Err("damselfly: resumed piece unreadable".into()))
+                        .await;
                     return false;
                 }
             };
@@ -363,11 +438,17 @@ impl Download {
                 }
                 None => break,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             pos += data.len() as u64;
             self.metrics.blob_bytes("origin", data.len() as u64);
             if client_open {
-                client_open = self.client.send(Ok(Frame::data(data.clone()))).await.is_ok();
+                client_open = self
+                    .client
+                    .send(Ok(Frame::data(data.clone())))
+                    .await
+                    .is_ok();
             }
             if self.writer.is_none() {
                 if !client_open {
@@ -391,7 +472,9 @@ impl Download {
         if pos != self.size {
             let _ = self
                 .client
-                .send(Err(format!("origin sent {pos} of {} bytes", self.size).into()))
+                .send(Err(
+                    format!("origin sent {pos} of {} bytes", self.size).into()
+                ))
                 .await;
             return false;
         }
@@ -439,7 +522,13 @@ struct Continuation {
     path: String,
 }
 
-async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<Chunk>, ctx: Continuation) {
+async fn stream_hit(
+    reader: BlobReader,
+    start: u64,
+    end: u64,
+    tx: mpsc::Sender<Chunk>,
+    ctx: Continuation,
+) {
     let metrics = ctx.metrics.clone();
     let sender = tx.clone();
     // Blocking reads on the blocking pool; returns where it stopped if a piece was corrupt.
@@ -480,7 +569,11 @@ async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<C
     let mut headers = strip_range(&ctx.headers);
     headers.insert(header::RANGE, hv(format!("bytes={pos}-{}", end - 1)));
     let resp = match ctx.origin.uri(&ctx.path) {
-        Ok(uri) => ctx.upstream.fetch_following(Method::GET, uri, &headers).await,
+        Ok(uri) => {
+            ctx.upstream
+                .fetch_following(Method::GET, uri, &headers)
+                .await
+        }
         Err(e) => {
             let _ = tx.send(Err(e.into())).await;
             return;
@@ -489,7 +582,13 @@ async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<C
     let mut body = match resp {
         Ok(r) if r.status() == StatusCode::PARTIAL_CONTENT => r.into_body(),
         Ok(r) => {
-            let _ = tx.send(Err(format!("origin answered {} to the repair range", r.status()).into())).await;
+            let _ = tx
+                .send(Err(format!(
+                    "origin answered {} to the repair range",
+                    r.status()
+                )
+                .into()))
+                .await;
             return;
         }
         Err(e) => {
@@ -515,7 +614,11 @@ async fn stream_hit(reader: BlobReader, start: u64, end: u64, tx: mpsc::Sender<C
     }
 }
 
-async fn begin(store: &Store, digest: &Digest, size: u64) -> Result<BlobWriter, crate::store::StoreError> {
+async fn begin(
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+) -> Result<BlobWriter, crate::store::StoreError> {
     let (store, digest) = (store.clone(), digest.clone());
     tokio::task::spawn_blocking(move || store.begin(&digest, size))
         .await
@@ -537,7 +640,10 @@ fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> R
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(header::CONTENT_LENGTH, hv(len.to_string()));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert("docker-content-digest", hv(digest.to_string()));
     h.insert(header::ETAG, hv(format!("\"{digest}\"")));

@@ -1,31 +1,29 @@
 //! Per-request routing of terminated registry connections.
 
-use std::sync::Arc;
-
 use hyper::{Request, Response, body::Incoming};
 
 use crate::{
-    admin::metrics::Metrics,
     registry::{
+        blob::Blobs,
         proxy::{self, OriginRef},
         route::{Route, route},
     },
-    upstream::{Body, Upstream},
+    upstream::Body,
 };
 
 pub struct RegistryService {
-    pub upstream: Upstream,
-    pub metrics: Arc<Metrics>,
+    pub blobs: Blobs,
 }
 
 impl RegistryService {
+    pub fn upstream(&self) -> &crate::upstream::Upstream {
+        &self.blobs.upstream
+    }
+
     pub async fn handle(&self, req: Request<Incoming>, origin: &OriginRef) -> Response<Body> {
         match route(req.method(), req.uri().path()) {
-            Route::Blob { .. } => {
-                self.metrics.blob_request("passthrough");
-                proxy::forward(&self.upstream, origin, req).await
-            }
-            Route::Other => proxy::forward(&self.upstream, origin, req).await,
+            Route::Blob { repo, hex, .. } => self.blobs.serve(req, origin, &repo, &hex).await,
+            Route::Other => proxy::forward(self.upstream(), origin, req).await,
         }
     }
 }

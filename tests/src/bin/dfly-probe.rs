@@ -21,6 +21,9 @@ enum Cmd {
         url: String,
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// Extra request header, `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
     },
     /// Open and close `count` TCP connections to `addr` (connect cost benchmark).
     Connect {
@@ -49,10 +52,12 @@ fn main() -> anyhow::Result<()> {
         probe::set_comm(comm)?;
     }
     match cli.cmd {
-        Cmd::Get { url, ca } => {
-            let r = probe::get(&url, ca.as_deref()).unwrap_or_else(|e| probe::GetResult {
-                error: Some(format!("{e:#}")),
-                ..Default::default()
+        Cmd::Get { url, ca, headers } => {
+            let r = probe::get_with(&url, ca.as_deref(), &headers).unwrap_or_else(|e| {
+                probe::GetResult {
+                    error: Some(format!("{e:#}")),
+                    ..Default::default()
+                }
             });
             println!("{}", serde_json::to_string(&r)?);
             if r.error.is_some() {
