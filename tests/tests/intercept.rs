@@ -10,6 +10,7 @@ use damselfly_testbed::{
     image::Image,
     origin::Origin,
     pki::TestCa,
+    tools,
 };
 
 const REGISTRY: &str = "registry.dfly.test";
@@ -22,11 +23,26 @@ struct Bed {
     origin: Origin,
     bundle: PathBuf,
     public_ca: TestCa,
+    /// Unmounted after the processes above are gone and before the testbed's dir goes.
+    _mounts: Vec<Tmpfs>,
     tb: Testbed,
 }
 
 fn bed(auth: Option<(&str, &str)>, agent_flags: &[&str]) -> Bed {
-    let tb = Testbed::new(2).expect("testbed");
+    bed_on(
+        Testbed::new(2).expect("testbed"),
+        Vec::new(),
+        auth,
+        agent_flags,
+    )
+}
+
+fn bed_on(
+    tb: Testbed,
+    mounts: Vec<Tmpfs>,
+    auth: Option<(&str, &str)>,
+    agent_flags: &[&str],
+) -> Bed {
     let public_ca = TestCa::new("dfly test public CA").unwrap();
     let origin = Origin::start(&tb, 2, REGISTRY, &public_ca, auth).unwrap();
     let mut flags = vec!["--registry", REGISTRY, "--upstream-ca"];
@@ -45,6 +61,7 @@ fn bed(auth: Option<(&str, &str)>, agent_flags: &[&str]) -> Bed {
         origin,
         bundle,
         public_ca,
+        _mounts: mounts,
         tb,
     }
 }
@@ -71,6 +88,23 @@ fn agent_state(tb: &Testbed, agent: &Agent) -> PathBuf {
     tb.dir.join(format!("state-n{}", agent.node.index))
 }
 
+/// Caching finishes just after the client has its last byte (the whole
+/// digest is verified first): wait until every blob of `img` is committed.
+fn wait_cached(b: &Bed, digests: &[String]) {
+    let dir = agent_state(&b.tb, &b.agent).join("blobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for d in digests {
+        while !dir.join(&d[7..]).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{d} never cached:\n{}",
+                b.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 fn m(agent: &Agent, series: &str) -> f64 {
     agent.metric(series).unwrap()
 }
@@ -90,6 +124,7 @@ fn pulls_go_through_the_agent_and_the_second_comes_from_cache() {
     assert!(img.total_blob_bytes >= 100 * MB);
 
     b.containerd.ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&b, &img.blob_digests());
     let from_origin = b
         .origin
         .wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
@@ -132,6 +167,7 @@ fn private_blobs_are_only_served_to_clients_the_origin_accepts() {
     b.containerd
         .ctr_pull(&img.reference, b.origin.creds())
         .unwrap();
+    wait_cached(&b, &img.blob_digests());
     b.containerd.remove_image(&img.reference).unwrap();
 
     // Without or with a wrong credential the pull fails (at the manifest).
@@ -250,4 +286,201 @@ fn a_non_registry_host_on_443_keeps_its_own_certificate() {
         "spliced, not terminated"
     );
     assert!(b.agent.steered(443).unwrap() >= 1.0);
+}
+
+#[test]
+fn a_corrupted_cache_file_is_detected_and_the_pull_still_succeeds() {
+    let b = bed(None, &[]);
+    let img =
+        Image::build_and_push(&b.tb, &b.origin, "team/app", "v1", &[20 * MB, 3 * MB], 3).unwrap();
+    b.containerd.ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&b, &img.blob_digests());
+    b.containerd.remove_image(&img.reference).unwrap();
+
+    // Flip one byte in the middle of the big layer's cache file.
+    let (layer, size) = img.layers[0].clone();
+    let dir = agent_state(&b.tb, &b.agent).join("blobs");
+    let file = dir.join(&layer[7..]);
+    let listing: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut data = fs::read(&file).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} not in {listing:?}\n{}",
+            file.display(),
+            b.agent.log_text()
+        )
+    });
+    assert_eq!(data.len() as u64, size);
+    data[size as usize / 2] ^= 0xff;
+    fs::write(&file, &data).unwrap();
+
+    let origin0 = m(&b.agent, "damselfly_blob_bytes_total{source=\"origin\"}");
+    // containerd checks every blob's digest: success means the right bytes.
+    b.containerd.ctr_pull(&img.reference, None).unwrap();
+    let repaired = m(&b.agent, "damselfly_blob_bytes_total{source=\"origin\"}") - origin0;
+    assert!(
+        repaired > 0.0 && repaired <= size as f64,
+        "repair fetched {repaired} bytes"
+    );
+    // The bad copy is gone from the cache.
+    assert!(!file.exists() || fs::read(&file).unwrap() != data);
+}
+
+#[test]
+fn skopeo_copies_through_the_agent() {
+    let b = bed(None, &[]);
+    let img =
+        Image::build_and_push(&b.tb, &b.origin, "team/app", "v1", &[5 * MB, 2 * MB], 4).unwrap();
+    for round in 0..2 {
+        let out = b.tb.dir.join(format!("copied-{round}"));
+        let mut cmd =
+            b.tb.node(1)
+                .command(tools::need("skopeo", "skopeo").unwrap())
+                .unwrap();
+        let empty = b.tb.dir.join("no-certs");
+        fs::create_dir_all(&empty).unwrap();
+        tools::isolate_env(&mut cmd, &b.bundle, &empty);
+        cmd.env("TMPDIR", &b.tb.dir)
+            .args(["--insecure-policy", "copy", "--quiet"])
+            .arg(format!("docker://{}", img.reference))
+            .arg(format!("dir:{}", out.display()));
+        tools::run(&mut cmd).unwrap();
+        wait_cached(&b, &img.blob_digests());
+        for (d, size) in &img.layers {
+            let got = fs::read(out.join(&d[7..])).unwrap();
+            assert_eq!(got.len() as u64, *size);
+            assert_eq!(
+                format!(
+                    "sha256:{}",
+                    damselfly_testbed::body::hex(&<sha2::Sha256 as sha2::Digest>::digest(&got))
+                ),
+                *d
+            );
+        }
+    }
+    let blobs = img.blob_digests().len() as f64;
+    assert_eq!(
+        m(&b.agent, "damselfly_blob_requests_total{result=\"miss\"}"),
+        blobs
+    );
+    assert_eq!(
+        m(&b.agent, "damselfly_blob_requests_total{result=\"hit\"}"),
+        blobs
+    );
+}
+
+#[test]
+fn a_full_cache_disk_never_fails_a_pull() {
+    let tb = Testbed::new(2).expect("testbed");
+    // The agent's state dir is a 16 MB tmpfs; the image has a 24 MB layer.
+    let state = tb.dir.join("state-n1");
+    fs::create_dir_all(&state).unwrap();
+    let mount = Tmpfs::mount(&state, "16m");
+    let b = bed_on(tb, vec![mount], None, &[]);
+    let img = Image::build_and_push(
+        &b.tb,
+        &b.origin,
+        "team/big",
+        "v1",
+        &[24 * MB, 6 * MB, 5 * MB],
+        5,
+    )
+    .unwrap();
+    b.containerd.ctr_pull(&img.reference, None).unwrap();
+    b.containerd.remove_image(&img.reference).unwrap();
+    b.containerd.cri_pull(&img.reference, None).unwrap();
+    assert!(
+        m(
+            &b.agent,
+            "damselfly_blob_requests_total{result=\"passthrough\"}"
+        ) >= 1.0,
+        "{}",
+        b.agent.log_text()
+    );
+}
+
+#[test]
+fn a_download_killed_halfway_resumes_from_its_pieces() {
+    let mut b = bed(None, &[]);
+    let layer = 200 * MB;
+    let img = Image::build_and_push(&b.tb, &b.origin, "team/huge", "v1", &[layer], 6).unwrap();
+    let (digest, size) = img.layers[0].clone();
+    // A client of our own fetches the blob, so no runtime-side partial download
+    // (containerd resumes its own with Range) muddies what the agent resumed.
+    let url = format!("https://{REGISTRY}/v2/team/huge/blobs/{digest}");
+    // 400 Mbit/s: the layer takes about 4 s, long enough to stop it in the middle.
+    b.tb.node(2).shape(&b.tb.hub, 400).unwrap();
+    let tx0 = b.origin.link_bytes().unwrap();
+    let mut first = {
+        let mut cmd =
+            b.tb.node(1)
+                .command(damselfly_testbed::agent::probe_bin().unwrap())
+                .unwrap();
+        cmd.args(["--comm", "ctr", "get", &url, "--ca"])
+            .arg(&b.bundle);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while b.origin.link_bytes().unwrap() - tx0 < layer / 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.agent.kill();
+    let _ = first.kill();
+    let _ = first.wait();
+
+    b.agent.restart().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let tx1 = b.origin.link_bytes().unwrap();
+    let r = probe_get(b.tb.node(1), "ctr", &url, Some(&b.bundle)).unwrap();
+    assert_eq!(
+        (r.error.as_deref(), r.status, r.bytes),
+        (None, 200, size),
+        "{}",
+        b.agent.log_text()
+    );
+    assert_eq!(format!("sha256:{}", r.sha256), digest);
+    let sent = b.origin.link_bytes().unwrap() - tx1;
+    assert!(
+        sent < size * 9 / 10,
+        "origin sent {sent} bytes for a {size}-byte blob: nothing resumed"
+    );
+    // Served from the pieces it had plus the rest from the origin.
+    assert!(m(&b.agent, "damselfly_blob_bytes_total{source=\"cache\"}") > 0.0);
+    assert_eq!(
+        m(&b.agent, "damselfly_blob_requests_total{result=\"miss\"}"),
+        1.0
+    );
+    wait_cached(&b, std::slice::from_ref(&digest));
+}
+
+/// A tmpfs mounted for the length of a test; lazily unmounted on drop, even
+/// if a process still has files open in it.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Self {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "dfly-tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", at.display());
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
