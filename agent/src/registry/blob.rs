@@ -231,7 +231,7 @@ impl Blobs {
                 upstream: self.upstream.clone(),
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
-                digest: digest.clone(),
+                digest: *digest,
                 origin: origin.clone(),
                 headers: req.headers().clone(),
                 path: req.uri().path().to_string(),
@@ -366,17 +366,17 @@ impl Blobs {
         self.inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(digest.clone(), done_rx);
+            .insert(digest, done_rx);
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let job = Download {
             writer: Some(writer),
-            digest: digest.clone(),
+            digest,
             size,
             metrics: self.metrics.clone(),
             client: tx,
         };
         let inflight = self.inflight.clone();
-        let key = digest.clone();
+        let key = digest;
         let body = resp.into_body();
         tokio::spawn(async move {
             let ok = job.run(body, body_offset).await;
@@ -412,7 +412,7 @@ impl Download {
         let first_piece = body_offset / piece_size;
         for index in 0..first_piece {
             let piece = match self.with_writer(move |w| w.read_piece(index)).await {
-                Some(Ok(p)) => Bytes::from(p),
+                Some(Ok(p)) => p,
                 _ => {
                     let _ = self
                         .client
@@ -563,7 +563,7 @@ async fn stream_hit(
     let Some(pos) = stopped else { return };
 
     if let Some(store) = &ctx.store {
-        let (store, digest) = (store.clone(), ctx.digest.clone());
+        let (store, digest) = (store.clone(), ctx.digest);
         let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
     }
     let mut headers = strip_range(&ctx.headers);
@@ -619,7 +619,7 @@ async fn begin(
     digest: &Digest,
     size: u64,
 ) -> Result<BlobWriter, crate::store::StoreError> {
-    let (store, digest) = (store.clone(), digest.clone());
+    let (store, digest) = (store.clone(), *digest);
     tokio::task::spawn_blocking(move || store.begin(&digest, size))
         .await
         .unwrap_or_else(|e| {

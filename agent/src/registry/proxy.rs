@@ -32,11 +32,11 @@ impl OriginRef {
     }
 
     pub fn uri(&self, path_and_query: &str) -> Result<Uri, hyper::http::Error> {
-        Ok(Uri::builder()
+        Uri::builder()
             .scheme(self.scheme)
             .authority(self.authority())
             .path_and_query(path_and_query)
-            .build()?)
+            .build()
     }
 }
 
