@@ -150,16 +150,22 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
     let root = root();
     let filter: Vec<&str> = filter.into_iter().collect();
     if unit {
+        // Everything but the testbed's end-to-end scenarios (agent/tests runs
+        // the built binary against temporary dirs only).
         run(Command::new("cargo")
             .args([
                 "test",
                 "--workspace",
-                "--lib",
-                "--bins",
                 "--exclude",
                 "damselfly-ebpf",
+                "--exclude",
+                "damselfly-testbed",
                 "--",
             ])
+            .args(&filter)
+            .current_dir(&root))?;
+        run(Command::new("cargo")
+            .args(["test", "-p", "damselfly-testbed", "--lib", "--bins", "--"])
             .args(&filter)
             .current_dir(&root))?;
     }
