@@ -484,3 +484,37 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+#[test]
+fn concurrent_requests_for_one_blob_share_one_download() {
+    let b = bed(None, &[]);
+    let img = Image::build_and_push(&b.tb, &b.origin, "team/shared", "v1", &[30 * MB], 7).unwrap();
+    let (digest, size) = img.layers[0].clone();
+    let url = format!("https://{REGISTRY}/v2/team/shared/blobs/{digest}");
+    // 200 Mbit/s: the blob takes over a second, so the requests overlap.
+    b.tb.node(2).shape(&b.tb.hub, 200).unwrap();
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let mut cmd =
+                b.tb.node(1)
+                    .command(damselfly_testbed::agent::probe_bin().unwrap())
+                    .unwrap();
+            cmd.args(["--comm", "ctr", "get", &url, "--ca"])
+                .arg(&b.bundle);
+            cmd.stdout(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        let r: damselfly_testbed::probe::GetResult = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((r.error.as_deref(), r.status, r.bytes), (None, 200, size));
+        assert_eq!(format!("sha256:{}", r.sha256), digest);
+    }
+    let gets = b
+        .origin
+        .requests()
+        .iter()
+        .filter(|r| r.is_blob_get() && r.uri.contains(&digest[7..]))
+        .count();
+    assert_eq!(gets, 1, "the origin served the blob {gets} times");
+}

@@ -40,7 +40,7 @@ pub struct Blobs {
     pub metrics: Arc<Metrics>,
     authz: Mutex<AuthzCache>,
     /// Downloads in progress, so concurrent requests for a digest share one.
-    inflight: Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>,
+    inflight: Inflight,
 }
 
 enum Authz {
@@ -103,27 +103,40 @@ impl Blobs {
             return proxy::forward(&self.upstream, origin, req).await;
         }
 
-        // Someone on this node is fetching it already: wait, then serve the copy.
-        let waiting = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&digest)
-            .cloned();
-        if let Some(mut done) = waiting {
-            let ok = done
-                .wait_for(Option::is_some)
-                .await
-                .map(|v| *v == Some(true))
-                .unwrap_or(false);
-            if let (true, Some(reader)) = (ok, store.get(&digest)) {
-                self.metrics.blob_request("hit");
-                return self.hit(reader, &digest, req, origin);
+        // One download per digest on this node: the first request leads, the
+        // rest wait for it and then serve the cached copy.
+        let lead = match self.claim(digest) {
+            Ok(lead) => lead,
+            Err(mut done) => {
+                let ok = done
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|v| *v == Some(true))
+                    .unwrap_or(false);
+                if let (true, Some(reader)) = (ok, store.get(&digest)) {
+                    self.metrics.blob_request("hit");
+                    return self.hit(reader, &digest, req, origin);
+                }
+                self.metrics.blob_request("passthrough");
+                return proxy::forward(&self.upstream, origin, req).await;
             }
-            self.metrics.blob_request("passthrough");
-            return proxy::forward(&self.upstream, origin, req).await;
+        };
+        self.miss(store, lead, size, req, origin).await
+    }
+
+    /// Become the one downloading `digest`, or get what to wait on.
+    fn claim(&self, digest: Digest) -> Result<Lead, watch::Receiver<Option<bool>>> {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(done) = map.get(&digest) {
+            return Err(done.clone());
         }
-        self.miss(store, digest, size, req, origin).await
+        let (tx, rx) = watch::channel(None);
+        map.insert(digest, rx);
+        Ok(Lead {
+            digest,
+            inflight: self.inflight.clone(),
+            done: Some(tx),
+        })
     }
 
     /// Ask the origin (HEAD, the client's own headers) whether this client
@@ -253,11 +266,12 @@ impl Blobs {
     async fn miss(
         &self,
         store: &Store,
-        digest: Digest,
+        lead: Lead,
         size: Option<u64>,
         req: Request<Incoming>,
         origin: &OriginRef,
     ) -> Response<Body> {
+        let digest = lead.digest;
         let headers = strip_range(req.headers());
         let size = match size {
             Some(s) => s,
@@ -268,7 +282,7 @@ impl Blobs {
             {
                 Ok(resp) if resp.status() == StatusCode::OK => match content_length(resp.headers())
                 {
-                    Some(s) => return self.fetch_with(store, digest, s, resp).await,
+                    Some(s) => return self.fetch_with(store, lead, s, resp).await,
                     None => return self.passthrough(resp),
                 },
                 Ok(resp) => return self.passthrough(resp),
@@ -312,21 +326,21 @@ impl Blobs {
         } else {
             offset
         };
-        self.start_download(writer, digest, size, resp, body_offset)
+        self.start_download(writer, lead, size, resp, body_offset)
     }
 
     async fn fetch_with(
         &self,
         store: &Store,
-        digest: Digest,
+        lead: Lead,
         size: u64,
         resp: Response<Incoming>,
     ) -> Response<Body> {
-        match begin(store, &digest, size).await {
+        match begin(store, &lead.digest, size).await {
             // This body starts at byte 0, so pieces a killed download left are rewritten.
-            Ok(w) => self.start_download(w, digest, size, resp, 0),
+            Ok(w) => self.start_download(w, lead, size, resp, 0),
             Err(e) => {
-                info!(%digest, error = %e, "store cannot take this blob; streaming it through");
+                info!(digest = %lead.digest, error = %e, "store cannot take this blob; streaming it through");
                 self.passthrough(resp)
             }
         }
@@ -356,17 +370,13 @@ impl Blobs {
     fn start_download(
         &self,
         writer: BlobWriter,
-        digest: Digest,
+        lead: Lead,
         size: u64,
         resp: Response<Incoming>,
         body_offset: u64,
     ) -> Response<Body> {
         self.metrics.blob_request("miss");
-        let (done_tx, done_rx) = watch::channel(None);
-        self.inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest, done_rx);
+        let digest = lead.digest;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let job = Download {
             writer: Some(writer),
@@ -375,20 +385,47 @@ impl Blobs {
             metrics: self.metrics.clone(),
             client: tx,
         };
-        let inflight = self.inflight.clone();
-        let key = digest;
         let body = resp.into_body();
         tokio::spawn(async move {
             let ok = job.run(body, body_offset).await;
-            inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            let _ = done_tx.send(Some(ok));
+            lead.finish(ok);
         });
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
     }
 }
+
+/// The right to download one digest; whoever waits on it learns the outcome
+/// when it is finished or dropped (a drop is a failure: followers go to the origin).
+struct Lead {
+    digest: Digest,
+    inflight: Inflight,
+    done: Option<watch::Sender<Option<bool>>>,
+}
+
+impl Lead {
+    fn finish(mut self, ok: bool) {
+        self.release(ok);
+    }
+
+    fn release(&mut self, ok: bool) {
+        if let Some(done) = self.done.take() {
+            self.inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.digest);
+            let _ = done.send(Some(ok));
+        }
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}
+
+/// Downloads in progress by digest; each receiver learns whether it ended in the cache.
+type Inflight = Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>;
 
 type Chunk = Result<Frame<Bytes>, BoxError>;
 
