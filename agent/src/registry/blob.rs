@@ -33,6 +33,8 @@ use crate::{
 
 /// Chunks in flight between a producer and a client connection.
 const CHANNEL_DEPTH: usize = 8;
+/// Cache hits are queued in slices of this size (a verified piece is up to 4 MiB).
+const HIT_SLICE: usize = 256 * 1024;
 
 pub struct Blobs {
     pub upstream: Upstream,
@@ -580,11 +582,15 @@ async fn stream_hit(
         };
         for chunk in chunks {
             match chunk {
-                Ok(data) => {
+                Ok(mut data) => {
                     pos += data.len() as u64;
                     metrics.blob_bytes("cache", data.len() as u64);
-                    if sender.blocking_send(Ok(Frame::data(data))).is_err() {
-                        return None;
+                    // Zero-copy slices: the queue holds little more than one piece per client.
+                    while !data.is_empty() {
+                        let slice = data.split_to(data.len().min(HIT_SLICE));
+                        if sender.blocking_send(Ok(Frame::data(slice))).is_err() {
+                            return None;
+                        }
                     }
                 }
                 Err(e) => {

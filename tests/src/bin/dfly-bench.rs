@@ -5,7 +5,10 @@
 //! - connect cost of the steering programs (kernel `bpf_stats`: run_time_ns / run_cnt)
 //!   for a port outside the set, a steered port from a process not in the
 //!   allow-list, and a steered connect;
-//! - splice throughput: one large download by curl through the agent vs direct.
+//! - splice throughput: one large download by curl through the agent vs direct;
+//! - cache-hit throughput: a 1 GiB blob served from the agent's cache through
+//!   TLS interception vs read directly from the origin registry over TLS, and
+//!   the agent's peak RSS while serving it to one and to four clients.
 
 use std::{process::Command, time::Duration};
 
@@ -18,6 +21,12 @@ use damselfly_testbed::{
 
 #[derive(Parser)]
 struct Cli {
+    /// Which measurements: steer (connect cost, splice), hit (cache hits), all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Blob size for the cache-hit benchmark.
+    #[arg(long, default_value_t = 1 << 30)]
+    blob: u64,
     /// Bytes per download in the splice benchmark.
     #[arg(long, default_value_t = 1_000_000_000)]
     bytes: u64,
@@ -32,13 +41,121 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let tb = Testbed::new(2)?;
-    let (client, srv) = (tb.node(1).clone(), tb.node(2).clone());
-    let _server = start_server(&tb, &srv, &[srv.addr4(80), srv.addr4(8080)], &[], None)?;
-
     println!("| measurement | value |\n|---|---|");
-    connect_costs(&tb, &client, &srv, cli.connects)?;
-    splice_throughput(&tb, &client, &srv, cli.bytes, cli.repeat)?;
+    if matches!(cli.scenario.as_str(), "steer" | "all") {
+        let tb = Testbed::new(2)?;
+        let (client, srv) = (tb.node(1).clone(), tb.node(2).clone());
+        let _server = start_server(&tb, &srv, &[srv.addr4(80), srv.addr4(8080)], &[], None)?;
+        connect_costs(&tb, &client, &srv, cli.connects)?;
+        splice_throughput(&tb, &client, &srv, cli.bytes, cli.repeat)?;
+    }
+    if matches!(cli.scenario.as_str(), "hit" | "all") {
+        cache_hits(cli.blob, cli.repeat)?;
+    }
+    Ok(())
+}
+
+const REGISTRY: &str = "registry.dfly.test";
+
+fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
+    use damselfly_testbed::{image::Image, origin::Origin, pki::TestCa};
+    let tb = Testbed::new(2)?;
+    let client = tb.node(1).clone();
+    let public_ca = TestCa::new("dfly bench public CA")?;
+    let origin = Origin::start(&tb, 2, REGISTRY, &public_ca, None)?;
+    let img = Image::build_and_push(&tb, &origin, "bench/big", "v1", &[blob], 9)?;
+    let (digest, size) = img.layers[0].clone();
+    let url = format!("https://{REGISTRY}/v2/bench/big/blobs/{digest}");
+
+    let ca = origin.ca_pem.display().to_string();
+    let flags = [
+        "--registry",
+        REGISTRY,
+        "--upstream-ca",
+        &ca,
+        "--steer-comm",
+        "curl",
+    ];
+    let mut direct = Vec::new();
+    let mut hit = Vec::new();
+    let mut agent = Agent::start(&tb, &client, &flags)?;
+    let bundle = tb.dir.join("bundle.pem");
+    let node_ca = std::fs::read_to_string(tb.dir.join("state-n1/ca/ca.crt"))?;
+    std::fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
+    // The first read through the agent fills the cache.
+    curl_tls(&client, &url, &bundle, size)?;
+    wait_for(|| tb.dir.join("state-n1/blobs").join(&digest[7..]).exists())?;
+    for _ in 0..repeat {
+        agent.kill();
+        direct.push(curl_tls(&client, &url, &origin.ca_pem, size)?);
+        agent.restart()?;
+        hit.push(curl_tls(&client, &url, &bundle, size)?);
+    }
+    let (d, h) = (median(&mut direct), median(&mut hit));
+    let mb = size as f64 / 1e6;
+    println!(
+        "| cache hit {} MB, direct from the origin over TLS (curl) | {:.0} MB/s |",
+        size / 1_000_000,
+        mb / d
+    );
+    println!(
+        "| cache hit {} MB, through TLS interception from the cache | {:.0} MB/s |",
+        size / 1_000_000,
+        mb / h
+    );
+    println!("| ratio hit / direct | {:.2} |", d / h);
+
+    // Peak RSS while serving: reset the high-water mark, then serve.
+    let pid = agent.proc.pid();
+    for clients in [1usize, 4] {
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (client, url, bundle) = (client.clone(), url.clone(), bundle.clone());
+                std::thread::spawn(move || curl_tls(&client, &url, &bundle, size))
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("curl thread"))??;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let hwm = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM"))
+            .unwrap_or("VmHWM: ?")
+            .to_string();
+        println!(
+            "| agent peak RSS, {clients} client(s) reading the {} MB hit | {} |",
+            size / 1_000_000,
+            hwm.trim_start_matches("VmHWM:").trim()
+        );
+    }
+    Ok(())
+}
+
+fn curl_tls(node: &Node, url: &str, ca: &std::path::Path, bytes: u64) -> anyhow::Result<f64> {
+    let mut cmd = node.command("curl")?;
+    cmd.arg("--cacert").arg(ca);
+    cmd.args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{time_total}",
+        url,
+    ]);
+    let out = cmd.output().context("running curl")?;
+    parse_curl(&out, bytes)
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !f() {
+        if std::time::Instant::now() > deadline {
+            bail!("timed out");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }
 
@@ -131,6 +248,11 @@ fn curl_seconds(node: &Node, url: &str, bytes: u64) -> anyhow::Result<f64> {
         url,
     ]);
     let out = cmd.output().context("running curl")?;
+    parse_curl(&out, bytes)
+}
+
+/// `curl -w '%{size_download} %{time_total}'` -> seconds, if all bytes came.
+fn parse_curl(out: &std::process::Output, bytes: u64) -> anyhow::Result<f64> {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut f = text.split_whitespace();
     let got: u64 = f.next().and_then(|x| x.parse().ok()).unwrap_or(0);
