@@ -70,11 +70,7 @@ fn hashes(n: usize) -> Vec<Option<[u8; 32]>> {
 }
 
 /// Poll `check` every 20 ms until it holds; how long that took.
-async fn wait_for(
-    what: &str,
-    limit: Duration,
-    mut check: impl AsyncFnMut() -> bool,
-) -> Duration {
+async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     loop {
         if check().await {
@@ -188,11 +184,15 @@ async fn a_dead_replica_fails_only_its_digests_and_fast() {
     assert_eq!(x.owner(&on_live), names[0]);
     let _hx = x.spawn_heartbeat();
     let _hy = y.spawn_heartbeat();
-    wait_for("announce on the live replica", Duration::from_secs(3), async || {
-        x.announce(&on_live, 10, 4, vec![], vec![0b111])
-            .await
-            .is_ok()
-    })
+    wait_for(
+        "announce on the live replica",
+        Duration::from_secs(3),
+        async || {
+            x.announce(&on_live, 10, 4, vec![], vec![0b111])
+                .await
+                .is_ok()
+        },
+    )
     .await;
     assert_eq!(ids(&y.find(&on_live).await.unwrap()), ["x"]);
 

@@ -575,7 +575,7 @@ mod tests {
         let mut gone_at = None;
         while now <= t0 + 2 * HB {
             now += s.sweep_interval();
-            if (now - t0).as_millis() % HB.as_millis() == 0 {
+            if (now - t0).as_millis().is_multiple_of(HB.as_millis()) {
                 s.heartbeat("chatty", 0, now).unwrap();
             }
             s.expire(now);
