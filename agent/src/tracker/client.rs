@@ -332,6 +332,8 @@ impl TrackerClient {
 
     async fn keep_lease(&self, i: usize) {
         let r = &self.inner.replicas[i];
+        // Warn when a replica stops answering, not on every beat after.
+        let mut failing = false;
         loop {
             if r.synced.load(Ordering::Relaxed) {
                 let req = pb::HeartbeatRequest {
@@ -350,10 +352,21 @@ impl TrackerClient {
                         let _ = self.resync(r).await;
                     }
                     // Whatever it knew may be gone when it answers again.
-                    Err(_) => r.synced.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        warn!("{e}; will re-register and replay when it answers");
+                        failing = true;
+                        r.synced.store(false, Ordering::Relaxed);
+                    }
                 }
-            } else if let Err(e) = self.resync(r).await {
-                debug!(replica = %r.addr, "tracker resync: {e}");
+            } else {
+                match self.resync(r).await {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        warn!("{e}; retrying every heartbeat");
+                        failing = true;
+                    }
+                    Err(e) => debug!("{e}"),
+                }
             }
             tokio::time::sleep(self.interval()).await;
         }
@@ -428,14 +441,10 @@ impl TrackerClient {
         if let Some(m) = self.inner.metrics.get() {
             m(rpc, if res.is_ok() { "ok" } else { "error" });
         }
+        // Callers decide what is worth a warning: a dead replica would
+        // otherwise log on every beat.
         if let Err(e) = &res {
-            match e {
-                TrackerError::Rpc {
-                    code: Code::NotFound,
-                    ..
-                } => debug!("{e}"),
-                _ => warn!("{e}"),
-            }
+            debug!("{e}");
         }
         res
     }
