@@ -14,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Agent(args) => damselfly::agent::run(args).await,
         Command::Ca(args) => damselfly::cli::ca::run(args),
+        Command::Tracker(args) => {
+            damselfly::tracker::server::run(args.listen, args.heartbeat).await
+        }
         Command::Status(args) => {
             let s = status::fetch(args.admin).await?;
             if args.json {

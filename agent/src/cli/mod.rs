@@ -3,6 +3,7 @@
 pub mod ca;
 pub mod size;
 pub mod status;
+pub mod tracker;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -27,6 +28,8 @@ pub enum Command {
     Status(StatusArgs),
     /// The node CA: show it, install it into the host trust store, remove it, rotate it.
     Ca(ca::CaArgs),
+    /// Run the tracker: which peer holds which pieces of which blob (gRPC).
+    Tracker(tracker::TrackerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -131,6 +134,13 @@ mod tests {
         assert_eq!(a.listen.len(), 2);
         assert_eq!(a.admin.port(), 7402);
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/damselfly"));
+
+        let cli = Cli::try_parse_from(["damselfly", "tracker"]).unwrap();
+        let Command::Tracker(t) = cli.command else {
+            panic!()
+        };
+        assert_eq!(t.listen, "0.0.0.0:7400".parse().unwrap());
+        assert_eq!(t.heartbeat, std::time::Duration::from_secs(5));
     }
 
     #[test]

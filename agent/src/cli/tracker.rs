@@ -1,0 +1,57 @@
+//! `damselfly tracker`: the tracker service's flags.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct TrackerArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "DAMSELFLY_TRACKER_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// Heartbeat interval peers are told to keep (leases last 1.5x). For tests.
+    #[arg(
+        long,
+        env = "DAMSELFLY_TRACKER_HEARTBEAT",
+        default_value = "5s",
+        value_parser = parse_duration,
+        hide = true
+    )]
+    pub heartbeat: Duration,
+}
+
+/// `200ms`, `5s`, `1m`, or bare milliseconds; positive.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 200ms, 5s or 1m"))?;
+    let d = match unit {
+        "" | "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use ms, s, m)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("200ms"), Ok(Duration::from_millis(200)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("750"), Ok(Duration::from_millis(750)));
+        for bad in ["", "0s", "5h", "s", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
