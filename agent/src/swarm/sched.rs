@@ -744,3 +744,564 @@ impl Scheduler {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeSet, HashMap};
+
+    const PS: u64 = 100;
+    const A: PeerId = PeerId(1);
+    const B: PeerId = PeerId(2);
+    const C: PeerId = PeerId(3);
+
+    fn cfg() -> Config {
+        Config {
+            endgame: false,
+            ..Config::default()
+        }
+    }
+
+    /// `n` full pieces, none held, every hash known.
+    fn sched(n: u64, config: Config) -> Scheduler {
+        let mut s = Scheduler::new(n * PS, PS, &vec![0; Bitmap::byte_len(n)], config).unwrap();
+        s.set_hash_known_all(true);
+        s
+    }
+
+    fn bits(n: u64, held: impl IntoIterator<Item = u64>) -> Vec<u8> {
+        let mut b = Bitmap::new(n);
+        for i in held {
+            b.set(i);
+        }
+        b.as_bytes().to_vec()
+    }
+
+    fn all(n: u64) -> Vec<u8> {
+        bits(n, 0..n)
+    }
+
+    fn requests(actions: &[Action]) -> Vec<(u64, Source)> {
+        actions
+            .iter()
+            .filter_map(|a| match *a {
+                Action::Request { piece, from } => Some((piece, from)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pieces(actions: &[Action]) -> Vec<u64> {
+        requests(actions).into_iter().map(|(p, _)| p).collect()
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn read_window_goes_first_in_order() {
+        let mut s = sched(
+            20,
+            Config {
+                window: 4,
+                max_in_flight: 4,
+                ..cfg()
+            },
+        );
+        s.add_peer(A, &all(20)).unwrap();
+        s.set_read_position(10);
+        let t = Instant::now();
+        assert_eq!(pieces(&s.poll(t)), [10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn rarest_first_beyond_the_window() {
+        let mut s = sched(
+            6,
+            Config {
+                window: 1,
+                max_in_flight: 3,
+                ..cfg()
+            },
+        );
+        // Held by 3 peers: 0 and 1; by 2: 2 and 3; by 1: 4 and 5.
+        s.add_peer(A, &all(6)).unwrap();
+        s.add_peer(B, &bits(6, 0..4)).unwrap();
+        s.add_peer(C, &bits(6, 0..2)).unwrap();
+        let t = Instant::now();
+        assert_eq!(pieces(&s.poll(t)), [0, 4, 5]);
+    }
+
+    #[test]
+    fn per_peer_and_global_limits() {
+        let mut s = sched(
+            20,
+            Config {
+                max_per_peer: 4,
+                max_in_flight: 6,
+                window: 20,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &all(20)).unwrap();
+        let first = requests(&s.poll(t));
+        let to_a = first.iter().filter(|&&(_, f)| f == Source::Peer(A)).count();
+        assert_eq!(to_a, 4);
+        // Window pieces with their only holder busy go to the origin, up to
+        // the global limit.
+        assert_eq!(first.len(), 6);
+        assert_eq!(s.in_flight(), 6);
+        s.add_peer(B, &all(20)).unwrap();
+        assert!(s.poll(t).is_empty(), "global limit reached");
+        s.on_piece(0, Source::Peer(A), PS, t, true);
+        assert_eq!(s.in_flight(), 6);
+    }
+
+    #[test]
+    fn busy_holders_leave_far_pieces_waiting() {
+        let mut s = sched(
+            20,
+            Config {
+                max_per_peer: 2,
+                window: 1,
+                ..cfg()
+            },
+        );
+        s.add_peer(A, &all(20)).unwrap();
+        let acts = s.poll(Instant::now());
+        assert_eq!(requests(&acts).len(), 2);
+        assert!(
+            requests(&acts)
+                .iter()
+                .all(|&(_, f)| f == Source::Peer(A))
+        );
+    }
+
+    #[test]
+    fn endgame_duplicates_then_cancels() {
+        let mut s = sched(
+            2,
+            Config {
+                max_per_peer: 2,
+                endgame: true,
+                ..cfg()
+            },
+        );
+        s.add_peer(A, &all(2)).unwrap();
+        s.add_peer(B, &all(2)).unwrap();
+        let t = Instant::now();
+        let mut r = requests(&s.poll(t));
+        r.sort();
+        assert_eq!(
+            r,
+            [
+                (0, Source::Peer(A)),
+                (0, Source::Peer(B)),
+                (1, Source::Peer(A)),
+                (1, Source::Peer(B))
+            ]
+        );
+        let acts = s.on_piece(0, Source::Peer(B), PS, t + secs(1), true);
+        assert_eq!(
+            acts,
+            [
+                Action::Completed(0),
+                Action::Cancel {
+                    piece: 0,
+                    from: Source::Peer(A)
+                }
+            ]
+        );
+        // The canceled copy arriving anyway changes nothing.
+        assert!(s.on_piece(0, Source::Peer(A), PS, t + secs(1), true).is_empty());
+        let acts = s.on_piece(1, Source::Peer(A), PS, t + secs(1), true);
+        assert_eq!(
+            acts,
+            [
+                Action::Completed(1),
+                Action::Cancel {
+                    piece: 1,
+                    from: Source::Peer(B)
+                },
+                Action::Done
+            ]
+        );
+        assert!(s.is_complete());
+        assert_eq!(s.in_flight(), 0);
+        assert!(s.poll(t + secs(100)).is_empty(), "Done comes once");
+    }
+
+    #[test]
+    fn endgame_duplicates_the_slowest_first() {
+        let mut s = sched(
+            4,
+            Config {
+                max_per_peer: 1,
+                max_in_flight: 3,
+                window: 1,
+                endgame: true,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        // Measure A fast and B slow; 2 and 3 wait for a holder meanwhile.
+        s.add_peer(A, &bits(4, [0])).unwrap();
+        s.add_peer(B, &bits(4, [1])).unwrap();
+        assert_eq!(pieces(&s.poll(t)), [0, 1]);
+        s.on_piece(0, Source::Peer(A), PS, t + secs(1), true);
+        s.on_piece(1, Source::Peer(B), PS, t + secs(10), true);
+        s.add_peer(A, &bits(4, [0, 2])).unwrap();
+        s.add_peer(B, &bits(4, [1, 3])).unwrap();
+        // Room for one duplicate: B's piece, expected to finish last.
+        let r = requests(&s.poll(t + secs(10)));
+        assert_eq!(
+            r,
+            [
+                (2, Source::Peer(A)),
+                (3, Source::Peer(B)),
+                (3, Source::Origin)
+            ]
+        );
+    }
+
+    #[test]
+    fn timeout_moves_the_piece_to_another_peer() {
+        let mut s = sched(1, cfg());
+        let t = Instant::now();
+        s.add_peer(A, &all(1)).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
+        s.add_peer(B, &all(1)).unwrap();
+        let deadline = s.next_deadline().unwrap();
+        assert_eq!(deadline, t + Config::default().initial_timeout);
+        assert!(s.poll(deadline - secs(1)).is_empty());
+        assert_eq!(
+            s.poll(deadline),
+            [
+                Action::Cancel {
+                    piece: 0,
+                    from: Source::Peer(A)
+                },
+                Action::Request {
+                    piece: 0,
+                    from: Source::Peer(B)
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn timeout_follows_the_measured_rate_with_a_floor() {
+        let mut s = sched(
+            3,
+            Config {
+                window: 1,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &bits(3, [0])).unwrap();
+        s.poll(t);
+        // 100 B in 1 s: 1 s expected, so 4 s.
+        s.on_piece(0, Source::Peer(A), PS, t + secs(1), true);
+        s.add_peer(A, &bits(3, [0, 1])).unwrap();
+        let t1 = t + secs(1);
+        s.poll(t1);
+        assert_eq!(s.next_deadline(), Some(t1 + secs(4)));
+        // 100 B in 10 ms: 40 ms, raised to the 2 s floor.
+        let t2 = t1 + Duration::from_millis(10);
+        s.on_piece(1, Source::Peer(A), PS, t2, true);
+        s.add_peer(A, &all(3)).unwrap();
+        s.poll(t2);
+        assert_eq!(s.next_deadline(), Some(t2 + secs(2)));
+    }
+
+    #[test]
+    fn corrupt_piece_bans_the_peer_and_goes_elsewhere() {
+        let mut s = sched(1, cfg());
+        let t = Instant::now();
+        s.add_peer(A, &all(1)).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
+        s.add_peer(B, &all(1)).unwrap();
+        let acts = s.on_piece(0, Source::Peer(A), PS, t, false);
+        assert_eq!(
+            acts,
+            [
+                Action::Banned(A),
+                Action::Request {
+                    piece: 0,
+                    from: Source::Peer(B)
+                }
+            ]
+        );
+        assert!(s.is_banned(A));
+        // Announcing again does not bring it back.
+        s.add_peer(A, &all(1)).unwrap();
+        s.peer_has(A, 0);
+        let acts = s.on_failure(0, Source::Peer(B), t);
+        assert_eq!(requests(&acts), [(0, Source::Origin)]);
+    }
+
+    #[test]
+    fn corrupt_piece_from_the_origin_is_retried() {
+        let mut s = sched(1, cfg());
+        let t = Instant::now();
+        assert_eq!(requests(&s.poll(t)), [(0, Source::Origin)]);
+        let acts = s.on_piece(0, Source::Origin, PS, t, false);
+        assert_eq!(requests(&acts), [(0, Source::Origin)]);
+        assert_eq!(s.origin_failures(), 1);
+    }
+
+    #[test]
+    fn repeated_failures_drop_the_peer() {
+        let mut s = sched(
+            4,
+            Config {
+                max_failures: 2,
+                window: 1,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &all(4)).unwrap();
+        let r = requests(&s.poll(t));
+        let a: Vec<u64> = r
+            .iter()
+            .filter(|(_, f)| *f == Source::Peer(A))
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(a.len(), 4, "{r:?}");
+        s.on_failure(a[0], Source::Peer(A), t);
+        let acts = s.on_failure(a[1], Source::Peer(A), t);
+        assert!(acts.contains(&Action::Dropped(A)));
+        assert!(acts.contains(&Action::Cancel {
+            piece: a[2],
+            from: Source::Peer(A)
+        }));
+        assert!(s.is_excluded(A) && !s.is_banned(A));
+        s.add_peer(A, &all(4)).unwrap();
+        assert!(
+            requests(&s.poll(t))
+                .iter()
+                .all(|&(_, f)| f != Source::Peer(A))
+        );
+        // A ban after a drop is still reported, for the metrics.
+        assert_eq!(
+            s.on_piece(a[2], Source::Peer(A), PS, t, false)[0],
+            Action::Banned(A)
+        );
+    }
+
+    #[test]
+    fn success_resets_the_failure_count() {
+        let mut s = sched(
+            4,
+            Config {
+                max_failures: 2,
+                max_per_peer: 1,
+                window: 1,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &all(4)).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
+        let acts = s.on_failure(0, Source::Peer(A), t);
+        assert_eq!(
+            requests(&acts),
+            [(0, Source::Origin), (1, Source::Peer(A))]
+        );
+        s.on_piece(1, Source::Peer(A), PS, t, true);
+        let acts = s.on_failure(2, Source::Peer(A), t);
+        assert!(!acts.contains(&Action::Dropped(A)), "{acts:?}");
+    }
+
+    #[test]
+    fn unknown_hash_comes_from_the_origin_only() {
+        let mut s = sched(
+            6,
+            Config {
+                window: 6,
+                ..cfg()
+            },
+        );
+        s.set_hash_known(3, false);
+        s.add_peer(A, &all(6)).unwrap();
+        s.add_peer(B, &all(6)).unwrap();
+        let r = requests(&s.poll(Instant::now()));
+        assert_eq!(r.len(), 6);
+        for (p, f) in r {
+            assert_eq!(f == Source::Origin, p == 3, "piece {p} from {f:?}");
+        }
+    }
+
+    #[test]
+    fn hashes_start_unknown() {
+        let mut s = Scheduler::new(3 * PS, PS, &[0], cfg()).unwrap();
+        s.add_peer(A, &all(3)).unwrap();
+        let r = requests(&s.poll(Instant::now()));
+        assert!(r.iter().all(|&(_, f)| f == Source::Origin), "{r:?}");
+    }
+
+    #[test]
+    fn no_peers_means_the_origin_within_its_cap() {
+        let mut s = sched(
+            10,
+            Config {
+                max_origin: 2,
+                window: 1,
+                ..cfg()
+            },
+        );
+        let r = requests(&s.poll(Instant::now()));
+        assert_eq!(r, [(0, Source::Origin), (1, Source::Origin)]);
+    }
+
+    #[test]
+    fn origin_first_fetches_pieces_no_peer_has() {
+        for origin_first in [false, true] {
+            let mut s = sched(
+                6,
+                Config {
+                    window: 1,
+                    origin_first,
+                    ..cfg()
+                },
+            );
+            s.add_peer(A, &bits(6, 0..5)).unwrap();
+            let r = requests(&s.poll(Instant::now()));
+            assert_eq!(
+                r.contains(&(5, Source::Origin)),
+                origin_first,
+                "origin_first {origin_first}: {r:?}"
+            );
+            assert!(r.contains(&(0, Source::Peer(A))));
+        }
+    }
+
+    #[test]
+    fn no_holder_waits_until_the_read_window_reaches_it() {
+        let mut s = sched(
+            6,
+            Config {
+                window: 2,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &bits(6, 0..5)).unwrap();
+        assert!(!pieces(&s.poll(t)).contains(&5));
+        s.set_read_position(4);
+        assert!(requests(&s.poll(t)).contains(&(5, Source::Origin)));
+    }
+
+    #[test]
+    fn slower_peer_than_origin_loses_to_the_origin() {
+        let mut s = sched(
+            6,
+            Config {
+                window: 1,
+                max_per_peer: 1,
+                max_origin: 1,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        // Measure: origin 100 B/s... peer 10 B/s.
+        s.add_peer(A, &bits(6, [1])).unwrap();
+        let r = requests(&s.poll(t));
+        assert_eq!(r, [(0, Source::Origin), (1, Source::Peer(A))]);
+        s.on_piece(0, Source::Origin, PS, t + secs(1), true);
+        s.on_piece(1, Source::Peer(A), PS, t + secs(10), true);
+        s.add_peer(A, &all(6)).unwrap();
+        s.set_read_position(2);
+        let r = requests(&s.poll(t + secs(10)));
+        // The window piece goes to the faster origin; A takes the next one.
+        assert_eq!(r[0], (2, Source::Origin));
+        assert_eq!(r[1].1, Source::Peer(A));
+    }
+
+    #[test]
+    fn busy_holders_send_window_pieces_to_the_origin() {
+        let mut s = sched(
+            4,
+            Config {
+                window: 2,
+                max_per_peer: 1,
+                ..cfg()
+            },
+        );
+        s.add_peer(A, &all(4)).unwrap();
+        let r = requests(&s.poll(Instant::now()));
+        assert_eq!(r, [(0, Source::Peer(A)), (1, Source::Origin)]);
+    }
+
+    #[test]
+    fn removed_peer_requests_are_cancelled_and_reassigned() {
+        let mut s = sched(1, cfg());
+        let t = Instant::now();
+        s.add_peer(A, &all(1)).unwrap();
+        s.add_peer(B, &all(1)).unwrap();
+        let first = requests(&s.poll(t))[0].1;
+        let Source::Peer(p) = first else {
+            panic!("{first:?}")
+        };
+        let other = if p == A { B } else { A };
+        assert_eq!(
+            s.remove_peer(p, t),
+            [
+                Action::Cancel {
+                    piece: 0,
+                    from: first
+                },
+                Action::Request {
+                    piece: 0,
+                    from: Source::Peer(other)
+                }
+            ]
+        );
+        assert!(!s.is_excluded(p));
+    }
+
+    #[test]
+    fn resume_skips_held_pieces() {
+        let mut s = Scheduler::new(4 * PS - 50, PS, &bits(4, [0, 2]), cfg()).unwrap();
+        assert_eq!((s.piece_count(), s.missing()), (4, 2));
+        assert_eq!(s.piece_len(3), 50);
+        let r = pieces(&s.poll(Instant::now()));
+        assert_eq!(r, [1, 3]);
+    }
+
+    #[test]
+    fn empty_or_fully_held_blob_is_done_at_once() {
+        let mut s = Scheduler::new(0, PS, &[], cfg()).unwrap();
+        assert_eq!(s.poll(Instant::now()), [Action::Done]);
+        let mut s = Scheduler::new(2 * PS, PS, &all(2), cfg()).unwrap();
+        assert_eq!(s.poll(Instant::now()), [Action::Done]);
+        assert!(s.poll(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert_eq!(
+            Scheduler::new(10, 0, &[], cfg()).unwrap_err(),
+            Error::ZeroPieceSize
+        );
+        assert!(matches!(
+            Scheduler::new(10 * PS, PS, &[0], cfg()),
+            Err(Error::Bitmap(BadBitmap::Length { .. }))
+        ));
+        let mut s = sched(3, cfg());
+        assert_eq!(
+            s.add_peer(A, &[0b1000]),
+            Err(Error::Bitmap(BadBitmap::TrailingBits))
+        );
+        // Out-of-range events are ignored.
+        s.peer_has(A, 3);
+        s.set_hash_known(99, true);
+        let t = Instant::now();
+        assert!(s.on_piece(7, Source::Origin, PS, t, true).is_empty());
+    }
+}
