@@ -1304,4 +1304,297 @@ mod tests {
         let t = Instant::now();
         assert!(s.on_piece(7, Source::Origin, PS, t, true).is_empty());
     }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Outcome {
+        Verified,
+        Corrupt,
+        Failed,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Let this many seconds pass, then poll.
+        Poll(u64),
+        /// Replace a peer's bitmap (it may shrink: an evicted cache).
+        Add(u32, u32),
+        /// Bits a peer gained.
+        Grow(u32, u32),
+        Has(u32, u64),
+        Remove(u32),
+        ReadPosition(u64),
+        HashKnown(u64, bool),
+        /// Report the k-th outstanding request.
+        Answer(usize, Outcome),
+        /// Report the k-th cancelled request anyway.
+        Late(usize, Outcome),
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        prop_oneof![
+            6 => Just(Outcome::Verified),
+            1 => Just(Outcome::Corrupt),
+            2 => Just(Outcome::Failed),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let peer = 0u32..6;
+        let piece = 0u64..24;
+        prop_oneof![
+            3 => (0u64..20).prop_map(Op::Poll),
+            2 => (peer.clone(), any::<u32>()).prop_map(|(p, m)| Op::Add(p, m)),
+            1 => (peer.clone(), any::<u32>()).prop_map(|(p, m)| Op::Grow(p, m)),
+            1 => (peer.clone(), piece.clone()).prop_map(|(p, i)| Op::Has(p, i)),
+            1 => peer.prop_map(Op::Remove),
+            1 => piece.clone().prop_map(Op::ReadPosition),
+            1 => (piece, any::<bool>()).prop_map(|(i, k)| Op::HashKnown(i, k)),
+            8 => (any::<usize>(), outcome()).prop_map(|(k, o)| Op::Answer(k, o)),
+            1 => (any::<usize>(), outcome()).prop_map(|(k, o)| Op::Late(k, o)),
+        ]
+    }
+
+    fn config() -> impl Strategy<Value = Config> {
+        (
+            (1usize..5, 1usize..9, 1usize..4, 0u64..6),
+            (1u64..4, 4u64..20, 1u32..5, any::<bool>(), any::<bool>()),
+        )
+            .prop_map(
+                |(
+                    (max_per_peer, max_in_flight, max_origin, window),
+                    (min_timeout, initial_timeout, max_failures, origin_first, endgame),
+                )| Config {
+                    max_per_peer,
+                    max_in_flight,
+                    max_origin,
+                    window,
+                    min_timeout: secs(min_timeout),
+                    initial_timeout: secs(initial_timeout),
+                    max_failures,
+                    origin_first,
+                    endgame,
+                },
+            )
+    }
+
+    /// What the driver knows, built only from what it told the scheduler and
+    /// the actions it got back; checked against the rules on every action.
+    struct Driver {
+        s: Scheduler,
+        n: u64,
+        config: Config,
+        now: Instant,
+        held: Vec<bool>,
+        completed: Vec<bool>,
+        hash_known: Vec<bool>,
+        peers: HashMap<u32, u32>,
+        excluded: BTreeSet<PeerId>,
+        banned: BTreeSet<PeerId>,
+        outstanding: BTreeSet<(u64, Source)>,
+        cancelled: Vec<(u64, Source)>,
+        done: bool,
+    }
+
+    impl Driver {
+        fn mask_bits(&self, mask: u32) -> Vec<u8> {
+            bits(self.n, (0..self.n).filter(|&i| mask & (1 << i) != 0))
+        }
+
+        fn apply(&mut self, actions: Vec<Action>) -> Result<(), TestCaseError> {
+            for a in actions {
+                match a {
+                    Action::Request { piece, from } => {
+                        let p = piece as usize;
+                        prop_assert!(piece < self.n);
+                        prop_assert!(!self.held[p] && !self.completed[p], "{piece} is held");
+                        prop_assert!(self.outstanding.insert((piece, from)), "asked twice");
+                        if let Source::Peer(id) = from {
+                            prop_assert!(!self.excluded.contains(&id), "{id:?} is excluded");
+                            let mask = self.peers.get(&id.0).copied().unwrap_or(0);
+                            prop_assert!(mask & (1 << piece) != 0, "{id:?} lacks {piece}");
+                            prop_assert!(self.hash_known[p], "{piece} has no hash");
+                        }
+                    }
+                    Action::Cancel { piece, from } => {
+                        prop_assert!(self.outstanding.remove(&(piece, from)));
+                        self.cancelled.push((piece, from));
+                    }
+                    Action::Completed(piece) => {
+                        let p = piece as usize;
+                        prop_assert!(!self.held[p] && !self.completed[p], "{piece} twice");
+                        self.completed[p] = true;
+                    }
+                    Action::Banned(id) => {
+                        prop_assert!(self.banned.insert(id));
+                        self.excluded.insert(id);
+                    }
+                    Action::Dropped(id) => {
+                        prop_assert!(self.excluded.insert(id));
+                    }
+                    Action::Done => {
+                        prop_assert!(!self.done);
+                        self.done = true;
+                        prop_assert!((0..self.n as usize).all(|i| self.held[i] || self.completed[i]));
+                    }
+                }
+            }
+            let c = &self.config;
+            prop_assert!(self.outstanding.len() <= c.max_in_flight);
+            prop_assert_eq!(self.s.in_flight(), self.outstanding.len());
+            let origin = self
+                .outstanding
+                .iter()
+                .filter(|(_, f)| *f == Source::Origin)
+                .count();
+            prop_assert!(origin <= c.max_origin);
+            for id in 0..6 {
+                let to = self
+                    .outstanding
+                    .iter()
+                    .filter(|(_, f)| *f == Source::Peer(PeerId(id)))
+                    .count();
+                prop_assert!(to <= c.max_per_peer);
+            }
+            let missing = (0..self.n as usize)
+                .filter(|&i| !self.held[i] && !self.completed[i])
+                .count();
+            prop_assert_eq!(self.s.missing(), missing as u64);
+            Ok(())
+        }
+
+        fn report(&mut self, piece: u64, from: Source, o: Outcome) -> Result<(), TestCaseError> {
+            let len = self.s.piece_len(piece);
+            let was_missing = !self.s.is_held(piece);
+            let acts = match o {
+                Outcome::Verified => self.s.on_piece(piece, from, len, self.now, true),
+                Outcome::Corrupt => self.s.on_piece(piece, from, len, self.now, false),
+                Outcome::Failed => self.s.on_failure(piece, from, self.now),
+            };
+            let completed = acts.contains(&Action::Completed(piece));
+            prop_assert_eq!(completed, was_missing && matches!(o, Outcome::Verified));
+            if let (Outcome::Corrupt, Source::Peer(id)) = (o, from) {
+                prop_assert!(self.banned.contains(&id) || acts.contains(&Action::Banned(id)));
+            }
+            self.apply(acts)
+        }
+
+        fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
+            let full = (1u32 << self.n) - 1;
+            match op {
+                Op::Poll(d) => {
+                    self.now += secs(d);
+                    let acts = self.s.poll(self.now);
+                    self.apply(acts)?;
+                }
+                Op::Add(id, mask) => {
+                    let mask = mask & full;
+                    self.s.add_peer(PeerId(id), &self.mask_bits(mask)).unwrap();
+                    self.peers.insert(id, mask);
+                }
+                Op::Grow(id, mask) => {
+                    let mask = (mask & full) | self.peers.get(&id).copied().unwrap_or(0);
+                    self.s.update_peer(PeerId(id), &self.mask_bits(mask)).unwrap();
+                    self.peers.insert(id, mask);
+                }
+                Op::Has(id, i) => {
+                    let i = i % self.n;
+                    self.s.peer_has(PeerId(id), i);
+                    *self.peers.entry(id).or_default() |= 1 << i;
+                }
+                Op::Remove(id) => {
+                    let acts = self.s.remove_peer(PeerId(id), self.now);
+                    self.peers.remove(&id);
+                    self.apply(acts)?;
+                }
+                Op::ReadPosition(i) => self.s.set_read_position(i % self.n),
+                Op::HashKnown(i, k) => {
+                    let i = i % self.n;
+                    self.s.set_hash_known(i, k);
+                    self.hash_known[i as usize] = k;
+                }
+                Op::Answer(k, o) => {
+                    if !self.outstanding.is_empty() {
+                        let r = *self.outstanding.iter().nth(k % self.outstanding.len()).unwrap();
+                        self.outstanding.remove(&r);
+                        self.report(r.0, r.1, o)?;
+                    }
+                }
+                Op::Late(k, o) => {
+                    if !self.cancelled.is_empty() {
+                        let r = self.cancelled[k % self.cancelled.len()];
+                        // Ambiguous with a new request to the same place.
+                        if !self.outstanding.contains(&r) {
+                            self.report(r.0, r.1, o)?;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_and_every_run_completes(
+            n in 1u64..=24,
+            last in 1u64..=PS,
+            held in any::<u32>(),
+            known in any::<u32>(),
+            config in config(),
+            ops in proptest::collection::vec(op(), 0..150),
+        ) {
+            let size = (n - 1) * PS + last;
+            let held: Vec<bool> = (0..n).map(|i| held & (1 << i) != 0 && i % 3 != 0).collect();
+            let held_bits = bits(n, (0..n).filter(|&i| held[i as usize]));
+            let mut s = Scheduler::new(size, PS, &held_bits, config.clone()).unwrap();
+            let hash_known: Vec<bool> = (0..n).map(|i| known & (1 << i) != 0).collect();
+            for (i, &k) in hash_known.iter().enumerate() {
+                s.set_hash_known(i as u64, k);
+            }
+            let mut d = Driver {
+                s,
+                n,
+                config,
+                now: Instant::now(),
+                held,
+                completed: vec![false; n as usize],
+                hash_known,
+                peers: HashMap::new(),
+                excluded: BTreeSet::new(),
+                banned: BTreeSet::new(),
+                outstanding: BTreeSet::new(),
+                cancelled: Vec::new(),
+                done: false,
+            };
+            for op in ops {
+                d.step(op)?;
+            }
+            // From here on the driver reads in order and every source
+            // delivers: each round completes at least one piece.
+            for _ in 0..2 * n + 5 {
+                if d.s.is_complete() {
+                    break;
+                }
+                let first = (0..n).find(|&i| !d.s.is_held(i)).unwrap();
+                d.s.set_read_position(first);
+                let acts = d.s.poll(d.now);
+                d.apply(acts)?;
+                let round: Vec<_> = d.outstanding.iter().copied().collect();
+                for r in round {
+                    if d.outstanding.remove(&r) {
+                        d.report(r.0, r.1, Outcome::Verified)?;
+                    }
+                }
+            }
+            prop_assert!(d.s.is_complete(), "{} missing", d.s.missing());
+            if !d.done {
+                // Complete from the start: Done comes with the first poll.
+                let acts = d.s.poll(d.now);
+                d.apply(acts)?;
+            }
+            prop_assert!(d.done);
+            prop_assert!(d.outstanding.is_empty());
+            prop_assert_eq!(d.s.in_flight(), 0);
+        }
+    }
 }
