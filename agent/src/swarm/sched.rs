@@ -873,11 +873,7 @@ mod tests {
         s.add_peer(A, &all(20)).unwrap();
         let acts = s.poll(Instant::now());
         assert_eq!(requests(&acts).len(), 2);
-        assert!(
-            requests(&acts)
-                .iter()
-                .all(|&(_, f)| f == Source::Peer(A))
-        );
+        assert!(requests(&acts).iter().all(|&(_, f)| f == Source::Peer(A)));
     }
 
     #[test]
@@ -916,7 +912,10 @@ mod tests {
             ]
         );
         // The canceled copy arriving anyway changes nothing.
-        assert!(s.on_piece(0, Source::Peer(A), PS, t + secs(1), true).is_empty());
+        assert!(
+            s.on_piece(0, Source::Peer(A), PS, t + secs(1), true)
+                .is_empty()
+        );
         let acts = s.on_piece(1, Source::Peer(A), PS, t + secs(1), true);
         assert_eq!(
             acts,
@@ -994,13 +993,7 @@ mod tests {
 
     #[test]
     fn timeout_follows_the_measured_rate_with_a_floor() {
-        let mut s = sched(
-            3,
-            Config {
-                window: 1,
-                ..cfg()
-            },
-        );
+        let mut s = sched(3, Config { window: 1, ..cfg() });
         let t = Instant::now();
         s.add_peer(A, &bits(3, [0])).unwrap();
         s.poll(t);
@@ -1109,10 +1102,7 @@ mod tests {
         s.add_peer(A, &all(4)).unwrap();
         assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
         let acts = s.on_failure(0, Source::Peer(A), t);
-        assert_eq!(
-            requests(&acts),
-            [(0, Source::Origin), (1, Source::Peer(A))]
-        );
+        assert_eq!(requests(&acts), [(0, Source::Origin), (1, Source::Peer(A))]);
         s.on_piece(1, Source::Peer(A), PS, t, true);
         let acts = s.on_failure(2, Source::Peer(A), t);
         assert!(!acts.contains(&Action::Dropped(A)), "{acts:?}");
@@ -1120,13 +1110,7 @@ mod tests {
 
     #[test]
     fn unknown_hash_comes_from_the_origin_only() {
-        let mut s = sched(
-            6,
-            Config {
-                window: 6,
-                ..cfg()
-            },
-        );
+        let mut s = sched(6, Config { window: 6, ..cfg() });
         s.set_hash_known(3, false);
         s.add_peer(A, &all(6)).unwrap();
         s.add_peer(B, &all(6)).unwrap();
@@ -1183,13 +1167,7 @@ mod tests {
 
     #[test]
     fn no_holder_waits_until_the_read_window_reaches_it() {
-        let mut s = sched(
-            6,
-            Config {
-                window: 2,
-                ..cfg()
-            },
-        );
+        let mut s = sched(6, Config { window: 2, ..cfg() });
         let t = Instant::now();
         s.add_peer(A, &bits(6, 0..5)).unwrap();
         assert!(!pieces(&s.poll(t)).contains(&5));
@@ -1434,7 +1412,9 @@ mod tests {
                     Action::Done => {
                         prop_assert!(!self.done);
                         self.done = true;
-                        prop_assert!((0..self.n as usize).all(|i| self.held[i] || self.completed[i]));
+                        prop_assert!(
+                            (0..self.n as usize).all(|i| self.held[i] || self.completed[i])
+                        );
                     }
                 }
             }
@@ -1493,7 +1473,9 @@ mod tests {
                 }
                 Op::Grow(id, mask) => {
                     let mask = (mask & full) | self.peers.get(&id).copied().unwrap_or(0);
-                    self.s.update_peer(PeerId(id), &self.mask_bits(mask)).unwrap();
+                    self.s
+                        .update_peer(PeerId(id), &self.mask_bits(mask))
+                        .unwrap();
                     self.peers.insert(id, mask);
                 }
                 Op::Has(id, i) => {
@@ -1514,7 +1496,11 @@ mod tests {
                 }
                 Op::Answer(k, o) => {
                     if !self.outstanding.is_empty() {
-                        let r = *self.outstanding.iter().nth(k % self.outstanding.len()).unwrap();
+                        let r = *self
+                            .outstanding
+                            .iter()
+                            .nth(k % self.outstanding.len())
+                            .unwrap();
                         self.outstanding.remove(&r);
                         self.report(r.0, r.1, o)?;
                     }
