@@ -45,9 +45,17 @@
 //!   and that spares the origin. The read window moves with the client, so
 //!   every piece is eventually fetched.
 //!
+//! Rescue: a read-window piece whose single request to a peer is overdue
+//! (past its expected time at the peer's measured rate, or `min_timeout`
+//! while unmeasured) is asked of a second source by the same rules (another
+//! free holder, else the origin), so the stream does not wait for a slow
+//! peer's timeout.
+//!
 //! Endgame (`endgame`): once every missing piece has a request out, pieces
-//! with a single request get a second one from another source, slowest
-//! expected finish first; the first verified copy cancels the others.
+//! with a single request get a second one from another peer (the origin
+//! only by the rules above: read window, a failed piece, or a faster
+//! origin), slowest expected finish first. The first verified copy cancels
+//! the others.
 //!
 //! Rates are bytes per second per request (EWMA), measured from request to
 //! arrival, so they already reflect each source's concurrency. A request's
@@ -205,6 +213,9 @@ struct Piece {
 struct Request {
     started: Instant,
     deadline: Instant,
+    /// A read-window rescue was tried; [`Scheduler::next_deadline`] stops
+    /// naming its time so the driver does not spin on it.
+    rescued: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,9 +320,16 @@ impl Scheduler {
         self.excluded.contains_key(&peer)
     }
 
-    /// When the earliest request times out: call [`Self::poll`] then.
+    /// When the next request times out or a read-window piece is overdue at
+    /// its peer: call [`Self::poll`] then.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.requests.values().map(|r| r.deadline).min()
+        self.requests
+            .iter()
+            .map(|(&(piece, from), r)| match self.rescue_at(piece, from, r) {
+                Some(t) if !r.rescued && self.copies(piece).nth(1).is_none() => t.min(r.deadline),
+                _ => r.deadline,
+            })
+            .min()
     }
 
     /// A peer and the pieces it holds (same layout as the store's bitmap).
@@ -525,8 +543,59 @@ impl Scheduler {
                 sent += 1;
             }
         }
+        self.rescue(now, out);
         if self.config.endgame && sent == waiting {
             self.endgame(now, out);
+        }
+    }
+
+    fn in_window(&self, i: u64) -> bool {
+        i >= self.read_position && i - self.read_position < self.config.window.max(1)
+    }
+
+    /// When a read-window piece out to a single peer is overdue (its expected
+    /// time at the peer's rate, or `min_timeout` while unmeasured), so the
+    /// client should not wait for the timeout.
+    fn rescue_at(&self, piece: u64, from: Source, r: &Request) -> Option<Instant> {
+        if from == Source::Origin || !self.in_window(piece) {
+            return None;
+        }
+        Some(
+            r.started
+                + self
+                    .expected(piece, from)
+                    .unwrap_or(self.config.min_timeout)
+                    .max(MIN_SAMPLE),
+        )
+    }
+
+    /// Asks overdue read-window pieces of a second source too: the origin, or
+    /// another free holder.
+    fn rescue(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let end = self
+            .read_position
+            .saturating_add(self.config.window.max(1))
+            .min(self.piece_count());
+        for piece in self.read_position..end {
+            let (Some(from), None) = ({
+                let mut copies = self.copies(piece);
+                (copies.next(), copies.next())
+            }) else {
+                continue;
+            };
+            let r = self.requests[&(piece, from)];
+            if !self.rescue_at(piece, from, &r).is_some_and(|t| t <= now) {
+                continue;
+            }
+            if let Some(r) = self.requests.get_mut(&(piece, from)) {
+                r.rescued = true;
+            }
+            if self.requests.len() >= self.config.max_in_flight {
+                continue;
+            }
+            if let Some(other) = self.choose(piece, Some(from)) {
+                self.request(piece, other, now, out);
+            }
         }
     }
 
@@ -559,8 +628,8 @@ impl Scheduler {
         }
     }
 
-    /// Where to ask for `piece` now, if anywhere. `busy` is a source already
-    /// asked (endgame), which must not be asked twice.
+    /// Where to ask for `piece` now, if anywhere. `busy` is the source already
+    /// asked (endgame, rescue), which must not be asked twice.
     fn choose(&self, i: u64, busy: Option<Source>) -> Option<Source> {
         let piece = &self.pieces[i as usize];
         let origin = (self.origin_in_flight < self.config.max_origin
@@ -569,8 +638,7 @@ impl Scheduler {
         if !piece.hash_known {
             return origin;
         }
-        let in_window = i >= self.read_position
-            && i < self.read_position.saturating_add(self.config.window.max(1));
+        let in_window = self.in_window(i);
         // An unmeasured peer is assumed as good as the best measured one, so
         // it gets tried rather than starved.
         let optimistic = self
@@ -611,8 +679,7 @@ impl Scheduler {
                 let go = self.config.origin_first
                     || in_window
                     || self.peers.is_empty()
-                    || piece.failures > 0
-                    || busy.is_some();
+                    || piece.failures > 0;
                 origin.filter(|_| go)
             }
         }
@@ -637,6 +704,7 @@ impl Scheduler {
             Request {
                 started: now,
                 deadline: now + timeout,
+                rescued: false,
             },
         );
         out.push(Action::Request { piece, from });
@@ -954,25 +1022,27 @@ mod tests {
         s.on_piece(1, Source::Peer(B), PS, t + secs(10), true);
         s.add_peer(A, &bits(4, [0, 2])).unwrap();
         s.add_peer(B, &bits(4, [1, 3])).unwrap();
+        let t = t + secs(10);
+        let r = requests(&s.poll(t));
+        assert_eq!(r, [(2, Source::Peer(A)), (3, Source::Peer(B))]);
+        // No other holder, and neither is in the read window: no duplicate
+        // from the origin.
+        assert!(s.poll(t).is_empty());
         // Room for one duplicate: B's piece, expected to finish last.
-        let r = requests(&s.poll(t + secs(10)));
-        assert_eq!(
-            r,
-            [
-                (2, Source::Peer(A)),
-                (3, Source::Peer(B)),
-                (3, Source::Origin)
-            ]
-        );
+        s.add_peer(C, &bits(4, [2, 3])).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(3, Source::Peer(C))]);
     }
 
     #[test]
     fn timeout_moves_the_piece_to_another_peer() {
-        let mut s = sched(1, cfg());
+        // Piece 0 is held, so piece 1 is outside the read window (no rescue).
+        let config = Config { window: 1, ..cfg() };
+        let mut s = Scheduler::new(2 * PS, PS, &bits(2, [0]), config).unwrap();
+        s.set_hash_known_all(true);
         let t = Instant::now();
-        s.add_peer(A, &all(1)).unwrap();
-        assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
-        s.add_peer(B, &all(1)).unwrap();
+        s.add_peer(A, &all(2)).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(1, Source::Peer(A))]);
+        s.add_peer(B, &all(2)).unwrap();
         let deadline = s.next_deadline().unwrap();
         assert_eq!(deadline, t + Config::default().initial_timeout);
         assert!(s.poll(deadline - secs(1)).is_empty());
@@ -980,11 +1050,11 @@ mod tests {
             s.poll(deadline),
             [
                 Action::Cancel {
-                    piece: 0,
+                    piece: 1,
                     from: Source::Peer(A)
                 },
                 Action::Request {
-                    piece: 0,
+                    piece: 1,
                     from: Source::Peer(B)
                 }
             ]
@@ -1199,6 +1269,42 @@ mod tests {
         // The window piece goes to the faster origin; A takes the next one.
         assert_eq!(r[0], (2, Source::Origin));
         assert_eq!(r[1].1, Source::Peer(A));
+    }
+
+    #[test]
+    fn overdue_window_piece_is_also_asked_of_the_origin() {
+        let mut s = sched(
+            3,
+            Config {
+                window: 1,
+                max_per_peer: 1,
+                ..cfg()
+            },
+        );
+        let t = Instant::now();
+        s.add_peer(A, &all(3)).unwrap();
+        assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
+        // Unmeasured: overdue after min_timeout.
+        let at = t + Config::default().min_timeout;
+        assert_eq!(s.next_deadline(), Some(at));
+        assert!(s.poll(at - secs(1)).is_empty());
+        assert_eq!(requests(&s.poll(at)), [(0, Source::Origin)]);
+        // Now both copies run to their timeouts.
+        assert_eq!(
+            s.next_deadline(),
+            Some(t + Config::default().initial_timeout)
+        );
+        let acts = s.on_piece(0, Source::Origin, PS, at + secs(1), true);
+        assert_eq!(
+            acts[..2],
+            [
+                Action::Completed(0),
+                Action::Cancel {
+                    piece: 0,
+                    from: Source::Peer(A)
+                }
+            ]
+        );
     }
 
     #[test]
@@ -1418,6 +1524,8 @@ mod tests {
                     }
                 }
             }
+            // A driver sleeping until the next deadline does not spin.
+            prop_assert!(self.s.next_deadline().is_none_or(|t| t > self.now));
             let c = &self.config;
             prop_assert!(self.outstanding.len() <= c.max_in_flight);
             prop_assert_eq!(self.s.in_flight(), self.outstanding.len());
