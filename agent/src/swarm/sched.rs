@@ -584,7 +584,7 @@ impl Scheduler {
                 continue;
             };
             let r = self.requests[&(piece, from)];
-            if !self.rescue_at(piece, from, &r).is_some_and(|t| t <= now) {
+            if self.rescue_at(piece, from, &r).is_none_or(|t| t > now) {
                 continue;
             }
             if let Some(r) = self.requests.get_mut(&(piece, from)) {
