@@ -76,11 +76,15 @@
 //!   [`Scheduler::on_piece`] or [`Scheduler::on_failure`] for it, or by the
 //!   scheduler returning an [`Action::Cancel`] for it (then the driver aborts
 //!   it and reports nothing more; a report that comes anyway is tolerated:
-//!   a verified piece still missing is accepted, a corrupt one still bans).
+//!   a verified piece still missing is accepted, a corrupt one still bans;
+//!   if a new request to the same source for the same piece is out by then,
+//!   the report answers it).
 //! - Each piece's bytes are verified by the driver before it reports them:
 //!   `verified` is whether they matched the trusted hash. For an origin piece
 //!   without a known hash the driver passes `true` and relies on the whole
-//!   blob digest. Only on [`Action::Completed`] does the driver keep the
+//!   blob digest. A peer's piece whose hash became unknown after it was
+//!   asked for cannot be checked: report it with `on_failure`, not as
+//!   corrupt, and drop the bytes. Only on [`Action::Completed`] does the driver keep the
 //!   bytes (write to the store, announce to the tracker, deliver in order);
 //!   a duplicate that arrives later gets no `Completed` and is dropped.
 //! - [`Action::Done`] comes once, when every piece is held.
