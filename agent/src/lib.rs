@@ -8,5 +8,9 @@ pub mod intercept;
 pub mod registry;
 pub mod steer;
 pub mod store;
+<<<<<<< HEAD
 pub mod tracker;
+=======
+pub mod swarm;
+>>>>>>> wip-sched
 pub mod upstream;
