@@ -8,4 +8,5 @@ pub mod intercept;
 pub mod registry;
 pub mod steer;
 pub mod store;
+pub mod swarm;
 pub mod upstream;
