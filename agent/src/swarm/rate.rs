@@ -173,7 +173,10 @@ struct HighPending<'a>(&'a Limited);
 
 impl<'a> HighPending<'a> {
     fn new(l: &'a Limited) -> Self {
-        l.state.lock().unwrap_or_else(|e| e.into_inner()).high_waiting += 1;
+        l.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .high_waiting += 1;
         Self(l)
     }
 }
@@ -213,7 +216,10 @@ mod tests {
         let mut b = Bucket::new(1_000_000, Duration::ZERO);
         assert_eq!(b.take(300_000, Duration::ZERO), Ok(()));
         // 200_000 of debt plus the next 1_000.
-        assert_eq!(b.take(1_000, Duration::ZERO), Err(Duration::from_millis(201)));
+        assert_eq!(
+            b.take(1_000, Duration::ZERO),
+            Err(Duration::from_millis(201))
+        );
         assert_eq!(b.take(1_000, Duration::from_millis(201)), Ok(()));
     }
 

@@ -196,7 +196,10 @@ impl PeerClient {
     fn forget(&self, addr: SocketAddr, conn: &Connection) {
         let mut conns = self.lock();
         if let Some(slot) = conns.get_mut(&addr)
-            && slot.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id())
+            && slot
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
             slot.conn = None;
         }
@@ -231,5 +234,7 @@ impl PeerClient {
 }
 
 fn live(conn: &Option<Connection>) -> Option<Connection> {
-    conn.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    conn.as_ref()
+        .filter(|c| c.close_reason().is_none())
+        .cloned()
 }

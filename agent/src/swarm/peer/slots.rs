@@ -90,7 +90,10 @@ mod tests {
         // More requests from a peer already served are fine.
         let a3 = s.try_acquire(addr(1)).unwrap();
         drop((a1, a2));
-        assert!(s.try_acquire(addr(3)).is_none(), "peer 1 still has a request");
+        assert!(
+            s.try_acquire(addr(3)).is_none(),
+            "peer 1 still has a request"
+        );
         drop(a3);
         let c = s.try_acquire(addr(3)).unwrap();
         assert_eq!(s.serving(), 2);

@@ -148,7 +148,11 @@ fn counter() -> (Arc<AtomicU64>, BytesHook) {
     (n, hook)
 }
 
-fn server(tls: &PeerTls, source: Arc<dyn PieceSource>, f: impl FnOnce(&mut ServerConfig)) -> PeerServer {
+fn server(
+    tls: &PeerTls,
+    source: Arc<dyn PieceSource>,
+    f: impl FnOnce(&mut ServerConfig),
+) -> PeerServer {
     let mut cfg = ServerConfig::new(loopback());
     cfg.corrupt_uploads = false;
     f(&mut cfg);
@@ -225,7 +229,10 @@ async fn closed_connections_are_dialled_again() {
     let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |cfg| {
         cfg.listen = addr
     });
-    assert_eq!(c.fetch_piece(addr, &fx.digest, 1, PS).await.unwrap(), piece(&fx.data, 1));
+    assert_eq!(
+        c.fetch_piece(addr, &fx.digest, 1, PS).await.unwrap(),
+        piece(&fx.data, 1)
+    );
     assert_eq!(srv.peers_connected(), 1);
 }
 
@@ -250,7 +257,11 @@ async fn unauthenticated_peers_get_nothing() {
     assert!(e.is_err(), "foreign certificate: {e:?}");
 
     // And the other way round: a server the client's CA did not certify.
-    let fake = server(&other.tls(&other, "fake"), Arc::new(fx.store.clone()), |_| {});
+    let fake = server(
+        &other.tls(&other, "fake"),
+        Arc::new(fx.store.clone()),
+        |_| {},
+    );
     let c = client(&ca.tls(&ca, "b"));
     let e = c.fetch_piece(fake.local_addr(), &fx.digest, 0, PS).await;
     assert!(matches!(e, Err(PeerError::Connection(_))), "{e:?}");
@@ -267,14 +278,23 @@ async fn unknown_digest_or_piece_is_not_found() {
     let c = client(&ca.tls(&ca, "b"));
     let addr = srv.local_addr();
     let e = c.fetch_piece(addr, &Digest::of(b"nope"), 0, PS).await;
-    assert!(matches!(e, Err(PeerError::NotFound { index: 0, .. })), "{e:?}");
+    assert!(
+        matches!(e, Err(PeerError::NotFound { index: 0, .. })),
+        "{e:?}"
+    );
     let e = c.fetch_piece(addr, &fx.digest, 1, PS).await;
-    assert!(matches!(e, Err(PeerError::NotFound { index: 1, .. })), "{e:?}");
+    assert!(
+        matches!(e, Err(PeerError::NotFound { index: 1, .. })),
+        "{e:?}"
+    );
     // A wrong expected length is caught before the body is read.
     let e = c.fetch_piece(addr, &fx.digest, 0, PS - 1).await;
     assert!(matches!(e, Err(PeerError::Length { .. })), "{e:?}");
     // The connection survives all of that.
-    assert_eq!(c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(), fx.data);
+    assert_eq!(
+        c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(),
+        fx.data
+    );
     assert_eq!(srv.peers_connected(), 1);
 }
 
@@ -358,7 +378,10 @@ async fn a_third_peer_is_refused_while_two_are_served() {
     }
     let start = Instant::now();
     while gated.entered.load(Ordering::SeqCst) < 2 {
-        assert!(start.elapsed() < Duration::from_secs(5), "requests never arrived");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(srv.peers_serving(), 2);
@@ -393,5 +416,8 @@ async fn upload_rate_limit_bounds_throughput() {
     let burst = (rate / 10) as f64;
     let measured = (fx.data.len() as f64 - burst) / secs;
     let err = (measured - rate as f64).abs() / rate as f64;
-    assert!(err < 0.25, "{measured:.0} B/s over {secs:.2} s, limit {rate}");
+    assert!(
+        err < 0.25,
+        "{measured:.0} B/s over {secs:.2} s, limit {rate}"
+    );
 }

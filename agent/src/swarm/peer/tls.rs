@@ -119,7 +119,8 @@ impl PeerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain.clone(), id.key.clone_key())?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+        let mut config =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         config.transport_config(transport);
         Ok(config)
     }

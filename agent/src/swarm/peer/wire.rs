@@ -105,7 +105,9 @@ impl TryFrom<u8> for Status {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResponseHead {
     /// `len` bytes of piece follow.
-    Ok { len: u64 },
+    Ok {
+        len: u64,
+    },
     NotFound,
     Busy,
     Error,
@@ -223,7 +225,10 @@ mod tests {
     #[test]
     fn unknown_status_is_refused() {
         assert_eq!(ResponseHead::decode(&[4]), Err(WireError::Status(4)));
-        assert_eq!(ResponseHead::decode(&[0xff, 0]), Err(WireError::Status(0xff)));
+        assert_eq!(
+            ResponseHead::decode(&[0xff, 0]),
+            Err(WireError::Status(0xff))
+        );
     }
 
     proptest! {
