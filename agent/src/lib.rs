@@ -9,8 +9,12 @@ pub mod registry;
 pub mod steer;
 pub mod store;
 <<<<<<< HEAD
+<<<<<<< HEAD
 pub mod tracker;
 =======
 pub mod swarm;
 >>>>>>> wip-sched
+=======
+pub mod swarm;
+>>>>>>> wip-peer
 pub mod upstream;

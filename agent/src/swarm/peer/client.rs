@@ -1,0 +1,240 @@
+//! The fetching side: one cached connection per peer address, one stream
+//! per piece.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint};
+use tracing::debug;
+
+use super::{
+    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PEER_SERVER_NAME, PeerError, PeerTls, transport,
+    wire::{RESPONSE_HEAD_MAX, Request, ResponseHead},
+};
+use crate::{store::Digest, swarm::rate::RateLimiter};
+
+pub struct ClientConfig {
+    /// Local UDP address, e.g. `0.0.0.0:0`.
+    pub bind: SocketAddr,
+    /// For one whole fetch, dialling included.
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Downloads take tokens at [`crate::swarm::rate::Priority::High`]: they
+    /// serve this node's own pulls.
+    pub rate: Option<Arc<RateLimiter>>,
+    pub bytes_in: Option<BytesHook>,
+}
+
+impl ClientConfig {
+    pub fn new(bind: SocketAddr) -> Self {
+        Self {
+            bind,
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: IDLE_TIMEOUT,
+            keep_alive: KEEP_ALIVE,
+            rate: None,
+            bytes_in: None,
+        }
+    }
+}
+
+pub struct PeerClient {
+    endpoint: Endpoint,
+    cfg: ClientConfig,
+    conns: Mutex<HashMap<SocketAddr, Slot>>,
+}
+
+/// One peer's connection, and the lock that makes concurrent fetches to a
+/// peer not yet connected share a single dial.
+#[derive(Default)]
+struct Slot {
+    conn: Option<Connection>,
+    dial: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl PeerClient {
+    /// Binds the client endpoint; needs a tokio runtime.
+    pub fn new(tls: &PeerTls, cfg: ClientConfig) -> Result<Self, PeerError> {
+        let config = tls.client_config(transport(cfg.idle_timeout, cfg.keep_alive, 0))?;
+        let mut endpoint = Endpoint::client(cfg.bind).map_err(|source| PeerError::Bind {
+            addr: cfg.bind,
+            source,
+        })?;
+        endpoint.set_default_client_config(config);
+        Ok(Self {
+            endpoint,
+            cfg,
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Piece `index` of `digest` from the peer at `addr`, which must be
+    /// `expected_len` bytes long. Not verified: see [`super::verify_piece`].
+    pub async fn fetch_piece(
+        &self,
+        addr: SocketAddr,
+        digest: &Digest,
+        index: u64,
+        expected_len: u64,
+    ) -> Result<Bytes, PeerError> {
+        let limit = self.cfg.request_timeout;
+        let req = Request {
+            digest: *digest,
+            index,
+        };
+        let result = tokio::time::timeout(limit, self.fetch(addr, req, expected_len))
+            .await
+            .unwrap_or(Err(PeerError::Timeout(limit)));
+        if let Err(e) = &result {
+            debug!(%addr, %digest, index, error = %e, "piece fetch failed");
+        }
+        result
+    }
+
+    async fn fetch(
+        &self,
+        addr: SocketAddr,
+        req: Request,
+        expected_len: u64,
+    ) -> Result<Bytes, PeerError> {
+        let conn = self.connection(addr).await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            // Closed since it was cached (e.g. the peer restarted): dial once more.
+            Err(_) => {
+                self.forget(addr, &conn);
+                self.connection(addr).await?.open_bi().await?
+            }
+        };
+        send.write_all(&req.encode()).await?;
+        send.finish()?;
+
+        let mut head = [0u8; RESPONSE_HEAD_MAX];
+        recv.read_exact(&mut head[..1]).await?;
+        let head = match ResponseHead::decode(&head[..1])? {
+            Some((h, _)) => h,
+            None => {
+                recv.read_exact(&mut head[1..]).await?;
+                let Some((h, _)) = ResponseHead::decode(&head)? else {
+                    return Err(PeerError::Truncated {
+                        got: 0,
+                        expected: RESPONSE_HEAD_MAX as u64,
+                    });
+                };
+                h
+            }
+        };
+        let len = match head {
+            ResponseHead::Ok { len } => len,
+            ResponseHead::NotFound => {
+                return Err(PeerError::NotFound {
+                    digest: req.digest,
+                    index: req.index,
+                });
+            }
+            ResponseHead::Busy => return Err(PeerError::Busy),
+            ResponseHead::Error => return Err(PeerError::Remote),
+        };
+        // Checked before reading, so a peer cannot make us buffer more than
+        // the one piece we asked for.
+        if len != expected_len {
+            let _ = recv.stop(0u32.into());
+            return Err(PeerError::Length {
+                expected: expected_len,
+                actual: len,
+            });
+        }
+        let mut body = BytesMut::with_capacity(usize::try_from(len).unwrap_or(0));
+        while (body.len() as u64) < len {
+            let want = usize::try_from(len - body.len() as u64).unwrap_or(usize::MAX);
+            let Some(chunk) = recv.read_chunk(want, true).await? else {
+                return Err(PeerError::Truncated {
+                    got: body.len() as u64,
+                    expected: len,
+                });
+            };
+            let n = chunk.bytes.len() as u64;
+            if let Some(rate) = &self.cfg.rate {
+                rate.acquire_high(n).await;
+            }
+            if let Some(hook) = &self.cfg.bytes_in {
+                hook(n);
+            }
+            body.extend_from_slice(&chunk.bytes);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The open connection to `addr`, dialled if there is none.
+    async fn connection(&self, addr: SocketAddr) -> Result<Connection, PeerError> {
+        let dial = {
+            let mut conns = self.lock();
+            let slot = conns.entry(addr).or_default();
+            if let Some(c) = live(&slot.conn) {
+                return Ok(c);
+            }
+            slot.dial.clone()
+        };
+        let _dialling = dial.lock().await;
+        // Someone else may have connected while we waited for the lock.
+        if let Some(c) = self.lock().get(&addr).and_then(|s| live(&s.conn)) {
+            return Ok(c);
+        }
+        let conn = self.endpoint.connect(addr, PEER_SERVER_NAME)?.await?;
+        debug!(%addr, "connected to peer");
+        self.lock().entry(addr).or_default().conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops `conn` from the cache if it is still the one cached for `addr`.
+    fn forget(&self, addr: SocketAddr, conn: &Connection) {
+        let mut conns = self.lock();
+        if let Some(slot) = conns.get_mut(&addr)
+            && slot
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            slot.conn = None;
+        }
+    }
+
+    /// Closes and forgets the connection to `addr`, e.g. for a banned peer.
+    pub fn disconnect(&self, addr: SocketAddr) {
+        if let Some(slot) = self.lock().remove(&addr)
+            && let Some(c) = slot.conn
+        {
+            c.close(0u32.into(), b"disconnect");
+        }
+    }
+
+    /// Open connections to peers (the `damselfly_peers_connected` gauge).
+    pub fn peers_connected(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|s| live(&s.conn).is_some())
+            .count()
+    }
+
+    /// Closes every connection and waits (briefly) for the peers to be told.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Slot>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn live(conn: &Option<Connection>) -> Option<Connection> {
+    conn.as_ref()
+        .filter(|c| c.close_reason().is_none())
+        .cloned()
+}

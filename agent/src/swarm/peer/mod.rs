@@ -1,0 +1,121 @@
+//! The peer data plane: pieces of blobs between agents over QUIC.
+//!
+//! Every agent runs a [`PeerServer`] on `--peer-listen` (default
+//! `0.0.0.0:7401/udp`) and fetches with one [`PeerClient`]. Each request is
+//! one bidirectional stream naming (digest, piece index); the answer is the
+//! piece, streamed (see [`wire`] for the bytes). A client keeps one
+//! connection per peer address and runs many streams on it; connections are
+//! kept alive and re-dialled once closed. Both ends authenticate with the
+//! cluster CA (see [`tls`]).
+//!
+//! The server serves only what a [`PieceSource`] holds, verified by the
+//! store as it is read; the receiver still checks every piece against the
+//! sha256 it expects ([`verify_piece`]), since a peer may lie.
+
+mod client;
+mod server;
+mod slots;
+pub mod tls;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::{io, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use quinn::{TransportConfig, VarInt};
+use sha2::{Digest as _, Sha256};
+
+use crate::store::{Digest, Store, StoreError};
+
+pub use client::{ClientConfig, PeerClient};
+pub use server::{CORRUPT_UPLOADS_ENV, PeerServer, ServerConfig};
+pub use tls::{ALPN, PEER_SERVER_NAME, PeerTls, TlsError};
+pub use wire::WireError;
+
+/// Default `--peer-listen` port (UDP).
+pub const DEFAULT_PORT: u16 = 7401;
+/// A connection with no traffic for this long is closed; keep-alives make
+/// that happen only when the peer is gone.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Called with a byte count as piece payload goes out or comes in (metrics).
+pub type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Where the server finds pieces: complete blobs, and pieces of downloads
+/// still running. Called on a blocking thread, so it may read from disk.
+pub trait PieceSource: Send + Sync {
+    /// `None` if the blob or the piece is not held here; an error if it is
+    /// held but could not be read (e.g. [`StoreError::Corrupt`]).
+    fn piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>>;
+}
+
+/// Complete blobs only; the agent layers its in-flight downloads on top.
+impl PieceSource for Store {
+    fn piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>> {
+        Some(self.get(digest)?.read_piece(index))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("send: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("receive: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("receive: {0}")]
+    ReadExact(#[from] quinn::ReadExactError),
+    #[error("stream: {0}")]
+    ClosedStream(#[from] quinn::ClosedStream),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer does not have piece {index} of {digest}")]
+    NotFound { digest: Digest, index: u64 },
+    #[error("the peer refused: too many peers being served")]
+    Busy,
+    #[error("the peer failed to read the piece")]
+    Remote,
+    #[error(transparent)]
+    Protocol(#[from] WireError),
+    #[error("piece is {actual} bytes, expected {expected}")]
+    Length { expected: u64, actual: u64 },
+    #[error("stream ended after {got} of {expected} bytes")]
+    Truncated { got: u64, expected: u64 },
+    #[error("piece does not match its sha256")]
+    Mismatch,
+}
+
+/// Checks a piece from a peer against the sha256 it should have.
+pub fn verify_piece(data: &[u8], sha256: &[u8; 32]) -> Result<(), PeerError> {
+    if Sha256::digest(data)[..] == sha256[..] {
+        Ok(())
+    } else {
+        Err(PeerError::Mismatch)
+    }
+}
+
+/// Shared by both ends; `bidi_streams` is how many streams the other end
+/// may open at once (0 for a client, which is never asked anything).
+fn transport(idle: Duration, keep_alive: Duration, bidi_streams: u32) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    // Past the QUIC varint range (2^62 ms) means "never": fall back to none.
+    t.max_idle_timeout(idle.try_into().ok());
+    t.keep_alive_interval(Some(keep_alive));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi_streams));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}

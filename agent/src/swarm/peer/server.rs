@@ -1,0 +1,298 @@
+//! The serving side: accept authenticated peers, answer each stream with one
+//! piece from the [`PieceSource`], within the upload limits.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::{sync::Semaphore, task::JoinHandle};
+use tracing::{debug, info, warn};
+
+use super::{
+    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PeerError, PeerTls, PieceSource,
+    slots::UploadSlots,
+    transport,
+    wire::{REQUEST_LEN, Request, ResponseHead},
+};
+use crate::{store::StoreError, swarm::rate::RateLimiter};
+
+/// Set to `1` in an agent's environment to make it flip a byte in every piece
+/// it uploads: end-to-end tests use it to check that receivers catch, ban
+/// and report a lying peer. Read once, by [`ServerConfig::new`].
+pub const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
+
+/// Pieces go out in writes of this size, each paid for at the rate limiter
+/// and counted, so limits and metrics follow the transfer smoothly.
+const CHUNK: usize = 64 * 1024;
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Distinct peers served at once; more are answered busy. `None`: no limit.
+    pub max_upload_peers: Option<usize>,
+    /// Concurrent requests one connection may have open.
+    pub max_streams_per_peer: u32,
+    /// Pieces held in memory across all requests (each is read whole).
+    pub max_pieces_in_memory: usize,
+    /// For a request's header to arrive once its stream is open.
+    pub request_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Uploads take tokens at [`crate::swarm::rate::Priority::Low`].
+    pub rate: Option<Arc<RateLimiter>>,
+    pub bytes_out: Option<BytesHook>,
+    /// Test-only: flip a byte in every piece sent. See [`CORRUPT_UPLOADS_ENV`].
+    pub corrupt_uploads: bool,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            max_upload_peers: Some(16),
+            max_streams_per_peer: 16,
+            max_pieces_in_memory: 32,
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: IDLE_TIMEOUT,
+            keep_alive: KEEP_ALIVE,
+            rate: None,
+            bytes_out: None,
+            corrupt_uploads: std::env::var(CORRUPT_UPLOADS_ENV).is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+/// A running server; dropping it closes the endpoint and every connection.
+pub struct PeerServer {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+struct Shared {
+    source: Arc<dyn PieceSource>,
+    slots: Arc<UploadSlots>,
+    in_memory: Semaphore,
+    request_timeout: Duration,
+    rate: Option<Arc<RateLimiter>>,
+    bytes_out: Option<BytesHook>,
+    corrupt: bool,
+    connected: AtomicUsize,
+}
+
+impl PeerServer {
+    /// Binds and starts accepting; needs a tokio runtime.
+    pub fn bind(
+        tls: &PeerTls,
+        source: Arc<dyn PieceSource>,
+        cfg: ServerConfig,
+    ) -> Result<Self, PeerError> {
+        let server = tls.server_config(transport(
+            cfg.idle_timeout,
+            cfg.keep_alive,
+            cfg.max_streams_per_peer,
+        ))?;
+        let endpoint = Endpoint::server(server, cfg.listen).map_err(|source| PeerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| PeerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        if cfg.corrupt_uploads {
+            warn!("corrupting every uploaded piece ({CORRUPT_UPLOADS_ENV}): test use only");
+        }
+        let shared = Arc::new(Shared {
+            source,
+            slots: UploadSlots::new(cfg.max_upload_peers),
+            in_memory: Semaphore::new(cfg.max_pieces_in_memory.max(1)),
+            request_timeout: cfg.request_timeout,
+            rate: cfg.rate,
+            bytes_out: cfg.bytes_out,
+            corrupt: cfg.corrupt_uploads,
+            connected: AtomicUsize::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        info!(addr = %local_addr, "peer server listening");
+        Ok(Self {
+            endpoint,
+            local_addr,
+            shared,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Authenticated inbound connections now open.
+    pub fn peers_connected(&self) -> usize {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Distinct peers with a request being answered now.
+    pub fn peers_serving(&self) -> usize {
+        self.shared.slots.serving()
+    }
+
+    /// Closes every connection and waits (briefly) for the peers to be told.
+    pub async fn shutdown(self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared).await,
+                // Also how an unauthenticated peer ends: worth seeing.
+                Err(e) => info!(%peer, error = %e, "peer handshake failed"),
+            }
+        });
+    }
+}
+
+/// Counts a connection for as long as it lives.
+struct Connected<'a>(&'a AtomicUsize);
+
+impl<'a> Connected<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(conn: Connection, shared: Arc<Shared>) {
+    let peer = conn.remote_address();
+    let _connected = Connected::new(&shared.connected);
+    debug!(%peer, "peer connected");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_stream(send, recv, peer, &shared).await {
+                        debug!(%peer, error = %e, "peer request ended early");
+                    }
+                });
+            }
+            Err(e) => {
+                debug!(%peer, reason = %e, "peer disconnected");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    peer: SocketAddr,
+    shared: &Shared,
+) -> Result<(), PeerError> {
+    let mut buf = [0u8; REQUEST_LEN];
+    tokio::time::timeout(shared.request_timeout, recv.read_exact(&mut buf))
+        .await
+        .map_err(|_| PeerError::Timeout(shared.request_timeout))??;
+    let req = match Request::decode(&buf) {
+        Ok(r) => r,
+        Err(e) => {
+            respond(&mut send, ResponseHead::Error).await?;
+            return Err(e.into());
+        }
+    };
+    let Some(_slot) = shared.slots.try_acquire(peer) else {
+        debug!(%peer, "upload refused: max upload peers reached");
+        return respond(&mut send, ResponseHead::Busy).await;
+    };
+    let _memory = shared
+        .in_memory
+        .acquire()
+        .await
+        .expect("the semaphore is never closed");
+    let source = shared.source.clone();
+    let read = tokio::task::spawn_blocking(move || source.piece(&req.digest, req.index)).await;
+    let piece = match read {
+        Ok(Some(Ok(piece))) => piece,
+        Ok(None | Some(Err(StoreError::NoSuchPiece { .. } | StoreError::MissingPiece { .. }))) => {
+            return respond(&mut send, ResponseHead::NotFound).await;
+        }
+        Ok(Some(Err(e))) => {
+            warn!(digest = %req.digest, index = req.index, error = %e, "cannot serve piece");
+            return respond(&mut send, ResponseHead::Error).await;
+        }
+        Err(e) => {
+            warn!(digest = %req.digest, index = req.index, error = %e, "piece read panicked");
+            return respond(&mut send, ResponseHead::Error).await;
+        }
+    };
+    let piece = if shared.corrupt {
+        corrupt(piece)
+    } else {
+        piece
+    };
+    let (head, n) = ResponseHead::Ok {
+        len: piece.len() as u64,
+    }
+    .encode();
+    send.write_all(&head[..n]).await?;
+    let mut at = 0;
+    while at < piece.len() {
+        let chunk = piece.slice(at..piece.len().min(at + CHUNK));
+        let len = chunk.len() as u64;
+        at += chunk.len();
+        if let Some(rate) = &shared.rate {
+            rate.acquire_low(len).await;
+        }
+        send.write_chunk(chunk).await?;
+        if let Some(hook) = &shared.bytes_out {
+            hook(len);
+        }
+    }
+    send.finish()?;
+    Ok(())
+}
+
+async fn respond(send: &mut SendStream, head: ResponseHead) -> Result<(), PeerError> {
+    let (buf, n) = head.encode();
+    send.write_all(&buf[..n]).await?;
+    send.finish()?;
+    Ok(())
+}
+
+/// Flips one byte in the middle, where no length check can catch it.
+fn corrupt(piece: Bytes) -> Bytes {
+    if piece.is_empty() {
+        return piece;
+    }
+    let mut b = BytesMut::from(&piece[..]);
+    let mid = b.len() / 2;
+    b[mid] ^= 0xff;
+    b.freeze()
+}

@@ -1,0 +1,423 @@
+//! Server and client over loopback, with a throwaway cluster CA.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::task::JoinSet;
+
+use super::*;
+use crate::swarm::rate::RateLimiter;
+
+const PS: u64 = 64 * 1024;
+
+/// A fresh directory under the system temp dir, removed on drop (also when a
+/// test panics).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "dfly-{}-peer-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let cert = params.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A peer certificate as the chart issues them: SAN `damselfly-peer`
+    /// plus the node name, usable as server and client.
+    fn peer(&self, node: &str) -> (String, String) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params =
+            CertificateParams::new(vec![PEER_SERVER_NAME.to_string(), node.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, node);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    /// Trusts this CA and holds a certificate issued by `issuer`.
+    fn tls(&self, issuer: &Ca, node: &str) -> PeerTls {
+        let (cert, key) = issuer.peer(node);
+        PeerTls::from_pem(self.pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+    }
+}
+
+fn blob(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn piece(data: &[u8], i: u64) -> &[u8] {
+    let s = (i * PS) as usize;
+    &data[s..(s + PS as usize).min(data.len())]
+}
+
+fn pieces(data: &[u8]) -> u64 {
+    (data.len() as u64).div_ceil(PS)
+}
+
+/// A store in its own temp dir holding `data` as a complete blob.
+struct Fixture {
+    store: Store,
+    digest: Digest,
+    data: Vec<u8>,
+    _dir: TempDir,
+}
+
+fn fixture(len: usize) -> Fixture {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0, 1 << 30, PS).unwrap();
+    let data = blob(len, 7);
+    let digest = Digest::of(&data);
+    let mut w = store.begin(&digest, data.len() as u64).unwrap();
+    for i in w.missing_pieces() {
+        w.write_piece(i, piece(&data, i)).unwrap();
+    }
+    w.commit().unwrap();
+    Fixture {
+        store,
+        digest,
+        data,
+        _dir: dir,
+    }
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn counter() -> (Arc<AtomicU64>, BytesHook) {
+    let n = Arc::new(AtomicU64::new(0));
+    let hook: BytesHook = {
+        let n = n.clone();
+        Arc::new(move |b| {
+            n.fetch_add(b, Ordering::Relaxed);
+        })
+    };
+    (n, hook)
+}
+
+fn server(
+    tls: &PeerTls,
+    source: Arc<dyn PieceSource>,
+    f: impl FnOnce(&mut ServerConfig),
+) -> PeerServer {
+    let mut cfg = ServerConfig::new(loopback());
+    cfg.corrupt_uploads = false;
+    f(&mut cfg);
+    PeerServer::bind(tls, source, cfg).unwrap()
+}
+
+fn client(tls: &PeerTls) -> PeerClient {
+    let mut cfg = ClientConfig::new(loopback());
+    cfg.request_timeout = Duration::from_secs(5);
+    PeerClient::new(tls, cfg).unwrap()
+}
+
+/// Fetches every piece of `fx` at once; returns the bytes in order.
+async fn fetch_all(c: &Arc<PeerClient>, addr: SocketAddr, fx: &Fixture) -> Vec<u8> {
+    let mut set = JoinSet::new();
+    for i in 0..pieces(&fx.data) {
+        let (c, d) = (c.clone(), fx.digest);
+        let len = piece(&fx.data, i).len() as u64;
+        set.spawn(async move { (i, c.fetch_piece(addr, &d, i, len).await) });
+    }
+    let mut got = vec![Bytes::new(); pieces(&fx.data) as usize];
+    while let Some(r) = set.join_next().await {
+        let (i, bytes) = r.unwrap();
+        let bytes = bytes.unwrap_or_else(|e| panic!("piece {i}: {e}"));
+        let sum: [u8; 32] = Sha256::digest(piece(&fx.data, i)).into();
+        verify_piece(&bytes, &sum).unwrap();
+        got[i as usize] = bytes;
+    }
+    got.concat()
+}
+
+#[tokio::test]
+async fn every_piece_concurrently_over_one_connection() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(17 * PS as usize + 1000);
+    let (out, out_hook) = counter();
+    let srv = server(&ca.tls(&ca, "node-a"), Arc::new(fx.store.clone()), |c| {
+        c.bytes_out = Some(out_hook)
+    });
+    let (inn, in_hook) = counter();
+    let mut cfg = ClientConfig::new(loopback());
+    cfg.bytes_in = Some(in_hook);
+    let c = Arc::new(PeerClient::new(&ca.tls(&ca, "node-b"), cfg).unwrap());
+
+    assert_eq!(fetch_all(&c, srv.local_addr(), &fx).await, fx.data);
+    assert_eq!(c.peers_connected(), 1);
+    assert_eq!(srv.peers_connected(), 1, "one connection for all streams");
+    assert_eq!(out.load(Ordering::Relaxed), fx.data.len() as u64);
+    assert_eq!(inn.load(Ordering::Relaxed), fx.data.len() as u64);
+
+    // A second round reuses it.
+    assert_eq!(fetch_all(&c, srv.local_addr(), &fx).await, fx.data);
+    assert_eq!(srv.peers_connected(), 1);
+}
+
+#[tokio::test]
+async fn closed_connections_are_dialled_again() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(2 * PS as usize);
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |_| {});
+    let c = client(&ca.tls(&ca, "b"));
+    let addr = srv.local_addr();
+    let p0 = piece(&fx.data, 0);
+    assert_eq!(c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(), p0);
+    c.disconnect(addr);
+    assert_eq!(c.peers_connected(), 0);
+    assert_eq!(c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(), p0);
+    assert_eq!(c.peers_connected(), 1);
+
+    // The peer restarts on the same address.
+    srv.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(c.peers_connected(), 0);
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |cfg| {
+        cfg.listen = addr
+    });
+    assert_eq!(
+        c.fetch_piece(addr, &fx.digest, 1, PS).await.unwrap(),
+        piece(&fx.data, 1)
+    );
+    assert_eq!(srv.peers_connected(), 1);
+}
+
+#[tokio::test]
+async fn unauthenticated_peers_get_nothing() {
+    let ca = Ca::new("cluster");
+    let other = Ca::new("elsewhere");
+    let fx = fixture(PS as usize);
+    let (out, out_hook) = counter();
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.bytes_out = Some(out_hook)
+    });
+    let addr = srv.local_addr();
+
+    let anonymous = client(&PeerTls::roots_only(ca.pem().as_bytes()).unwrap());
+    let e = anonymous.fetch_piece(addr, &fx.digest, 0, PS).await;
+    assert!(e.is_err(), "no client certificate: {e:?}");
+
+    // Trusts the cluster CA, but its own certificate is from another.
+    let foreign = client(&ca.tls(&other, "intruder"));
+    let e = foreign.fetch_piece(addr, &fx.digest, 0, PS).await;
+    assert!(e.is_err(), "foreign certificate: {e:?}");
+
+    // And the other way round: a server the client's CA did not certify.
+    let fake = server(
+        &other.tls(&other, "fake"),
+        Arc::new(fx.store.clone()),
+        |_| {},
+    );
+    let c = client(&ca.tls(&ca, "b"));
+    let e = c.fetch_piece(fake.local_addr(), &fx.digest, 0, PS).await;
+    assert!(matches!(e, Err(PeerError::Connection(_))), "{e:?}");
+
+    assert_eq!(out.load(Ordering::Relaxed), 0);
+    assert_eq!(srv.peers_connected(), 0);
+}
+
+#[tokio::test]
+async fn unknown_digest_or_piece_is_not_found() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(PS as usize);
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |_| {});
+    let c = client(&ca.tls(&ca, "b"));
+    let addr = srv.local_addr();
+    let e = c.fetch_piece(addr, &Digest::of(b"nope"), 0, PS).await;
+    assert!(
+        matches!(e, Err(PeerError::NotFound { index: 0, .. })),
+        "{e:?}"
+    );
+    let e = c.fetch_piece(addr, &fx.digest, 1, PS).await;
+    assert!(
+        matches!(e, Err(PeerError::NotFound { index: 1, .. })),
+        "{e:?}"
+    );
+    // A wrong expected length is caught before the body is read.
+    let e = c.fetch_piece(addr, &fx.digest, 0, PS - 1).await;
+    assert!(matches!(e, Err(PeerError::Length { .. })), "{e:?}");
+    // The connection survives all of that.
+    assert_eq!(
+        c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(),
+        fx.data
+    );
+    assert_eq!(srv.peers_connected(), 1);
+}
+
+#[tokio::test]
+async fn corrupt_uploads_switch_flips_bytes() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(PS as usize + 10);
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.corrupt_uploads = true
+    });
+    let c = client(&ca.tls(&ca, "b"));
+    for i in 0..2 {
+        let want = piece(&fx.data, i);
+        let got = c
+            .fetch_piece(srv.local_addr(), &fx.digest, i, want.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        assert_ne!(&got[..], want);
+        let sum: [u8; 32] = Sha256::digest(want).into();
+        assert!(matches!(verify_piece(&got, &sum), Err(PeerError::Mismatch)));
+    }
+}
+
+/// Holds every request inside the source until opened, counting arrivals.
+struct Gated {
+    store: Store,
+    open: Mutex<bool>,
+    cv: Condvar,
+    entered: AtomicUsize,
+}
+
+impl Gated {
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl PieceSource for Gated {
+    fn piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let guard = self.open.lock().unwrap();
+        drop(self.cv.wait_while(guard, |open| !*open).unwrap());
+        self.store.piece(digest, index)
+    }
+}
+
+/// Opens the gate on drop, so a failing test does not leave blocking
+/// threads that the runtime would wait for forever.
+struct OpenOnDrop(Arc<Gated>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
+#[tokio::test]
+async fn a_third_peer_is_refused_while_two_are_served() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(PS as usize);
+    let gated = Arc::new(Gated {
+        store: fx.store.clone(),
+        open: Mutex::new(false),
+        cv: Condvar::new(),
+        entered: AtomicUsize::new(0),
+    });
+    let _guard = OpenOnDrop(gated.clone());
+    let srv = server(&ca.tls(&ca, "a"), gated.clone(), |c| {
+        c.max_upload_peers = Some(2)
+    });
+    let addr = srv.local_addr();
+    let peers: Vec<_> = (0..3)
+        .map(|n| Arc::new(client(&ca.tls(&ca, &format!("peer-{n}")))))
+        .collect();
+    let mut held = JoinSet::new();
+    for p in &peers[..2] {
+        let (p, d) = (p.clone(), fx.digest);
+        held.spawn(async move { p.fetch_piece(addr, &d, 0, PS).await });
+    }
+    let start = Instant::now();
+    while gated.entered.load(Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(srv.peers_serving(), 2);
+    let e = peers[2].fetch_piece(addr, &fx.digest, 0, PS).await;
+    assert!(matches!(e, Err(PeerError::Busy)), "{e:?}");
+
+    gated.open();
+    while let Some(r) = held.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), fx.data);
+    }
+    assert_eq!(srv.peers_serving(), 0);
+    assert_eq!(
+        peers[2].fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(),
+        fx.data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_rate_limit_bounds_throughput() {
+    let rate = 2 * 1024 * 1024;
+    let ca = Ca::new("cluster");
+    let fx = fixture(48 * PS as usize); // 3 MiB: about 1.4 s at 2 MiB/s
+    let limiter = Arc::new(RateLimiter::new(rate));
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.rate = Some(limiter)
+    });
+    let c = Arc::new(client(&ca.tls(&ca, "b")));
+    let start = Instant::now();
+    assert_eq!(fetch_all(&c, srv.local_addr(), &fx).await, fx.data);
+    let secs = start.elapsed().as_secs_f64();
+    // The bucket starts full: its burst goes out at once.
+    let burst = (rate / 10) as f64;
+    let measured = (fx.data.len() as f64 - burst) / secs;
+    let err = (measured - rate as f64).abs() / rate as f64;
+    assert!(
+        err < 0.25,
+        "{measured:.0} B/s over {secs:.2} s, limit {rate}"
+    );
+}

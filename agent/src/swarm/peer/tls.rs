@@ -1,0 +1,168 @@
+//! Mutual TLS between peers, from the cluster CA (`--cluster-ca`) and this
+//! node's certificate and key (`--cluster-cert`, `--cluster-key`), PEM.
+//!
+//! # Names
+//!
+//! Peers are dialled by address, and a node's certificate cannot be made to
+//! name every address it may be reached at, so authentication is "holds a
+//! key certified by the cluster CA", not "is that particular node":
+//!
+//! - The server requires a client certificate chaining to the cluster CA
+//!   (rustls' `WebPkiClientVerifier`); its names are not looked at.
+//! - The client verifies the server's chain against the cluster CA and checks
+//!   it for the fixed name [`PEER_SERVER_NAME`] (`damselfly-peer`), whatever
+//!   address it dialled.
+//!
+//! So every peer certificate carries the DNS SAN `damselfly-peer` (the node
+//! name may be added for logs) and, since each peer is both server and
+//! client, the extended key usages serverAuth and clientAuth (or none). The
+//! cluster CA should be used for nothing else: anything it signs may join the
+//! swarm. TLS 1.3 only, as QUIC requires; ALPN [`ALPN`].
+
+use std::{fs, io, path::Path, sync::Arc};
+
+use quinn::{
+    TransportConfig,
+    crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig},
+};
+use rustls::{
+    RootCertStore,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    server::WebPkiClientVerifier,
+};
+
+pub const ALPN: &[u8] = b"damselfly/1";
+/// The name every peer certificate carries and every client checks.
+pub const PEER_SERVER_NAME: &str = "damselfly-peer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what}: {reason}")]
+    Pem { what: &'static str, reason: String },
+    #[error("{0}: no certificate in the PEM")]
+    NoCertificate(&'static str),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    #[error("cluster CA: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error(transparent)]
+    Quic(#[from] NoInitialCipherSuite),
+    #[error("a peer server needs a certificate and key")]
+    NoIdentity,
+}
+
+/// The cluster CA and this node's identity; cheap to clone.
+#[derive(Clone)]
+pub struct PeerTls {
+    roots: Arc<RootCertStore>,
+    identity: Option<Identity>,
+}
+
+#[derive(Clone)]
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl PeerTls {
+    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
+    }
+
+    /// `cert_pem` is this node's certificate, optionally followed by
+    /// intermediates.
+    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let mut tls = Self::roots_only(ca_pem)?;
+        let chain = certs("cluster certificate", cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+            what: "cluster key",
+            reason: e.to_string(),
+        })?;
+        tls.identity = Some(Identity {
+            chain,
+            key: Arc::new(key),
+        });
+        Ok(tls)
+    }
+
+    /// Trusts the cluster CA but has no certificate of its own: servers
+    /// refuse it. For tests of exactly that.
+    pub(crate) fn roots_only(ca_pem: &[u8]) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in certs("cluster CA", ca_pem)? {
+            roots.add(c)?;
+        }
+        Ok(Self {
+            roots: Arc::new(roots),
+            identity: None,
+        })
+    }
+
+    pub fn server_config(
+        &self,
+        transport: Arc<TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let id = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
+        let provider = provider();
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
+                .build()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut config =
+            quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    pub fn client_config(
+        &self,
+        transport: Arc<TransportConfig>,
+    ) -> Result<quinn::ClientConfig, TlsError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone());
+        let mut tls = match &self.identity {
+            Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+            None => builder.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+        config.transport_config(transport);
+        Ok(config)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what,
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what));
+    }
+    Ok(certs)
+}
