@@ -8,13 +8,6 @@ pub mod intercept;
 pub mod registry;
 pub mod steer;
 pub mod store;
-<<<<<<< HEAD
-<<<<<<< HEAD
+pub mod swarm;
 pub mod tracker;
-=======
-pub mod swarm;
->>>>>>> wip-sched
-=======
-pub mod swarm;
->>>>>>> wip-peer
 pub mod upstream;
