@@ -1,7 +1,7 @@
 //! `damselfly agent`: wire steering, interception and admin together, and take
 //! them down cleanly on SIGTERM/SIGINT.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::{
@@ -18,6 +18,13 @@ use crate::{
     registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
+    swarm::{
+        Swarm,
+        peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig},
+        rate::RateLimiter,
+        sched::Config as SchedConfig,
+    },
+    tracker::{PeerInfo, TrackerClient},
     upstream::Upstream,
 };
 
@@ -95,6 +102,7 @@ struct GatewayParts {
     tls: rustls::ServerConfig,
     upstream: Upstream,
     store: Option<Store>,
+    swarm: Option<Arc<Swarm>>,
 }
 
 impl GatewayParts {
@@ -117,7 +125,11 @@ impl GatewayParts {
         let store = match Store::open(&args.state_dir, args.cache_size, args.piece_size) {
             Ok(s) => {
                 let gauge = s.clone();
-                metrics.register_cache_gauge(move || gauge.used_bytes());
+                metrics.register_gauge(
+                    "damselfly_cache_bytes",
+                    "Bytes held in the blob cache",
+                    move || gauge.used_bytes(),
+                );
                 Some(s)
             }
             Err(e) => {
@@ -125,11 +137,16 @@ impl GatewayParts {
                 None
             }
         };
+        let swarm = match (&store, args.tracker.is_empty()) {
+            (Some(store), false) => Some(start_swarm(args, store, metrics)?),
+            _ => None,
+        };
         Ok(Self {
             hosts,
             tls,
             upstream,
             store,
+            swarm,
         })
     }
 
@@ -138,10 +155,129 @@ impl GatewayParts {
             hosts: self.hosts,
             tls: Arc::new(self.tls),
             service: Arc::new(RegistryService {
-                blobs: Blobs::new(self.upstream, self.store, metrics),
+                blobs: Blobs::new(self.upstream, self.store, metrics, self.swarm),
             }),
         }
     }
+}
+
+/// Serve our pieces over QUIC, register with the tracker, announce what we hold.
+fn start_swarm(
+    args: &AgentArgs,
+    store: &Store,
+    metrics: &mut Metrics,
+) -> anyhow::Result<Arc<Swarm>> {
+    let (Some(ca), Some(cert), Some(key)) =
+        (&args.cluster_ca, &args.cluster_cert, &args.cluster_key)
+    else {
+        bail!(
+            "--tracker needs --cluster-ca, --cluster-cert and --cluster-key (peers authenticate each other)"
+        );
+    };
+    let tls = PeerTls::from_pem_files(ca, cert, key).context("cluster certificates")?;
+    let mut server_cfg = ServerConfig::new(args.peer_listen);
+    server_cfg.max_upload_peers = Some(args.max_upload_peers);
+    server_cfg.rate = (args.upload_rate > 0).then(|| Arc::new(RateLimiter::new(args.upload_rate)));
+    server_cfg.bytes_out = Some(metrics.peer_bytes_hook("out"));
+    let server = PeerServer::bind(&tls, Arc::new(store.clone()), server_cfg)
+        .with_context(|| format!("--peer-listen {}", args.peer_listen))?;
+    let mut client_cfg = ClientConfig::new(SocketAddr::new(unspecified(args.peer_listen), 0));
+    client_cfg.rate =
+        (args.download_rate > 0).then(|| Arc::new(RateLimiter::new(args.download_rate)));
+    let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
+    let advertise = match args.peer_advertise {
+        Some(a) => a,
+        None => SocketAddr::new(
+            route_to(&args.tracker[0], args.peer_listen.ip())?,
+            server.local_addr().port(),
+        ),
+    };
+    let node = args.node_name.clone().unwrap_or_else(hostname);
+    let me = PeerInfo {
+        id: format!("{node}/{}/{}", std::process::id(), advertise),
+        quic_addr: advertise.to_string(),
+        node,
+        zone: args.zone.clone(),
+        upload_capacity: args.upload_rate,
+    };
+    let tracker = TrackerClient::new(
+        args.tracker.clone(),
+        me,
+        crate::tracker::server::DEFAULT_HEARTBEAT,
+    )?;
+    let swarm = Arc::new(Swarm {
+        tracker,
+        peers: peers.clone(),
+        // Origin bytes are what the swarm saves: go there only when the
+        // client is waiting on a piece, or the origin is much faster.
+        config: SchedConfig {
+            // Per-request rates understate a peer serving several pieces at
+            // once, so speed alone never sends a piece a peer can give to the origin.
+            origin_margin: f64::INFINITY,
+            busy_window: Some(0),
+            rescue_factor: 4,
+            rescue_floor: Duration::from_secs(10),
+            // Rates measured on one piece understate a busy link: be patient.
+            min_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+    });
+    let counted = peers.clone();
+    metrics.register_gauge(
+        "damselfly_peers_connected",
+        "QUIC connections to other nodes",
+        move || counted.peers_connected() as u64,
+    );
+    let server = Arc::new(server);
+    let serving = server.clone();
+    metrics.register_gauge(
+        "damselfly_peers_serving",
+        "Peers being served pieces now",
+        move || serving.peers_serving() as u64,
+    );
+    info!(%advertise, replicas = ?args.tracker, "joined the swarm");
+    let (swarm2, store) = (swarm.clone(), store.clone());
+    tokio::spawn(async move {
+        let _server = server;
+        swarm2.tracker.spawn_heartbeat();
+        // What the cache already holds is worth announcing at once.
+        for digest in store.complete() {
+            if let Some(reader) = store.get(&digest) {
+                swarm2.announce_complete(reader).await;
+            }
+        }
+        std::future::pending::<()>().await;
+    });
+    Ok(swarm)
+}
+
+fn unspecified(like: SocketAddr) -> std::net::IpAddr {
+    if like.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    }
+}
+
+/// Our address on the route to `target` (host:port), unless `listen` names one.
+fn route_to(target: &str, listen: std::net::IpAddr) -> anyhow::Result<std::net::IpAddr> {
+    if !listen.is_unspecified() {
+        return Ok(listen);
+    }
+    let dest = std::net::ToSocketAddrs::to_socket_addrs(target.trim_start_matches("http://"))
+        .with_context(|| format!("resolving --tracker {target}"))?
+        .next()
+        .with_context(|| format!("--tracker {target} has no address"))?;
+    // connect() on UDP sends nothing; it only picks the route and source address.
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(unspecified(dest), 0))?;
+    sock.connect(dest)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".into())
 }
 
 /// Bind each `--listen` address. An IPv6 listener that cannot be bound (no

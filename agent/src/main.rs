@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
-        Command::Agent(args) => damselfly::agent::run(args).await,
+        Command::Agent(args) => damselfly::agent::run(*args).await,
         Command::Ca(args) => damselfly::cli::ca::run(args),
         Command::Tracker(args) => {
             damselfly::tracker::server::run(args.listen, args.heartbeat).await

@@ -72,7 +72,10 @@ impl Agent {
         let log = tb.dir.join(format!("agent-n{}", node.index));
         let mut cmd = node.command(damselfly_bin()?)?;
         cmd.args(&args)
-            .env("DAMSELFLY_LOG", "info")
+            .env(
+                "DAMSELFLY_LOG",
+                std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE");
         let proc = node.spawn(cmd, &log.with_extension("0.log"))?;
         let mut agent = Self {
@@ -108,7 +111,10 @@ impl Agent {
         self.proc.kill();
         let mut cmd = self.node.command(damselfly_bin()?)?;
         cmd.args(&self.args)
-            .env("DAMSELFLY_LOG", "info")
+            .env(
+                "DAMSELFLY_LOG",
+                std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("RUST_BACKTRACE");
         self.proc = self.node.spawn(
             cmd,

@@ -33,6 +33,18 @@ struct SourceLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PieceLabels {
+    source: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    rpc: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SteerLabels {
     port: u16,
     action: &'static str,
@@ -45,6 +57,9 @@ pub struct Metrics {
     blob_requests: Family<ResultLabel, Counter>,
     blob_bytes: Family<SourceLabel, Counter>,
     authz_checks: Family<ResultLabel, Counter>,
+    pieces: Family<PieceLabels, Counter>,
+    peer_bytes: Family<DirectionLabel, Counter>,
+    tracker_requests: Family<RpcLabels, Counter>,
 }
 
 impl Metrics {
@@ -80,6 +95,24 @@ impl Metrics {
             "Origin HEAD checks of a client's credential before serving a blob it did not fetch itself",
             authz_checks.clone(),
         );
+        let pieces = Family::<PieceLabels, Counter>::default();
+        registry.register(
+            "damselfly_pieces",
+            "Pieces received, by source (peer, origin) and result (ok, corrupt, failed, banned)",
+            pieces.clone(),
+        );
+        let peer_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "damselfly_peer_bytes",
+            "Bytes exchanged with other nodes over QUIC (in: fetched, out: served)",
+            peer_bytes.clone(),
+        );
+        let tracker_requests = Family::<RpcLabels, Counter>::default();
+        registry.register(
+            "damselfly_tracker_requests",
+            "Tracker RPCs by name and result",
+            tracker_requests.clone(),
+        );
         Self {
             registry,
             intercept_connections,
@@ -87,7 +120,49 @@ impl Metrics {
             blob_requests,
             blob_bytes,
             authz_checks,
+            pieces,
+            peer_bytes,
+            tracker_requests,
         }
+    }
+
+    pub fn piece(&self, source: &'static str, result: &'static str) {
+        self.pieces
+            .get_or_create(&PieceLabels { source, result })
+            .inc();
+    }
+
+    /// A byte counter for the QUIC layer, usable before the metrics are shared.
+    pub fn peer_bytes_hook(&self, direction: &'static str) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let counter = self
+            .peer_bytes
+            .get_or_create(&DirectionLabel { direction })
+            .clone();
+        Arc::new(move |n| {
+            counter.inc_by(n);
+        })
+    }
+
+    /// `damselfly_tracker_requests_total` as the tracker client's hook.
+    pub fn tracker_hook(&self) -> Arc<dyn Fn(&'static str, &'static str) + Send + Sync> {
+        let family = self.tracker_requests.clone();
+        Arc::new(move |rpc, result| {
+            family.get_or_create(&RpcLabels { rpc, result }).inc();
+        })
+    }
+
+    /// Report a gauge read from `read` on every scrape.
+    pub fn register_gauge(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.registry.register_collector(Box::new(GaugeCollector {
+            name,
+            help,
+            read: Box::new(read),
+        }));
     }
 
     pub fn blob_request(&self, result: &'static str) {
@@ -106,15 +181,6 @@ impl Metrics {
         self.authz_checks
             .get_or_create(&ResultLabel { result })
             .inc();
-    }
-
-    /// Report `damselfly_cache_bytes` from `used` on every scrape.
-    pub fn register_cache_gauge(&mut self, used: impl Fn() -> u64 + Send + Sync + 'static) {
-        self.registry.register_collector(Box::new(GaugeCollector {
-            name: "damselfly_cache_bytes",
-            help: "Bytes held in the blob cache",
-            read: Box::new(used),
-        }));
     }
 
     /// Read the kernel's per-port counters on every scrape.

@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: steer registry connections and carry them on.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show a running agent's programs, rules and counters.
     Status(StatusArgs),
     /// The node CA: show it, install it into the host trust store, remove it, rotate it.
@@ -92,6 +92,39 @@ pub struct AgentArgs {
     /// Only steer and splice: never terminate TLS or cache.
     #[arg(long, env = "DAMSELFLY_SPLICE_ONLY")]
     pub splice_only: bool,
+    /// Tracker replicas (host:port); without one, blobs come from the origin only.
+    #[arg(long, env = "DAMSELFLY_TRACKER", value_delimiter = ',')]
+    pub tracker: Vec<String>,
+    /// QUIC address serving pieces to other nodes.
+    #[arg(long, env = "DAMSELFLY_PEER_LISTEN", default_value = "0.0.0.0:7401")]
+    pub peer_listen: SocketAddr,
+    /// Address other nodes reach us at [default: the one routing to the tracker].
+    #[arg(long, env = "DAMSELFLY_PEER_ADVERTISE")]
+    pub peer_advertise: Option<SocketAddr>,
+    /// Cluster CA (PEM) that every peer certificate chains to.
+    #[arg(long, env = "DAMSELFLY_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's peer certificate (PEM, SAN damselfly-peer).
+    #[arg(long, env = "DAMSELFLY_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// This node's peer key (PEM).
+    #[arg(long, env = "DAMSELFLY_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+    /// Node name told to the tracker [default: the host name].
+    #[arg(long, env = "DAMSELFLY_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Zone label; peers in the same zone are preferred.
+    #[arg(long, env = "DAMSELFLY_ZONE", default_value = "")]
+    pub zone: String,
+    /// Upload limit to peers, bytes/s (e.g. 100MiB; 0 = none).
+    #[arg(long, env = "DAMSELFLY_UPLOAD_RATE", default_value = "0", value_parser = size::parse_size)]
+    pub upload_rate: u64,
+    /// Download limit from peers, bytes/s (0 = none).
+    #[arg(long, env = "DAMSELFLY_DOWNLOAD_RATE", default_value = "0", value_parser = size::parse_size)]
+    pub download_rate: u64,
+    /// Most peers served at once.
+    #[arg(long, env = "DAMSELFLY_MAX_UPLOAD_PEERS", default_value_t = 16)]
+    pub max_upload_peers: usize,
 }
 
 #[derive(Debug, Args)]

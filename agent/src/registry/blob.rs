@@ -28,6 +28,10 @@ use crate::{
         range::{self, ByteRange},
     },
     store::{BlobReader, BlobWriter, Digest, Store},
+    swarm::{
+        Swarm,
+        fetch::{Fetch, Holders, RangeFetcher},
+    },
     upstream::{Body, BoxError, Upstream},
 };
 
@@ -40,6 +44,8 @@ pub struct Blobs {
     pub upstream: Upstream,
     pub store: Option<Store>,
     pub metrics: Arc<Metrics>,
+    /// Peers to fetch from; `None` without a tracker.
+    pub swarm: Option<Arc<Swarm>>,
     authz: Mutex<AuthzCache>,
     /// Downloads in progress, so concurrent requests for a digest share one.
     inflight: Inflight,
@@ -56,11 +62,17 @@ enum Authz {
 }
 
 impl Blobs {
-    pub fn new(upstream: Upstream, store: Option<Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        store: Option<Store>,
+        metrics: Arc<Metrics>,
+        swarm: Option<Arc<Swarm>>,
+    ) -> Self {
         Self {
             upstream,
             store,
             metrics,
+            swarm,
             authz: Mutex::default(),
             inflight: Arc::default(),
         }
@@ -275,9 +287,18 @@ impl Blobs {
     ) -> Response<Body> {
         let digest = lead.digest;
         let headers = strip_range(req.headers());
+        // The authorization answer was cached (or a redirect): a HEAD tells the size
+        // without a blob byte, so the swarm can still be asked.
+        let size = match size {
+            Some(s) => Some(s),
+            None if self.swarm.is_some() => {
+                self.origin_size(origin, req.uri().path(), &headers).await
+            }
+            None => None,
+        };
         let size = match size {
             Some(s) => s,
-            // The authorization answer was cached or a redirect: learn the size from the GET.
+            // Still unknown: learn it from the GET itself.
             None => match self
                 .origin_get(origin, req.uri().path(), &headers, None)
                 .await
@@ -299,6 +320,20 @@ impl Blobs {
                 return proxy::forward(&self.upstream, origin, req).await;
             }
         };
+        if let Some(swarm) = &self.swarm
+            && let Some(holders) = swarm.holders(&digest, size).await
+        {
+            return self.start_swarm(
+                swarm.clone(),
+                writer,
+                lead,
+                size,
+                holders,
+                origin,
+                req.uri().path(),
+                headers,
+            );
+        }
         // Resume: what a killed download already wrote stays; fetch from the first gap.
         let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
         let offset = first_missing * store.piece_size();
@@ -348,6 +383,28 @@ impl Blobs {
         }
     }
 
+    async fn origin_size(
+        &self,
+        origin: &OriginRef,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<u64> {
+        let mut req = Request::head(origin.uri(path).ok()?);
+        if let Some(h) = req.headers_mut() {
+            proxy::copy_headers(headers, h);
+        }
+        let resp = self
+            .upstream
+            .send(req.body(crate::upstream::empty()).ok()?)
+            .await
+            .ok()?;
+        if resp.status().is_success() {
+            content_length(resp.headers())
+        } else {
+            None
+        }
+    }
+
     fn passthrough(&self, resp: Response<Incoming>) -> Response<Body> {
         self.metrics.blob_request("passthrough");
         proxy::relay(resp)
@@ -388,9 +445,72 @@ impl Blobs {
             client: tx,
         };
         let body = resp.into_body();
+        let swarm = self.swarm.clone();
         tokio::spawn(async move {
-            let ok = job.run(body, body_offset).await;
-            lead.finish(ok);
+            let cached = job.run(body, body_offset).await;
+            lead.finish(cached.is_some());
+            if let (Some(swarm), Some(reader)) = (swarm, cached) {
+                swarm.announce_complete(reader).await;
+            }
+        });
+        blob_response(StatusCode::OK, &digest, size, channel_body(rx))
+    }
+
+    /// Fetch from peers (and the origin for what they cannot give), streaming
+    /// to the client in order and into the store.
+    #[allow(clippy::too_many_arguments)]
+    fn start_swarm(
+        &self,
+        swarm: Arc<Swarm>,
+        writer: BlobWriter,
+        lead: Lead,
+        size: u64,
+        holders: Holders,
+        origin: &OriginRef,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Response<Body> {
+        self.metrics.blob_request("miss");
+        let digest = lead.digest;
+        let (upstream, origin, path) = (self.upstream.clone(), origin.clone(), path.to_string());
+        let range: RangeFetcher = Arc::new(move |start, end| {
+            let (upstream, origin, path, headers) = (
+                upstream.clone(),
+                origin.clone(),
+                path.clone(),
+                headers.clone(),
+            );
+            Box::pin(
+                async move { origin_range(&upstream, &origin, &path, headers, start, end).await },
+            )
+        });
+        let job = Fetch {
+            digest,
+            peers: swarm.peers.clone(),
+            origin: range,
+            metrics: self.metrics.clone(),
+            config: swarm.config.clone(),
+        };
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        tokio::spawn(async move {
+            let outcome = job.run(writer, holders, tx).await;
+            let committed = match outcome.writer {
+                Some(w) if w.missing_pieces().is_empty() => {
+                    tokio::task::spawn_blocking(move || w.commit())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                _ => None,
+            };
+            lead.finish(committed.is_some());
+            match committed {
+                Some(reader) => {
+                    info!(%digest, size, "cached from the swarm");
+                    swarm.announce_complete(reader).await;
+                }
+                None => warn!(%digest, "swarm download not cached"),
+            }
         });
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
     }
@@ -443,8 +563,8 @@ struct Download {
 }
 
 impl Download {
-    /// Returns whether the blob was committed to the store.
-    async fn run(mut self, mut body: Incoming, body_offset: u64) -> bool {
+    /// Returns the blob as committed to the store, if it was.
+    async fn run(mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
         let piece_size = self.writer.as_ref().map(|w| w.piece_size()).unwrap_or(1);
         let mut client_open = true;
         // Pieces a killed download left behind go to the client first.
@@ -457,7 +577,7 @@ impl Download {
                         .client
                         .send(Err("damselfly: resumed piece unreadable".into()))
                         .await;
-                    return false;
+                    return None;
                 }
             };
             self.metrics.blob_bytes("cache", piece.len() as u64);
@@ -473,7 +593,7 @@ impl Download {
                 Some(Err(e)) => {
                     warn!(digest = %self.digest, error = %e, "origin body failed");
                     let _ = self.client.send(Err(Box::new(e))).await;
-                    return false;
+                    return None;
                 }
                 None => break,
             };
@@ -491,7 +611,7 @@ impl Download {
             }
             if self.writer.is_none() {
                 if !client_open {
-                    return false;
+                    return None;
                 }
                 continue;
             }
@@ -515,21 +635,19 @@ impl Download {
                     format!("origin sent {pos} of {} bytes", self.size).into()
                 ))
                 .await;
-            return false;
+            return None;
         }
-        let Some(writer) = self.writer.take() else {
-            return false;
-        };
+        let writer = self.writer.take()?;
         match tokio::task::spawn_blocking(move || writer.commit()).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(reader)) => {
                 info!(digest = %self.digest, size = self.size, "cached");
-                true
+                Some(reader)
             }
             Ok(Err(e)) => {
                 warn!(digest = %self.digest, error = %e, "not cached");
-                false
+                None
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 
@@ -655,6 +773,29 @@ async fn stream_hit(
             }
         }
     }
+}
+
+/// Bytes `[start, end)` of a blob from the origin, with the client's credential.
+async fn origin_range(
+    upstream: &Upstream,
+    origin: &OriginRef,
+    path: &str,
+    mut headers: HeaderMap,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, BoxError> {
+    headers.insert(header::RANGE, hv(format!("bytes={start}-{}", end - 1)));
+    let resp = upstream
+        .fetch_following(Method::GET, origin.uri(path)?, &headers)
+        .await?;
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(format!("origin answered {} to a range request", resp.status()).into());
+    }
+    let data = resp.into_body().collect().await?.to_bytes();
+    if data.len() as u64 != end - start {
+        return Err(format!("origin sent {} of {} bytes", data.len(), end - start).into());
+    }
+    Ok(data)
 }
 
 async fn begin(

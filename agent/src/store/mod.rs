@@ -297,6 +297,20 @@ impl Store {
         inner.delete_files(digest)
     }
 
+    /// Digests of the complete blobs held (to re-announce after a restart).
+    pub fn complete(&self) -> Vec<Digest> {
+        let Ok(dir) = fs::read_dir(&self.inner.blobs) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let d = name.parse::<Digest>().ok()?;
+                (d.hex() == name).then_some(d)
+            })
+            .collect()
+    }
+
     pub fn piece_size(&self) -> u64 {
         self.inner.piece_size
     }
@@ -911,6 +925,21 @@ impl BlobReader {
             });
         }
         read_verified(&r.data, &r.meta, &r.header, &r.pin.digest, index, &r.path).map(Bytes::from)
+    }
+
+    /// The stored sha256 of every piece, in order: what the tracker is told,
+    /// so peers can verify what they fetch from us.
+    pub fn piece_hashes(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        let r = &self.0;
+        (0..r.header.pieces())
+            .map(|i| {
+                let mut sum = [0u8; 32];
+                r.meta
+                    .read_exact_at(&mut sum, r.header.sum_offset(i))
+                    .map_err(io_err(&r.path))?;
+                Ok(sum)
+            })
+            .collect()
     }
 
     /// Bytes `[start, end)` as chunks of at most one piece, each piece

@@ -1,6 +1,88 @@
 //! Fetching a blob's pieces from peers and the origin. The decisions live in
 //! the pure [`sched`] state machine; the IO around it stays thin.
 
+pub mod fetch;
 pub mod peer;
 pub mod rate;
 pub mod sched;
+
+use std::{sync::Arc, time::Duration};
+
+use tracing::{debug, info, warn};
+
+use crate::{
+    store::{BlobReader, Digest, bitmap::Bitmap},
+    tracker::TrackerClient,
+};
+
+/// How long a pull waits for the tracker before going to the origin alone.
+const FIND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This node's place in the swarm: who to ask, and how to fetch from peers.
+pub struct Swarm {
+    pub tracker: TrackerClient,
+    pub peers: Arc<peer::PeerClient>,
+    pub config: sched::Config,
+}
+
+impl Swarm {
+    /// Peers that hold pieces of `digest` (with the same size), or `None`:
+    /// no tracker answer, nobody holds it, or the holders disagree with the origin.
+    pub async fn holders(&self, digest: &Digest, size: u64) -> Option<fetch::Holders> {
+        let found = match tokio::time::timeout(FIND_TIMEOUT, self.tracker.find(digest)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                debug!(%digest, error = %e, "tracker find failed; origin only");
+                return None;
+            }
+            Err(_) => {
+                debug!(%digest, "tracker did not answer in time; origin only");
+                return None;
+            }
+        };
+        if found.peers.is_empty() || found.size != size {
+            return None;
+        }
+        let peers: Vec<_> = found
+            .peers
+            .into_iter()
+            .filter_map(|c| Some((c.quic_addr.parse().ok()?, c.bitmap)))
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        let known = found.hashes.iter().filter(|h| h.is_some()).count();
+        info!(%digest, peers = peers.len(), hashes = known, "fetching from the swarm");
+        Some(fetch::Holders {
+            peers,
+            hashes: found.hashes,
+        })
+    }
+
+    /// Tell the tracker we hold all of `reader`'s blob, with its piece hashes.
+    pub async fn announce_complete(&self, reader: BlobReader) {
+        let digest = reader.digest();
+        let (size, piece_size, pieces) = (reader.size(), reader.piece_size(), reader.pieces());
+        let hashes = match tokio::task::spawn_blocking(move || reader.piece_hashes()).await {
+            Ok(Ok(h)) => h.into_iter().map(Some).collect(),
+            _ => return,
+        };
+        let mut bitmap = Bitmap::new(pieces);
+        for i in 0..pieces {
+            bitmap.set(i);
+        }
+        if let Err(e) = self
+            .tracker
+            .announce(
+                &digest,
+                size,
+                piece_size,
+                hashes,
+                bitmap.as_bytes().to_vec(),
+            )
+            .await
+        {
+            warn!(%digest, error = %e, "announce failed");
+        }
+    }
+}

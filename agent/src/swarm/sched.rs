@@ -148,6 +148,19 @@ pub struct Config {
     pub origin_first: bool,
     /// Duplicate the slowest requests once every missing piece is out.
     pub endgame: bool,
+    /// The origin is preferred over a peer only when measured this many
+    /// times faster (1.0: whenever faster). Above 1, origin bytes are saved
+    /// at some cost in speed.
+    pub origin_margin: f64,
+    /// With every holder busy, pieces this close to the read position go to
+    /// the origin rather than wait (`None`: the whole read window; `Some(0)`:
+    /// none, though rescue still covers the piece at the read position).
+    pub busy_window: Option<u64>,
+    /// A read-window piece counts as overdue at its peer after this many
+    /// times its expected time (rescue asks a second source then).
+    pub rescue_factor: u32,
+    /// ... and never before this long (a second source costs bytes too).
+    pub rescue_floor: Duration,
 }
 
 impl Default for Config {
@@ -162,6 +175,10 @@ impl Default for Config {
             max_failures: 3,
             origin_first: false,
             endgame: true,
+            origin_margin: 1.0,
+            busy_window: None,
+            rescue_factor: 1,
+            rescue_floor: MIN_SAMPLE,
         }
     }
 }
@@ -564,12 +581,19 @@ impl Scheduler {
         if from == Source::Origin || !self.in_window(piece) {
             return None;
         }
+        if let Some(w) = self.config.busy_window
+            && piece - self.read_position >= w.max(1)
+        {
+            return None;
+        }
         Some(
             r.started
                 + self
                     .expected(piece, from)
                     .unwrap_or(self.config.min_timeout)
-                    .max(MIN_SAMPLE),
+                    .max(MIN_SAMPLE)
+                    .saturating_mul(self.config.rescue_factor.max(1))
+                    .max(self.config.rescue_floor),
         )
     }
 
@@ -626,7 +650,9 @@ impl Scheduler {
             if self.requests.len() >= self.config.max_in_flight {
                 break;
             }
-            if let Some(other) = self.choose(piece, Some(from)) {
+            // Only to other peers: a duplicate from the origin costs the
+            // origin bytes the swarm exists to save.
+            if let Some(other @ Source::Peer(_)) = self.choose(piece, Some(from)) {
                 self.request(piece, other, now, out);
             }
         }
@@ -670,7 +696,7 @@ impl Scheduler {
             Some((id, _, _)) => {
                 let slower = matches!(
                     (self.origin_rate.0, self.peers[&id].rate.0),
-                    (Some(o), Some(r)) if o > r
+                    (Some(o), Some(r)) if o > r * self.config.origin_margin
                 );
                 if slower && origin.is_some() {
                     origin
@@ -678,7 +704,11 @@ impl Scheduler {
                     Some(Source::Peer(id))
                 }
             }
-            None if usable > 0 => origin.filter(|_| in_window),
+            None if usable > 0 => origin.filter(|_| match self.config.busy_window {
+                // 0: never; the client waits for the busy peer.
+                Some(w) => i >= self.read_position && i - self.read_position < w,
+                None => in_window,
+            }),
             None => {
                 let go = self.config.origin_first
                     || in_window
@@ -1461,6 +1491,12 @@ mod tests {
                     max_failures,
                     origin_first,
                     endgame,
+                    // The agent's settings vary too: wider margins and a
+                    // narrower busy window must keep every invariant.
+                    origin_margin: if endgame { f64::INFINITY } else { 1.0 },
+                    busy_window: origin_first.then_some(u64::from(max_failures) % 2),
+                    rescue_factor: max_failures,
+                    rescue_floor: secs(u64::from(max_failures) / 2),
                 },
             )
     }

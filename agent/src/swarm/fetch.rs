@@ -1,0 +1,313 @@
+//! One blob fetched from the swarm: the IO around the pure [`Scheduler`].
+//!
+//! Peers' pieces are checked against the tracker's hash list before use; a
+//! piece without an agreed hash only ever comes from the origin (the
+//! scheduler guarantees it). Pieces are written to the store as they
+//! complete and handed to the client strictly in order.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use hyper::body::Frame;
+use sha2::{Digest as _, Sha256};
+use tokio::{sync::mpsc, task::AbortHandle};
+use tracing::{debug, warn};
+
+use crate::{
+    admin::metrics::Metrics,
+    store::{BlobWriter, Digest, bitmap::Bitmap},
+    swarm::{
+        peer::PeerClient,
+        sched::{Action, Config, PeerId, Scheduler, Source},
+    },
+    upstream::BoxError,
+};
+
+/// Fetches bytes `[start, end)` of the blob from the origin.
+pub type RangeFetcher =
+    Arc<dyn Fn(u64, u64) -> BoxFuture<'static, Result<Bytes, BoxError>> + Send + Sync>;
+
+pub type Chunk = Result<Frame<Bytes>, BoxError>;
+
+/// Origin pieces that fail this many times end the download (the client gets an error).
+const MAX_ORIGIN_FAILURES: u64 = 8;
+
+/// Where the tracker says the pieces are.
+pub struct Holders {
+    pub peers: Vec<(SocketAddr, Vec<u8>)>,
+    /// Per piece: the sha256 the holders agree on.
+    pub hashes: Vec<Option<[u8; 32]>>,
+}
+
+pub struct Fetch {
+    pub digest: Digest,
+    pub peers: Arc<PeerClient>,
+    pub origin: RangeFetcher,
+    pub metrics: Arc<Metrics>,
+    pub config: Config,
+}
+
+/// What came of it: the writer back (to commit) if every piece is held, and
+/// the hash of every piece (for our own announcement).
+pub struct Outcome {
+    pub writer: Option<BlobWriter>,
+    pub hashes: Vec<Option<[u8; 32]>>,
+}
+
+type Done = (u64, Source, Result<Bytes, String>);
+
+impl Fetch {
+    pub async fn run(
+        self,
+        writer: BlobWriter,
+        holders: Holders,
+        client: mpsc::Sender<Chunk>,
+    ) -> Outcome {
+        let pieces = writer.pieces();
+        let piece_size = writer.piece_size();
+        let mut held = Bitmap::new(pieces);
+        for i in 0..pieces {
+            if writer.has_piece(i) {
+                held.set(i);
+            }
+        }
+        let mut hashes = holders.hashes;
+        hashes.resize(pieces as usize, None);
+        let mut sched = match Scheduler::new(
+            writer.size(),
+            writer.piece_size(),
+            held.as_bytes(),
+            self.config.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = client
+                    .send(Err(format!("damselfly: scheduler: {e}").into()))
+                    .await;
+                return Outcome {
+                    writer: None,
+                    hashes,
+                };
+            }
+        };
+        let addrs: Vec<SocketAddr> = holders.peers.iter().map(|p| p.0).collect();
+        for (i, (_, bitmap)) in holders.peers.iter().enumerate() {
+            if let Err(e) = sched.add_peer(PeerId(i as u32), bitmap) {
+                warn!(peer = %addrs[i], error = %e, "ignoring a peer with a malformed bitmap");
+            }
+        }
+        for (i, h) in hashes.iter().enumerate() {
+            sched.set_hash_known(i as u64, h.is_some());
+        }
+
+        let mut writer = Some(writer);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
+        let mut running: HashMap<(u64, Source), AbortHandle> = HashMap::new();
+        let mut arrived: HashMap<u64, Bytes> = HashMap::new();
+        let mut ready: BTreeMap<u64, Bytes> = BTreeMap::new();
+        let mut next = 0u64;
+        let mut client_open = true;
+        let mut done = false;
+        let mut actions = sched.poll(Instant::now());
+        loop {
+            for action in actions.drain(..) {
+                match action {
+                    Action::Request { piece, from } => {
+                        if from == Source::Origin {
+                            debug!(digest = %self.digest, piece, next, in_flight = sched.in_flight(), "piece from the origin");
+                        }
+                        let span = (piece * piece_size, sched.piece_len(piece));
+                        let task = self.request(piece, from, span, &addrs, tx.clone());
+                        running.insert((piece, from), task);
+                    }
+                    Action::Cancel { piece, from } => {
+                        debug!(digest = %self.digest, piece, ?from, "cancelled");
+                        if let Some(t) = running.remove(&(piece, from)) {
+                            t.abort();
+                        }
+                    }
+                    Action::Completed(piece) => {
+                        let Some(data) = arrived.remove(&piece) else {
+                            continue;
+                        };
+                        let w = writer.take().expect("writer present while running");
+                        let copy = data.clone();
+                        let (w, r) = match tokio::task::spawn_blocking(move || {
+                            let mut w = w;
+                            let r = w.write_piece(piece, &copy);
+                            (w, r)
+                        })
+                        .await
+                        {
+                            Ok(x) => x,
+                            Err(_) => {
+                                return Outcome {
+                                    writer: None,
+                                    hashes,
+                                };
+                            }
+                        };
+                        writer = Some(w);
+                        if let Err(e) = r {
+                            warn!(digest = %self.digest, error = %e, "store write failed during a swarm download");
+                        }
+                        ready.insert(piece, data);
+                    }
+                    Action::Banned(peer) => {
+                        let addr = addrs.get(peer.0 as usize);
+                        warn!(digest = %self.digest, ?addr, "peer sent a piece that fails its hash: banned for this blob");
+                        self.metrics.piece("peer", "banned");
+                    }
+                    Action::Dropped(peer) => {
+                        debug!(digest = %self.digest, addr = ?addrs.get(peer.0 as usize), "peer dropped after repeated failures");
+                    }
+                    Action::Done => done = true,
+                }
+            }
+            arrived.clear();
+
+            // Hand the client every piece it can have, in order.
+            while next < pieces {
+                let data = match ready.remove(&next) {
+                    Some(d) => d,
+                    None if writer.as_ref().is_some_and(|w| w.has_piece(next)) => {
+                        // Held from before (resume): read it back, verified.
+                        let w = writer.take().expect("checked");
+                        let i = next;
+                        let (w, r) = match tokio::task::spawn_blocking(move || {
+                            let r = w.read_piece(i);
+                            (w, r)
+                        })
+                        .await
+                        {
+                            Ok(x) => x,
+                            Err(_) => {
+                                return Outcome {
+                                    writer: None,
+                                    hashes,
+                                };
+                            }
+                        };
+                        writer = Some(w);
+                        match r {
+                            Ok(d) => {
+                                self.metrics.blob_bytes("cache", d.len() as u64);
+                                d
+                            }
+                            Err(e) => {
+                                let _ = client
+                                    .send(Err(format!("damselfly: resumed piece: {e}").into()))
+                                    .await;
+                                return Outcome {
+                                    writer: None,
+                                    hashes,
+                                };
+                            }
+                        }
+                    }
+                    None => break,
+                };
+                if client_open {
+                    client_open = client.send(Ok(Frame::data(data))).await.is_ok();
+                }
+                next += 1;
+                sched.set_read_position(next);
+            }
+            if done && next >= pieces {
+                break;
+            }
+            if sched.origin_failures() > MAX_ORIGIN_FAILURES {
+                warn!(digest = %self.digest, "origin keeps failing; giving up");
+                let _ = client
+                    .send(Err("damselfly: origin range requests keep failing".into()))
+                    .await;
+                for (_, t) in running.drain() {
+                    t.abort();
+                }
+                return Outcome {
+                    writer: None,
+                    hashes,
+                };
+            }
+
+            let wake = sched
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                got = rx.recv() => {
+                    let Some((piece, from, result)) = got else { break };
+                    running.remove(&(piece, from));
+                    let now = Instant::now();
+                    actions = match result {
+                        Ok(data) => {
+                            let sum: [u8; 32] = Sha256::digest(&data).into();
+                            let verified = match from {
+                                Source::Origin => {
+                                    hashes[piece as usize] = Some(sum);
+                                    true
+                                }
+                                Source::Peer(_) => hashes[piece as usize] == Some(sum),
+                            };
+                            let source = if matches!(from, Source::Origin) { "origin" } else { "peer" };
+                            self.metrics.piece(source, if verified { "ok" } else { "corrupt" });
+                            if verified {
+                                self.metrics.blob_bytes(source, data.len() as u64);
+                                arrived.insert(piece, data.clone());
+                            }
+                            sched.on_piece(piece, from, data.len() as u64, now, verified)
+                        }
+                        Err(e) => {
+                            debug!(digest = %self.digest, piece, ?from, error = %e, "piece failed");
+                            if matches!(from, Source::Peer(_)) { warn!(piece, error = %e, "peer piece failed"); }
+                            self.metrics.piece(if matches!(from, Source::Origin) { "origin" } else { "peer" }, "failed");
+                            sched.on_failure(piece, from, now)
+                        }
+                    };
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    actions = sched.poll(Instant::now());
+                }
+            }
+        }
+        Outcome { writer, hashes }
+    }
+
+    fn request(
+        &self,
+        piece: u64,
+        from: Source,
+        (start, len): (u64, u64),
+        addrs: &[SocketAddr],
+        tx: mpsc::UnboundedSender<Done>,
+    ) -> AbortHandle {
+        let digest = self.digest;
+        match from {
+            Source::Peer(p) => {
+                let client = self.peers.clone();
+                let addr = addrs[p.0 as usize];
+                tokio::spawn(async move {
+                    let r = client
+                        .fetch_piece(addr, &digest, piece, len)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send((piece, from, r));
+                })
+                .abort_handle()
+            }
+            Source::Origin => {
+                let fetch = self.origin.clone();
+                tokio::spawn(async move {
+                    let r = fetch(start, start + len).await.map_err(|e| e.to_string());
+                    let _ = tx.send((piece, from, r));
+                })
+                .abort_handle()
+            }
+        }
+    }
+}

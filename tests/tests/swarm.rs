@@ -1,0 +1,215 @@
+//! End-to-end: nodes share blobs through the tracker and QUIC, with real
+//! containerd, a real registry and the real kernel steering.
+
+use std::{
+    fs,
+    net::TcpStream,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use damselfly_testbed::{
+    Agent, Proc, Testbed, agent::damselfly_bin, containerd::Containerd, image::Image,
+    origin::Origin, pki::TestCa,
+};
+
+const REGISTRY: &str = "registry.dfly.test";
+const MB: u64 = 1000 * 1000;
+
+/// Nodes 1..=n are pulling nodes (agent + containerd); the last node runs the
+/// origin registry and the tracker.
+struct Swarm {
+    containerds: Vec<Containerd>,
+    agents: Vec<Agent>,
+    _tracker: Proc,
+    origin: Origin,
+    tb: Testbed,
+}
+
+fn swarm(pulling: usize) -> Swarm {
+    swarm_with(pulling, &[])
+}
+
+/// Nodes listed in `outsiders` get a peer certificate from a CA that is not the cluster's.
+fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
+    let tb = Testbed::new(pulling + 1).expect("testbed");
+    let infra = pulling + 1;
+    let public_ca = TestCa::new("dfly test public CA").unwrap();
+    let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
+
+    let tracker_addr = tb.node(infra).addr4(7400);
+    let mut cmd = tb.node(infra).command(damselfly_bin().unwrap()).unwrap();
+    cmd.args(["tracker", "--listen", &tracker_addr.to_string()]);
+    let tracker = tb
+        .node(infra)
+        .spawn(cmd, &tb.dir.join("tracker.log"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tb
+        .node(infra)
+        .in_netns(move || {
+            TcpStream::connect_timeout(&tracker_addr, Duration::from_millis(200)).is_ok()
+        })
+        .unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "tracker did not start: {}",
+            tracker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The cluster PKI the Helm chart would create: one CA, a peer cert per node.
+    let cluster = TestCa::new("dfly cluster CA").unwrap();
+    let cluster_ca = tb.dir.join("cluster-ca.crt");
+    fs::write(&cluster_ca, cluster.pem()).unwrap();
+    let outsider = TestCa::new("not the cluster CA").unwrap();
+    let mut agents = Vec::new();
+    let mut containerds = Vec::new();
+    for i in 1..=pulling {
+        let issuer = if outsiders.contains(&i) {
+            &outsider
+        } else {
+            &cluster
+        };
+        let (crt, key) = issuer
+            .issue(&["damselfly-peer"])
+            .unwrap()
+            .write(&tb.dir, &format!("peer-n{i}"))
+            .unwrap();
+        let flags: Vec<String> = vec![
+            "--registry".into(),
+            REGISTRY.into(),
+            "--upstream-ca".into(),
+            origin.ca_pem.display().to_string(),
+            "--tracker".into(),
+            tracker_addr.to_string(),
+            "--cluster-ca".into(),
+            cluster_ca.display().to_string(),
+            "--cluster-cert".into(),
+            crt.display().to_string(),
+            "--cluster-key".into(),
+            key.display().to_string(),
+            "--node-name".into(),
+            format!("n{i}"),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let agent = Agent::start(&tb, tb.node(i), &flags).unwrap();
+        let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
+        let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
+        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
+        containerds.push(Containerd::start(&tb, tb.node(i), &bundle).unwrap());
+        agents.push(agent);
+    }
+    Swarm {
+        containerds,
+        agents,
+        _tracker: tracker,
+        origin,
+        tb,
+    }
+}
+
+fn m(agent: &Agent, series: &str) -> f64 {
+    agent.metric(series).unwrap()
+}
+
+fn wait_cached(s: &Swarm, node: usize, img: &Image) {
+    let dir: PathBuf = s.tb.dir.join(format!("state-n{node}/blobs"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for d in img.blob_digests() {
+        while !dir.join(&d[7..]).exists() {
+            assert!(Instant::now() < deadline, "{d} never cached on node {node}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn the_second_node_pulls_from_the_first_with_no_origin_blob_bytes() {
+    let s = swarm(2);
+    let img = Image::build_and_push(
+        &s.tb,
+        &s.origin,
+        "team/app",
+        "v1",
+        &[30 * MB, 20 * MB, 10 * MB],
+        11,
+    )
+    .unwrap();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 1, &img);
+    // Announcements follow the commit; give them a moment to reach the tracker.
+    std::thread::sleep(Duration::from_millis(500));
+    let origin_before = s
+        .origin
+        .wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
+
+    s.containerds[1].cri_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 2, &img);
+    let origin_after = s
+        .origin
+        .wait_blob_bytes(origin_before + 1, Duration::from_secs(1));
+    assert_eq!(
+        origin_after,
+        origin_before,
+        "node 2 took blob bytes from the origin:\n{}\n{}\nnode 1:\n{}",
+        s.agents[1].metrics().unwrap(),
+        s.agents[1].log_text(),
+        s.agents[0].log_text()
+    );
+    let from_peers = m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}");
+    assert!(
+        from_peers >= img.total_blob_bytes as f64,
+        "node 2 got {from_peers} bytes from peers"
+    );
+    assert!(
+        m(
+            &s.agents[1],
+            "damselfly_pieces_total{source=\"peer\",result=\"ok\"}"
+        ) >= 4.0
+    );
+}
+
+#[test]
+fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
+    let s = swarm_with(2, &[2]);
+    let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[8 * MB], 12).unwrap();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 1, &img);
+    std::thread::sleep(Duration::from_millis(500));
+    let served0 = m(
+        &s.agents[0],
+        "damselfly_peer_bytes_total{direction=\"out\"}",
+    );
+
+    // Node 2's certificate is not from the cluster CA: node 1 refuses it, and
+    // the pull still succeeds, from the origin.
+    s.containerds[1].ctr_pull(&img.reference, None).unwrap();
+    assert_eq!(
+        m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}"),
+        0.0
+    );
+    assert!(
+        m(
+            &s.agents[1],
+            "damselfly_pieces_total{source=\"peer\",result=\"failed\"}"
+        ) >= 1.0,
+        "{}",
+        s.agents[1].log_text()
+    );
+    assert!(
+        m(
+            &s.agents[1],
+            "damselfly_blob_bytes_total{source=\"origin\"}"
+        ) >= img.layer_bytes() as f64
+    );
+    assert_eq!(
+        m(
+            &s.agents[0],
+            "damselfly_peer_bytes_total{direction=\"out\"}"
+        ),
+        served0
+    );
+}
