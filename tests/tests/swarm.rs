@@ -21,7 +21,7 @@ const MB: u64 = 1000 * 1000;
 struct Swarm {
     containerds: Vec<Containerd>,
     agents: Vec<Agent>,
-    _tracker: Proc,
+    tracker: Proc,
     origin: Origin,
     tb: Testbed,
 }
@@ -38,27 +38,7 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
     let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
 
     let tracker_addr = tb.node(infra).addr4(7400);
-    let mut cmd = tb.node(infra).command(damselfly_bin().unwrap()).unwrap();
-    cmd.args(["tracker", "--listen", &tracker_addr.to_string()]);
-    let tracker = tb
-        .node(infra)
-        .spawn(cmd, &tb.dir.join("tracker.log"))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tb
-        .node(infra)
-        .in_netns(move || {
-            TcpStream::connect_timeout(&tracker_addr, Duration::from_millis(200)).is_ok()
-        })
-        .unwrap()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "tracker did not start: {}",
-            tracker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let tracker = start_tracker(&tb, infra);
 
     // The cluster PKI the Helm chart would create: one CA, a peer cert per node.
     let cluster = TestCa::new("dfly cluster CA").unwrap();
@@ -105,10 +85,35 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
     Swarm {
         containerds,
         agents,
-        _tracker: tracker,
+        tracker,
         origin,
         tb,
     }
+}
+
+/// `damselfly tracker` in node `infra`, listening on its port 7400.
+fn start_tracker(tb: &Testbed, infra: usize) -> Proc {
+    let addr = tb.node(infra).addr4(7400);
+    let mut cmd = tb.node(infra).command(damselfly_bin().unwrap()).unwrap();
+    cmd.args(["tracker", "--listen", &addr.to_string()]);
+    let tracker = tb
+        .node(infra)
+        .spawn(cmd, &tb.dir.join("tracker.log"))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tb
+        .node(infra)
+        .in_netns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+        .unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "tracker did not start: {}",
+            tracker.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tracker
 }
 
 fn m(agent: &Agent, series: &str) -> f64 {
@@ -211,5 +216,39 @@ fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
             "damselfly_peer_bytes_total{direction=\"out\"}"
         ),
         served0
+    );
+}
+
+#[test]
+fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it() {
+    let mut s = swarm(2);
+    let img =
+        Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[12 * MB, 3 * MB], 13).unwrap();
+    s.tracker.kill();
+    let started = Instant::now();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "a pull waited on the dead tracker"
+    );
+    wait_cached(&s, 1, &img);
+
+    // A fresh tracker knows nothing; the agents re-register and node 1
+    // re-announces within a heartbeat (5 s), without being restarted.
+    s.tracker = start_tracker(&s.tb, 3);
+    std::thread::sleep(Duration::from_secs(7));
+    let before = s
+        .origin
+        .wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
+    s.containerds[1].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 2, &img);
+    assert_eq!(
+        s.origin.wait_blob_bytes(before + 1, Duration::from_secs(1)),
+        before,
+        "{}",
+        s.agents[1].log_text()
+    );
+    assert!(
+        m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}") >= img.layer_bytes() as f64
     );
 }
