@@ -184,6 +184,7 @@ fn start_swarm(
     let mut client_cfg = ClientConfig::new(SocketAddr::new(unspecified(args.peer_listen), 0));
     client_cfg.rate =
         (args.download_rate > 0).then(|| Arc::new(RateLimiter::new(args.download_rate)));
+    client_cfg.bytes_in = Some(metrics.peer_bytes_hook("in"));
     let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
     let advertise = match args.peer_advertise {
         Some(a) => a,

@@ -175,6 +175,18 @@ fn the_second_node_pulls_from_the_first_with_no_origin_blob_bytes() {
             "damselfly_pieces_total{source=\"peer\",result=\"ok\"}"
         ) >= 4.0
     );
+    let (pin, pout) = (
+        m(&s.agents[1], "damselfly_peer_bytes_total{direction=\"in\"}"),
+        m(
+            &s.agents[0],
+            "damselfly_peer_bytes_total{direction=\"out\"}",
+        ),
+    );
+    assert!(
+        pin >= img.total_blob_bytes as f64 && pout >= pin,
+        "in {pin} out {pout}:\n{}",
+        s.agents[1].metrics().unwrap()
+    );
 }
 
 #[test]
@@ -251,4 +263,47 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
     assert!(
         m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}") >= img.layer_bytes() as f64
     );
+}
+
+#[test]
+fn a_serving_peer_killed_mid_transfer_does_not_fail_the_pull() {
+    let mut s = swarm(2);
+    let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[60 * MB], 14).unwrap();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 1, &img);
+    std::thread::sleep(Duration::from_millis(500));
+    // Node 1 serves at 200 Mbit/s: the layer takes about 2.5 s to cross.
+    s.tb.node(1).shape(&s.tb.hub, 200).unwrap();
+    let pull = {
+        let mut cmd = s.containerds[1].ctr().unwrap();
+        cmd.args(["images", "pull", &img.reference]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}") < (10 * MB) as f64 {
+        assert!(
+            Instant::now() < deadline,
+            "node 2 never got going from node 1"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.agents[0].kill();
+    let out = pull.wait_with_output().unwrap();
+    // ctr checks the layer's digest: success means the right bytes.
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.agents[1].log_text()
+    );
+    assert!(
+        m(
+            &s.agents[1],
+            "damselfly_blob_bytes_total{source=\"origin\"}"
+        ) > 0.0
+    );
+    wait_cached(&s, 2, &img);
 }
