@@ -30,7 +30,7 @@ use crate::{
     store::{BlobReader, BlobWriter, Digest, Store},
     swarm::{
         Swarm,
-        fetch::{Fetch, Holders, RangeFetcher},
+        fetch::{Fetch, Holders, RangeFetcher, on_writer},
     },
     upstream::{Body, BoxError, Upstream},
 };
@@ -651,20 +651,11 @@ impl Download {
         }
     }
 
-    /// Run a blocking store call on the writer off the async threads.
     async fn with_writer<T: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
     ) -> Option<T> {
-        let mut w = self.writer.take()?;
-        let (w, out) = tokio::task::spawn_blocking(move || {
-            let out = f(&mut w);
-            (w, out)
-        })
-        .await
-        .ok()?;
-        self.writer = Some(w);
-        Some(out)
+        on_writer(&mut self.writer, f).await
     }
 }
 

@@ -136,24 +136,15 @@ impl Fetch {
                         let Some(data) = arrived.remove(&piece) else {
                             continue;
                         };
-                        let w = writer.take().expect("writer present while running");
                         let copy = data.clone();
-                        let (w, r) = match tokio::task::spawn_blocking(move || {
-                            let mut w = w;
-                            let r = w.write_piece(piece, &copy);
-                            (w, r)
-                        })
-                        .await
-                        {
-                            Ok(x) => x,
-                            Err(_) => {
-                                return Outcome {
-                                    writer: None,
-                                    hashes,
-                                };
-                            }
+                        let Some(r) =
+                            on_writer(&mut writer, move |w| w.write_piece(piece, &copy)).await
+                        else {
+                            return Outcome {
+                                writer: None,
+                                hashes,
+                            };
                         };
-                        writer = Some(w);
                         if let Err(e) = r {
                             warn!(digest = %self.digest, error = %e, "store write failed during a swarm download");
                         }
@@ -178,23 +169,13 @@ impl Fetch {
                     Some(d) => d,
                     None if writer.as_ref().is_some_and(|w| w.has_piece(next)) => {
                         // Held from before (resume): read it back, verified.
-                        let w = writer.take().expect("checked");
                         let i = next;
-                        let (w, r) = match tokio::task::spawn_blocking(move || {
-                            let r = w.read_piece(i);
-                            (w, r)
-                        })
-                        .await
-                        {
-                            Ok(x) => x,
-                            Err(_) => {
-                                return Outcome {
-                                    writer: None,
-                                    hashes,
-                                };
-                            }
+                        let Some(r) = on_writer(&mut writer, move |w| w.read_piece(i)).await else {
+                            return Outcome {
+                                writer: None,
+                                hashes,
+                            };
                         };
-                        writer = Some(w);
                         match r {
                             Ok(d) => {
                                 self.metrics.blob_bytes("cache", d.len() as u64);
@@ -310,4 +291,21 @@ impl Fetch {
             }
         }
     }
+}
+
+/// Run a blocking store call on the writer off the async threads; `None`
+/// if there is no writer or the blocking task died (the writer is lost then).
+pub async fn on_writer<T: Send + 'static>(
+    writer: &mut Option<BlobWriter>,
+    f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
+) -> Option<T> {
+    let mut w = writer.take()?;
+    let (w, out) = tokio::task::spawn_blocking(move || {
+        let out = f(&mut w);
+        (w, out)
+    })
+    .await
+    .ok()?;
+    *writer = Some(w);
+    Some(out)
 }
