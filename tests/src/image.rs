@@ -105,6 +105,9 @@ pub fn push(
     if let Some((u, p)) = origin.creds() {
         cmd.args(["--dest-creds", &format!("{u}:{p}")]);
     }
+    if !origin.tls {
+        cmd.arg("--dest-tls-verify=false");
+    }
     cmd.arg(format!("oci:{}:{}", layout.dir.display(), layout.tag))
         .arg(format!("docker://{reference}"));
     tools::run(&mut cmd)?;

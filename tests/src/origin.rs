@@ -35,6 +35,8 @@ pub struct Origin {
     pub ca_dir: PathBuf,
     /// `(user, password)` when the registry is private.
     pub auth: Option<(String, String)>,
+    /// HTTPS on 443, or plain HTTP on 80.
+    pub tls: bool,
     /// Config, certificate, htpasswd, storage and log of this registry.
     pub dir: PathBuf,
     pub proc: Proc,
@@ -52,6 +54,22 @@ impl Origin {
         ca: &TestCa,
         auth: Option<(&str, &str)>,
     ) -> anyhow::Result<Self> {
+        Self::launch(tb, node, name, ca, auth, true)
+    }
+
+    /// The same registry over plain HTTP on port 80 (no auth).
+    pub fn start_plain(tb: &Testbed, node: usize, name: &str, ca: &TestCa) -> anyhow::Result<Self> {
+        Self::launch(tb, node, name, ca, None, false)
+    }
+
+    fn launch(
+        tb: &Testbed,
+        node: usize,
+        name: &str,
+        ca: &TestCa,
+        auth: Option<(&str, &str)>,
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         let bin = tools::need("docker-registry", "docker-registry")?;
         let node = tb.node(node).clone();
         let dir = tb.dir.join(format!("origin-{name}"));
@@ -62,18 +80,23 @@ impl Origin {
         let (crt, key) = ca.issue(&[name])?.write(&dir, "server")?;
         let storage = dir.join("storage");
         fs::create_dir_all(&storage)?;
-        let addr = node.addr4(443);
+        let addr = node.addr4(if tls { 443 } else { 80 });
 
         let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
              \x20 cache:\n    blobdescriptor: inmemory\n\
-             http:\n  addr: {addr}\n  tls:\n    certificate: {crt}\n    key: {key}\n",
+             http:\n  addr: {addr}\n",
             storage = storage.display(),
-            crt = crt.display(),
-            key = key.display(),
         );
+        if tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                crt.display(),
+                key.display()
+            ));
+        }
         if let Some((user, pass)) = auth {
             let htpasswd = dir.join("htpasswd");
             // Cost 4 (the minimum): the registry checks it on every request.
@@ -97,7 +120,12 @@ impl Origin {
             if !proc.running() {
                 bail!("docker-registry exited during start:\n{}", proc.log_text());
             }
-            match tls_status(&node, addr, name, &ca_pem, "/v2/") {
+            let status = if tls {
+                tls_status(&node, addr, name, &ca_pem, "/v2/")
+            } else {
+                node.http_get(addr, "/v2/").map(|(code, _)| code)
+            };
+            match status {
                 Ok(code) if code == want => break,
                 Ok(code) => bail!("registry answered /v2/ with {code}, expected {want}"),
                 Err(e) if Instant::now() > deadline => {
@@ -116,6 +144,7 @@ impl Origin {
             ca_pem,
             ca_dir,
             auth: auth.map(|(u, p)| (u.to_string(), p.to_string())),
+            tls,
             dir,
             proc,
         })

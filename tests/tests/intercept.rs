@@ -518,3 +518,52 @@ fn concurrent_requests_for_one_blob_share_one_download() {
         .count();
     assert_eq!(gets, 1, "the origin served the blob {gets} times");
 }
+
+#[test]
+fn a_plain_http_registry_on_port_80_is_intercepted_by_host() {
+    let tb = Testbed::new(2).expect("testbed");
+    let public_ca = TestCa::new("dfly test public CA").unwrap();
+    let origin = Origin::start_plain(&tb, 2, REGISTRY, &public_ca).unwrap();
+    let agent = Agent::start(&tb, tb.node(1), &["--registry", REGISTRY]).unwrap();
+    let bundle = tb.dir.join("bundle-n1.pem");
+    fs::write(&bundle, public_ca.pem()).unwrap();
+    let containerd = Containerd::start(&tb, tb.node(1), &bundle).unwrap();
+    let img = Image::build_and_push(&tb, &origin, "team/plain", "v1", &[4 * MB, MB], 15).unwrap();
+    let pull = || {
+        let mut cmd = containerd.ctr().unwrap();
+        cmd.args(["images", "pull", "--plain-http", &img.reference]);
+        tools::run(&mut cmd).unwrap();
+    };
+    pull();
+    let dir = tb.dir.join("state-n1/blobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !img
+        .blob_digests()
+        .iter()
+        .all(|d| dir.join(&d[7..]).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never cached:\n{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    containerd.remove_image(&img.reference).unwrap();
+    let before = origin.wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
+    pull();
+    assert_eq!(
+        origin.wait_blob_bytes(before + 1, Duration::from_secs(1)),
+        before
+    );
+    assert!(
+        m(
+            &agent,
+            "damselfly_intercept_connections_total{mode=\"terminate\"}"
+        ) >= 2.0
+    );
+    assert_eq!(
+        m(&agent, "damselfly_blob_requests_total{result=\"hit\"}"),
+        img.blob_digests().len() as f64
+    );
+}
