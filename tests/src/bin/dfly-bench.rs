@@ -83,13 +83,13 @@ fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
     let node_ca = std::fs::read_to_string(tb.dir.join("state-n1/ca/ca.crt"))?;
     std::fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
     // The first read through the agent fills the cache.
-    curl_tls(&client, &url, &bundle, size)?;
+    curl_seconds(&client, &url, Some(&bundle), size)?;
     wait_for(|| tb.dir.join("state-n1/blobs").join(&digest[7..]).exists())?;
     for _ in 0..repeat {
         agent.kill();
-        direct.push(curl_tls(&client, &url, &origin.ca_pem, size)?);
+        direct.push(curl_seconds(&client, &url, Some(&origin.ca_pem), size)?);
         agent.restart()?;
-        hit.push(curl_tls(&client, &url, &bundle, size)?);
+        hit.push(curl_seconds(&client, &url, Some(&bundle), size)?);
     }
     let (d, h) = (median(&mut direct), median(&mut hit));
     let mb = size as f64 / 1e6;
@@ -112,7 +112,7 @@ fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
         let handles: Vec<_> = (0..clients)
             .map(|_| {
                 let (client, url, bundle) = (client.clone(), url.clone(), bundle.clone());
-                std::thread::spawn(move || curl_tls(&client, &url, &bundle, size))
+                std::thread::spawn(move || curl_seconds(&client, &url, Some(&bundle), size))
             })
             .collect();
         for h in handles {
@@ -131,21 +131,6 @@ fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn curl_tls(node: &Node, url: &str, ca: &std::path::Path, bytes: u64) -> anyhow::Result<f64> {
-    let mut cmd = node.command("curl")?;
-    cmd.arg("--cacert").arg(ca);
-    cmd.args([
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{size_download} %{time_total}",
-        url,
-    ]);
-    let out = cmd.output().context("running curl")?;
-    parse_curl(&out, bytes)
 }
 
 fn wait_for(mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -214,9 +199,9 @@ fn splice_throughput(
     let mut direct = Vec::new();
     let mut steered = Vec::new();
     for _ in 0..repeat {
-        direct.push(curl_seconds(client, &url, bytes)?);
+        direct.push(curl_seconds(client, &url, None, bytes)?);
         let agent = Agent::start(tb, client, &["--steer-comm", "curl"])?;
-        steered.push(curl_seconds(client, &url, bytes)?);
+        steered.push(curl_seconds(client, &url, None, bytes)?);
         anyhow::ensure!(
             agent.steered(80)? == 1.0,
             "the curl download was not steered"
@@ -237,8 +222,18 @@ fn splice_throughput(
     Ok(())
 }
 
-fn curl_seconds(node: &Node, url: &str, bytes: u64) -> anyhow::Result<f64> {
+/// Seconds curl took to download `url` (`bytes` long) inside `node`,
+/// trusting `ca` for https.
+fn curl_seconds(
+    node: &Node,
+    url: &str,
+    ca: Option<&std::path::Path>,
+    bytes: u64,
+) -> anyhow::Result<f64> {
     let mut cmd = node.command("curl")?;
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
     cmd.args([
         "-sS",
         "-o",
