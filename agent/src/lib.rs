@@ -9,5 +9,7 @@ pub mod registry;
 pub mod steer;
 pub mod store;
 pub mod swarm;
+#[doc(hidden)]
+pub mod testing;
 pub mod tracker;
 pub mod upstream;

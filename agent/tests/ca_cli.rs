@@ -5,44 +5,18 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
-    sync::atomic::{AtomicUsize, Ordering},
 };
 
-/// `<tmp>/dfly-<pid>-ca-<n>`, removed on drop.
-struct TempDir(PathBuf);
+use damselfly::testing::TempDir;
 
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dfly-{}-ca-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    /// A host root that looks like Debian.
-    fn debian() -> Self {
-        let root = Self::new();
-        fs::create_dir_all(root.0.join("etc")).unwrap();
-        fs::write(root.0.join("etc/debian_version"), "13.0\n").unwrap();
-        root
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A host root that looks like Debian.
+fn debian_root() -> TempDir {
+    let root = TempDir::new("ca");
+    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::write(root.join("etc/debian_version"), "13.0\n").unwrap();
+    root
 }
 
 const ANCHOR: &str = "usr/local/share/ca-certificates/damselfly-node-ca.crt";
@@ -79,12 +53,12 @@ fn ok(out: Output) -> String {
 
 #[test]
 fn show_creates_once_and_prints_the_same_pem() {
-    let state = TempDir::new();
+    let state = TempDir::new("ca");
     let first = ok(ca(&state.0, &["show"], "false"));
     assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
     assert!(!first.contains("PRIVATE"));
     assert_eq!(ok(ca(&state.0, &["show"], "false")), first);
-    let mode = fs::metadata(state.path("ca/ca.key"))
+    let mode = fs::metadata(state.join("ca/ca.key"))
         .unwrap()
         .permissions()
         .mode();
@@ -93,9 +67,9 @@ fn show_creates_once_and_prints_the_same_pem() {
 
 #[test]
 fn install_is_idempotent_and_uninstall_removes_it() {
-    let state = TempDir::new();
-    let root = TempDir::debian();
-    let marker = root.path("containerd-restarted");
+    let state = TempDir::new("ca");
+    let root = debian_root();
+    let marker = root.join("containerd-restarted");
     let restart = format!("touch {}", marker.display());
     let host = ["--host-root", root.0.to_str().unwrap()];
 
@@ -108,7 +82,7 @@ fn install_is_idempotent_and_uninstall_removes_it() {
     assert!(out.contains("restart it once"), "{out}");
     assert!(marker.exists(), "containerd restarted once: {out}");
     let pem = ok(ca(&state.0, &["show"], "false"));
-    assert_eq!(fs::read_to_string(root.path(ANCHOR)).unwrap(), pem);
+    assert_eq!(fs::read_to_string(root.join(ANCHOR)).unwrap(), pem);
 
     fs::remove_file(&marker).unwrap();
     let out = ok(ca(
@@ -121,15 +95,15 @@ fn install_is_idempotent_and_uninstall_removes_it() {
 
     let out = ok(ca(&state.0, &[&["uninstall"][..], &host].concat(), "false"));
     assert!(out.contains("removed"), "{out}");
-    assert!(!root.path(ANCHOR).exists());
+    assert!(!root.join(ANCHOR).exists());
     let out = ok(ca(&state.0, &[&["uninstall"][..], &host].concat(), "false"));
     assert!(out.contains("not installed"), "{out}");
 }
 
 #[test]
 fn a_failed_restart_says_how_to_do_it_by_hand() {
-    let state = TempDir::new();
-    let root = TempDir::debian();
+    let state = TempDir::new("ca");
+    let root = debian_root();
     let out = ok(ca(
         &state.0,
         &[
@@ -149,8 +123,8 @@ fn a_failed_restart_says_how_to_do_it_by_hand() {
 
 #[test]
 fn a_failed_update_is_an_error_and_leaves_nothing_behind() {
-    let state = TempDir::new();
-    let root = TempDir::debian();
+    let state = TempDir::new("ca");
+    let root = debian_root();
     let out = Command::new(env!("CARGO_BIN_EXE_damselfly"))
         .args(["ca", "install", "--host-root"])
         .arg(&root.0)
@@ -162,13 +136,13 @@ fn a_failed_update_is_an_error_and_leaves_nothing_behind() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`false` failed"), "{err}");
-    assert!(!root.path(ANCHOR).exists());
+    assert!(!root.join(ANCHOR).exists());
 }
 
 #[test]
 fn unknown_distro_is_a_clear_error() {
-    let state = TempDir::new();
-    let root = TempDir::new();
+    let state = TempDir::new("ca");
+    let root = TempDir::new("ca");
     let out = ca(
         &state.0,
         &["install", "--host-root", root.0.to_str().unwrap()],
@@ -187,15 +161,15 @@ fn unknown_distro_is_a_clear_error() {
 
 #[test]
 fn rotate_then_install_replaces_the_trusted_ca() {
-    let state = TempDir::new();
-    let root = TempDir::debian();
+    let state = TempDir::new("ca");
+    let root = debian_root();
     let host = ["--host-root", root.0.to_str().unwrap()];
     ok(ca(&state.0, &[&["install"][..], &host].concat(), "false"));
-    let old = fs::read_to_string(root.path(ANCHOR)).unwrap();
+    let old = fs::read_to_string(root.join(ANCHOR)).unwrap();
 
     let out = ok(ca(&state.0, &["rotate"], "false"));
     assert!(
-        out.contains(&state.path("ca/ca.crt").display().to_string()),
+        out.contains(&state.join("ca/ca.crt").display().to_string()),
         "{out}"
     );
     assert!(out.contains("install"), "{out}");
@@ -204,12 +178,12 @@ fn rotate_then_install_replaces_the_trusted_ca() {
 
     let out = ok(ca(&state.0, &[&["install"][..], &host].concat(), "false"));
     assert!(out.contains("replacing an older damselfly CA"), "{out}");
-    assert_eq!(fs::read_to_string(root.path(ANCHOR)).unwrap(), new);
+    assert_eq!(fs::read_to_string(root.join(ANCHOR)).unwrap(), new);
 }
 
 #[test]
 fn registries_from_env_shape_the_constraints() {
-    let state = TempDir::new();
+    let state = TempDir::new("ca");
     let out = Command::new(env!("CARGO_BIN_EXE_damselfly"))
         .args(["ca", "show", "--state-dir"])
         .arg(&state.0)
@@ -217,7 +191,7 @@ fn registries_from_env_shape_the_constraints() {
         .output()
         .unwrap();
     ok(out);
-    let constraints = fs::read_to_string(state.path("ca/constraints.txt")).unwrap();
+    let constraints = fs::read_to_string(state.join("ca/constraints.txt")).unwrap();
     let lines: Vec<&str> = constraints.lines().collect();
     assert!(lines.contains(&"registry.dfly.test"), "{constraints}");
     assert!(lines.contains(&"corp.example"), "{constraints}");

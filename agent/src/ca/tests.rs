@@ -1,10 +1,9 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicUsize, Ordering},
+        atomic::{AtomicI64, Ordering},
     },
 };
 
@@ -19,28 +18,7 @@ use x509_parser::{extensions::GeneralName, parse_x509_certificate};
 
 use super::*;
 
-/// `<tmp>/dfly-<pid>-ca-<n>`, removed on drop.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dfly-{}-ca-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use crate::testing::TempDir as StateDir;
 
 fn registries(extra: &[&str]) -> RegistryHosts {
     RegistryHosts::new(&extra.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
@@ -97,7 +75,7 @@ fn handshake(
 
 #[test]
 fn created_once_then_reused_with_a_private_key_file() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let r = registries(&[]);
     let first = NodeCa::load_or_create(&dir.0, &r).unwrap();
     assert_eq!(first.origin(), &CaOrigin::Created);
@@ -129,7 +107,7 @@ fn created_once_then_reused_with_a_private_key_file() {
 
 #[test]
 fn certificate_carries_the_constraints_and_ca_extensions() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let ca = NodeCa::load_or_create(&dir.0, &registries(&["registry.dfly.test"])).unwrap();
     let (_, cert) = parse_x509_certificate(ca.cert_der()).unwrap();
 
@@ -189,7 +167,7 @@ fn certificate_carries_the_constraints_and_ca_extensions() {
 
 #[test]
 fn leaves_verify_for_registries_only() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let ca = NodeCa::load_or_create(&dir.0, &registries(&["registry.dfly.test"])).unwrap();
     let resolver = Arc::new(ca.resolver());
     for host in ["ghcr.io", "registry.dfly.test", "us.gcr.io", "GHCR.IO"] {
@@ -222,7 +200,7 @@ fn leaves_verify_for_registries_only() {
 /// address) outside its constraints, on a chain that is otherwise valid.
 #[test]
 fn webpki_enforces_the_name_constraints() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let ca = NodeCa::load_or_create(&dir.0, &registries(&[])).unwrap();
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(&ca), provider())
         .build()
@@ -250,7 +228,7 @@ fn webpki_enforces_the_name_constraints() {
 
 #[test]
 fn leaves_are_cached_and_renewed_before_expiry() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let ca = NodeCa::load_or_create(&dir.0, &registries(&[])).unwrap();
     let base = OffsetDateTime::now_utc();
     let offset = Arc::new(AtomicI64::new(0));
@@ -289,7 +267,7 @@ fn leaves_are_cached_and_renewed_before_expiry() {
 
 #[test]
 fn a_changed_registry_list_or_torn_files_replace_the_ca() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let defaults = registries(&[]);
     let first = NodeCa::load_or_create(&dir.0, &defaults).unwrap();
 
@@ -309,7 +287,7 @@ fn a_changed_registry_list_or_torn_files_replace_the_ca() {
     assert_eq!(third.cert_pem(), second.cert_pem());
 
     // A key that does not belong to the certificate (a torn rotation).
-    let other = StateDir::new();
+    let other = StateDir::new("ca");
     NodeCa::load_or_create(&other.0, &wider).unwrap();
     fs::copy(other.0.join("ca/ca.key"), dir.0.join("ca/ca.key")).unwrap();
     let fourth = NodeCa::load_or_create(&dir.0, &wider).unwrap();
@@ -326,7 +304,7 @@ fn a_changed_registry_list_or_torn_files_replace_the_ca() {
 
 #[test]
 fn rotate_replaces_key_and_certificate() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let r = registries(&[]);
     let old = NodeCa::load_or_create(&dir.0, &r).unwrap();
     let old_key = fs::read(dir.0.join("ca/ca.key")).unwrap();
@@ -349,7 +327,7 @@ fn rotate_replaces_key_and_certificate() {
 
 #[test]
 fn unconstrainable_patterns_are_refused() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let e = NodeCa::load_or_create(&dir.0, &registries(&["registry.*"])).unwrap_err();
     assert!(matches!(e, CaError::Unconstrainable(_)), "{e}");
     assert!(!dir.0.join("ca/ca.key").exists());
@@ -357,7 +335,7 @@ fn unconstrainable_patterns_are_refused() {
 
 #[test]
 fn a_ca_close_to_expiry_is_replaced() {
-    let dir = StateDir::new();
+    let dir = StateDir::new("ca");
     let r = registries(&[]);
     let permitted = permitted_dns_subtrees(r.patterns()).unwrap();
     let files = CaFiles::new(&dir.0);

@@ -1,38 +1,10 @@
 //! The IO side against a real directory, with 1 KiB pieces to stay fast.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use super::*;
 
 const PS: u64 = 1024;
 
-/// A fresh directory under the system temp dir, removed on drop (also when a
-/// test panics).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dfly-{}-store-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-
-    fn blobs(&self) -> PathBuf {
-        self.0.join("blobs")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use crate::testing::TempDir;
 
 fn blob(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
@@ -78,7 +50,7 @@ fn handles_are_send_and_sync() {
 
 #[test]
 fn pieces_out_of_order_then_commit_and_read() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(5 * 1024 + 300, 1);
     let d = Digest::of(&data);
@@ -106,9 +78,13 @@ fn pieces_out_of_order_then_commit_and_read() {
     ));
     drop(r);
 
-    assert!(dir.blobs().join(d.hex()).is_file());
-    assert!(dir.blobs().join(format!("{}.meta", d.hex())).is_file());
-    assert!(!dir.blobs().join(format!("{}.part", d.hex())).exists());
+    assert!(dir.join("blobs").join(d.hex()).is_file());
+    assert!(
+        dir.join("blobs")
+            .join(format!("{}.meta", d.hex()))
+            .is_file()
+    );
+    assert!(!dir.join("blobs").join(format!("{}.part", d.hex())).exists());
     assert_eq!(store.used_bytes(), data.len() as u64);
     assert!(matches!(
         store.begin(&d, data.len() as u64),
@@ -125,7 +101,7 @@ fn pieces_out_of_order_then_commit_and_read() {
 
 #[test]
 fn bad_pieces_are_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(1500, 2);
     let mut w = store.begin(&Digest::of(&data), 1500).unwrap();
@@ -150,7 +126,7 @@ fn bad_pieces_are_refused() {
 
 #[test]
 fn resumes_after_a_restart() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let data = blob(4 * 1024 + 10, 3);
     let d = Digest::of(&data);
     {
@@ -189,7 +165,7 @@ fn resumes_after_a_restart() {
 
 #[test]
 fn a_partial_of_another_size_restarts() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(3000, 4);
     let d = Digest::of(&data);
@@ -203,12 +179,12 @@ fn a_partial_of_another_size_restarts() {
 
 #[test]
 fn a_corrupted_piece_is_detected_on_read() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(4 * 1024, 5);
     let d = put(&store, &data);
 
-    let path = dir.blobs().join(d.hex());
+    let path = dir.join("blobs").join(d.hex());
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -253,7 +229,7 @@ fn a_corrupted_piece_is_detected_on_read() {
 
 #[test]
 fn a_wrong_digest_is_never_served() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(2500, 6);
     let claimed = Digest::of(b"something else");
@@ -271,7 +247,7 @@ fn a_wrong_digest_is_never_served() {
     assert!(store.get(&claimed).is_none());
     assert_eq!(store.used_bytes(), 0);
     assert_eq!(
-        fs::read_dir(dir.blobs()).unwrap().count(),
+        fs::read_dir(dir.join("blobs")).unwrap().count(),
         0,
         "data discarded"
     );
@@ -282,14 +258,14 @@ fn a_wrong_digest_is_never_served() {
 
 #[test]
 fn a_piece_changed_on_disk_before_commit_is_caught() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
     let data = blob(2048, 7);
     let d = Digest::of(&data);
     let mut w = store.begin(&d, 2048).unwrap();
     w.write_piece(0, piece(&data, 0)).unwrap();
     w.write_piece(1, piece(&data, 1)).unwrap();
-    let part = dir.blobs().join(format!("{}.part", d.hex()));
+    let part = dir.join("blobs").join(format!("{}.part", d.hex()));
     let f = OpenOptions::new().write(true).open(&part).unwrap();
     f.write_all_at(b"x", 5).unwrap();
     assert!(matches!(
@@ -306,7 +282,7 @@ fn a_piece_changed_on_disk_before_commit_is_caught() {
 
 #[test]
 fn eviction_spares_pinned_blobs() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     // 10 KiB: evict above 9.5 KiB down to 8.5 KiB.
     let store = Store::open(&dir.0, 10 * 1024, PS).unwrap();
     let a = blob(4096, 10);
@@ -320,7 +296,7 @@ fn eviction_spares_pinned_blobs() {
     let dc = Digest::of(&c);
     let mut wc = store.begin(&dc, 4096).unwrap();
     assert!(store.get(&db).is_none(), "b made room");
-    assert!(!dir.blobs().join(db.hex()).exists());
+    assert!(!dir.join("blobs").join(db.hex()).exists());
     assert_eq!(read_all(&reading_a, 0, 4096).unwrap(), a, "a was spared");
     assert_eq!(store.used_bytes(), 8192);
 
@@ -351,7 +327,7 @@ fn eviction_spares_pinned_blobs() {
 
 #[test]
 fn begin_fails_cleanly_when_a_blob_cannot_fit() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 4096, PS).unwrap();
     let big = Digest::of(b"big");
     assert!(matches!(
@@ -359,13 +335,13 @@ fn begin_fails_cleanly_when_a_blob_cannot_fit() {
         Err(StoreError::NoSpace(_))
     ));
     assert_eq!(store.used_bytes(), 0);
-    assert_eq!(fs::read_dir(dir.blobs()).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
     drop(store.begin(&big, 4096).unwrap());
 }
 
 #[test]
 fn open_cleans_up_garbage_and_evicts_over_capacity() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let (x, y) = (blob(3000, 20), blob(3000, 21));
     let (dx, dy) = {
         let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
@@ -375,14 +351,14 @@ fn open_cleans_up_garbage_and_evicts_over_capacity() {
     let old = SystemTime::now() - std::time::Duration::from_secs(3600);
     File::options()
         .write(true)
-        .open(dir.blobs().join(dx.hex()))
+        .open(dir.join("blobs").join(dx.hex()))
         .unwrap()
         .set_modified(old)
         .unwrap();
 
     let stray = Digest::of(b"stray");
     let lonely = Digest::of(b"lonely");
-    let b = dir.blobs();
+    let b = dir.join("blobs");
     fs::write(b.join(format!("{}.meta.tmp", stray.hex())), b"half").unwrap();
     fs::write(b.join(format!("{}.part", stray.hex())), b"no meta").unwrap();
     fs::write(b.join(format!("{}.meta", lonely.hex())), b"no data").unwrap();
@@ -404,7 +380,7 @@ fn open_cleans_up_garbage_and_evicts_over_capacity() {
 
 #[test]
 fn a_partial_with_another_piece_size_is_dropped_at_open() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let data = blob(3000, 30);
     let d = Digest::of(&data);
     {
@@ -414,12 +390,12 @@ fn a_partial_with_another_piece_size_is_dropped_at_open() {
     }
     let store = Store::open(&dir.0, 1 << 20, 2 * PS).unwrap();
     assert_eq!(store.used_bytes(), 0);
-    assert_eq!(fs::read_dir(dir.blobs()).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
 }
 
 #[test]
 fn empty_blob() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1024, PS).unwrap();
     let d = Digest::of(b"");
     let w = store.begin(&d, 0).unwrap();
@@ -435,7 +411,7 @@ fn empty_blob() {
 
 #[test]
 fn zero_piece_size_is_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("store");
     assert!(matches!(
         Store::open(&dir.0, 1024, 0),
         Err(StoreError::PieceSizeZero)

@@ -1,9 +1,7 @@
 //! Server and client over loopback, with a throwaway cluster CA.
 
 use std::{
-    fs,
     net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -24,29 +22,7 @@ use crate::swarm::rate::RateLimiter;
 
 const PS: u64 = 64 * 1024;
 
-/// A fresh directory under the system temp dir, removed on drop (also when a
-/// test panics).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "dfly-{}-peer-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use crate::testing::TempDir;
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -116,7 +92,7 @@ struct Fixture {
 }
 
 fn fixture(len: usize) -> Fixture {
-    let dir = TempDir::new();
+    let dir = TempDir::new("peer");
     let store = Store::open(&dir.0, 1 << 30, PS).unwrap();
     let data = blob(len, 7);
     let digest = Digest::of(&data);
