@@ -82,6 +82,13 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `cargo ARGS` in the workspace root.
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(args).current_dir(root());
+    cmd
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("+ {cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
@@ -139,35 +146,27 @@ fn setup() -> anyhow::Result<()> {
 
 fn build_ebpf() -> anyhow::Result<()> {
     // agent/build.rs owns the recipe; building the agent builds the object.
-    run(Command::new("cargo")
-        .args(["build", "-p", "damselfly"])
-        .current_dir(root()))?;
+    run(&mut cargo(&["build", "-p", "damselfly"]))?;
     eprintln!("kernel object: target/ebpf/bpfel-unknown-none/release/damselfly-ebpf");
     Ok(())
 }
 
 fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
-    let root = root();
     let filter: Vec<&str> = filter.into_iter().collect();
     if unit {
         // Everything but the testbed's end-to-end scenarios (agent/tests runs
         // the built binary against temporary dirs only).
-        run(Command::new("cargo")
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "damselfly-ebpf",
-                "--exclude",
-                "damselfly-testbed",
-                "--",
-            ])
-            .args(&filter)
-            .current_dir(&root))?;
-        run(Command::new("cargo")
-            .args(["test", "-p", "damselfly-testbed", "--lib", "--bins", "--"])
-            .args(&filter)
-            .current_dir(&root))?;
+        run(cargo(&[
+            "test",
+            "--workspace",
+            "--exclude",
+            "damselfly-ebpf",
+            "--exclude",
+            "damselfly-testbed",
+            "--",
+        ])
+        .args(&filter))?;
+        run(cargo(&["test", "-p", "damselfly-testbed", "--lib", "--bins", "--"]).args(&filter))?;
     }
     if e2e {
         // SAFETY: plain syscall.
@@ -177,66 +176,54 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
             );
         }
         // The tests start the real agent binary; build it first.
-        run(Command::new("cargo")
-            .args([
-                "build",
-                "-p",
-                "damselfly",
-                "-p",
-                "damselfly-testbed",
-                "--bins",
-            ])
-            .current_dir(&root))?;
-        // One at a time: each test builds its own nodes, and the machine has 2 cores.
-        run(Command::new("cargo")
-            .args([
-                "test",
-                "-p",
-                "damselfly-testbed",
-                "--test",
-                "*",
-                "--",
-                "--test-threads=1",
-            ])
-            .args(&filter)
-            .current_dir(&root))?;
-    }
-    Ok(())
-}
-
-fn bench(args: &[String]) -> anyhow::Result<()> {
-    let root = root();
-    run(Command::new("cargo")
-        .args([
+        run(&mut cargo(&[
             "build",
-            "--release",
             "-p",
             "damselfly",
             "-p",
             "damselfly-testbed",
             "--bins",
+        ]))?;
+        // One at a time: each test builds its own nodes, and the machine has 2 cores.
+        run(cargo(&[
+            "test",
+            "-p",
+            "damselfly-testbed",
+            "--test",
+            "*",
+            "--",
+            "--test-threads=1",
         ])
-        .current_dir(&root))?;
-    run(Command::new(root.join("target/release/dfly-bench")).args(args))
+        .args(&filter))?;
+    }
+    Ok(())
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "damselfly",
+        "-p",
+        "damselfly-testbed",
+        "--bins",
+    ]))?;
+    run(Command::new(root().join("target/release/dfly-bench")).args(args))
 }
 
 fn lint() -> anyhow::Result<()> {
-    let root = root();
-    run(Command::new("cargo")
-        .args(["fmt", "--all", "--check"])
-        .current_dir(&root))?;
-    run(Command::new("cargo")
-        .args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--exclude",
-            "damselfly-ebpf",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(&root))?;
+    run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    run(&mut cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "damselfly-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     Ok(())
 }
 
