@@ -125,6 +125,16 @@ pub struct AgentArgs {
     /// Most peers served at once.
     #[arg(long, env = "DAMSELFLY_MAX_UPLOAD_PEERS", default_value_t = 16)]
     pub max_upload_peers: usize,
+    /// Limit on blob bytes read from origin registries, bytes/s (0 = none).
+    #[arg(long, env = "DAMSELFLY_ORIGIN_RATE", default_value = "0", value_parser = size::parse_size)]
+    pub origin_rate: u64,
+    /// Run as a seed peer: no steering; fetch from the origin at once what
+    /// no peer holds; serve the swarm and preheat requests.
+    #[arg(long, env = "DAMSELFLY_SEED")]
+    pub seed: bool,
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://jaeger:4317); traces are off without it.
+    #[arg(long, env = "DAMSELFLY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Args)]
