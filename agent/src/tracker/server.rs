@@ -212,13 +212,17 @@ impl Tracker for TrackerService {
     ) -> Result<Response<pb::FindResponse>, Status> {
         let req = req.into_inner();
         let d = digest(&req.digest)?;
-        let found = self.state().find(
-            &d,
-            &req.peer_id,
-            &req.zone,
-            req.max_peers as usize,
-            Instant::now(),
-        );
+        let join = req.join.map(|j| (j.size, j.piece_size));
+        let found = self
+            .state()
+            .find_and_join(
+                &d,
+                &req.peer_id,
+                &req.zone,
+                req.max_peers as usize,
+                join,
+                Instant::now(),
+            );
         let Some(f) = found else {
             return Ok(Response::new(pb::FindResponse::default()));
         };
