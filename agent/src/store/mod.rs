@@ -352,11 +352,7 @@ impl Store {
     /// that piece of an incomplete blob. Reads the bitmap from disk, where a
     /// bit is set only after its piece and sum are durable, so a piece being
     /// written is never served half done.
-    pub fn partial_piece(
-        &self,
-        digest: &Digest,
-        index: u64,
-    ) -> Option<Result<Bytes, StoreError>> {
+    pub fn partial_piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>> {
         if self.inner.lock().acct.get(digest)?.complete {
             return None;
         }

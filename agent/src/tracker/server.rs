@@ -213,16 +213,14 @@ impl Tracker for TrackerService {
         let req = req.into_inner();
         let d = digest(&req.digest)?;
         let join = req.join.map(|j| (j.size, j.piece_size));
-        let found = self
-            .state()
-            .find_and_join(
-                &d,
-                &req.peer_id,
-                &req.zone,
-                req.max_peers as usize,
-                join,
-                Instant::now(),
-            );
+        let found = self.state().find_and_join(
+            &d,
+            &req.peer_id,
+            &req.zone,
+            req.max_peers as usize,
+            join,
+            Instant::now(),
+        );
         let Some(f) = found else {
             return Ok(Response::new(pb::FindResponse::default()));
         };

@@ -351,10 +351,8 @@ impl State {
         }
         let hashes = merge_hashes(blob.pieces(), live.iter().map(|(_, h)| &h.hashes[..]));
         let same_zone = |p: &Peer| !zone.is_empty() && p.info.zone == zone;
-        let mut ranked: Vec<&(&Peer, &Holding)> = live
-            .iter()
-            .filter(|(p, _)| p.info.id != asking)
-            .collect();
+        let mut ranked: Vec<&(&Peer, &Holding)> =
+            live.iter().filter(|(p, _)| p.info.id != asking).collect();
         ranked.sort_by(|(a, ha), (b, hb)| {
             same_zone(b)
                 .cmp(&same_zone(a))
@@ -616,7 +614,10 @@ mod tests {
 
         // A plain find records nothing; an unknown asker is answered but not recorded.
         assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
-        assert!(s.find_and_join(&Digest::of(b"x"), "ghost", "", 0, join, t0).is_none());
+        assert!(
+            s.find_and_join(&Digest::of(b"x"), "ghost", "", 0, join, t0)
+                .is_none()
+        );
         assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
     }
 
