@@ -173,6 +173,7 @@ fn setup() -> anyhow::Result<()> {
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--root-user-action=ignore",
         ])
         .args(PY_PACKAGES.iter().map(|(pkg, _)| pkg)))?;
     eprintln!("setup complete");
