@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build-ebpf | test | lint`: the project's own commands,
+//! `cargo xtask setup | build-ebpf | test | lint | manifests`: the project's own commands,
 //! so a fresh machine and CI run exactly what a developer runs.
 
 use std::{
@@ -18,20 +18,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install every prerequisite (idempotent): apt packages, nightly rust-src, bpf-linker.
+    /// Install every prerequisite (idempotent): apt packages, nightly rust-src, bpf-linker,
+    /// the chart tests' Python packages.
     Setup,
     /// Build the kernel programs (agent-ebpf) into target/ebpf.
     BuildEbpf,
-    /// Run the suite: unit tests, then end-to-end tests (root, real kernel).
+    /// Run the suite: unit tests, the Helm chart tests, then end-to-end tests (root, real
+    /// kernel). With part flags, only those parts.
     Test {
-        /// Only the unit tests (no root needed).
-        #[arg(long, conflicts_with = "e2e")]
+        /// The unit tests (no root needed).
+        #[arg(long)]
         unit: bool,
-        /// Only the end-to-end tests.
+        /// The Helm chart tests (pytest: render, lint, Kubernetes schema, flags vs binary).
+        #[arg(long)]
+        chart: bool,
+        /// The end-to-end tests.
         #[arg(long)]
         e2e: bool,
-        /// Passed to the test binaries as a name filter.
+        /// Passed to the test binaries as a name filter (pytest: `-k`).
         filter: Option<String>,
+    },
+    /// Regenerate deploy/manifests from the Helm chart (default values).
+    Manifests {
+        /// Only check that deploy/manifests matches a fresh render.
+        #[arg(long)]
+        check: bool,
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
@@ -64,12 +75,27 @@ const APT_PACKAGES: &[&str] = &[
     "protobuf-compiler",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// PyPI packages of the chart tests (deploy/helm/tests), with the module each provides.
+const PY_PACKAGES: &[(&str, &str)] = &[
+    ("helm-python-sdk==0.2.2", "helm_python"),
+    ("kubernetes-validate==1.37.0", "kubernetes_validate"),
+    ("pytest==9.2.0", "pytest"),
+];
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Test { unit, e2e, filter } => test(!e2e, !unit, filter.as_deref()),
+        Cmd::Test {
+            unit,
+            chart,
+            e2e,
+            filter,
+        } => {
+            let all = !(unit || chart || e2e);
+            test(unit || all, chart || all, e2e || all, filter.as_deref())
+        }
+        Cmd::Manifests { check } => manifests(check),
         Cmd::Lint => lint(),
         Cmd::Bench { args } => bench(&args),
     }
@@ -140,6 +166,16 @@ fn setup() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path))?;
     }
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+        ])
+        .args(PY_PACKAGES.iter().map(|(pkg, _)| pkg)))?;
     eprintln!("setup complete");
     Ok(())
 }
@@ -151,7 +187,7 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
+fn test(unit: bool, chart: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
     let filter: Vec<&str> = filter.into_iter().collect();
     if unit {
         // Everything but the testbed's end-to-end scenarios (agent/tests runs
@@ -167,6 +203,33 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
         ])
         .args(&filter))?;
         run(cargo(&["test", "-p", "damselfly-testbed", "--lib", "--bins", "--"]).args(&filter))?;
+    }
+    if chart {
+        // The tests check every rendered command line against the real binary.
+        run(&mut cargo(&[
+            "build",
+            "-p",
+            "damselfly",
+            "--bin",
+            "damselfly",
+        ]))?;
+        check_py_packages()?;
+        let mut pytest = python(&["-m", "pytest", "-q", "-p", "no:cacheprovider"]);
+        pytest
+            .arg("deploy/helm/tests")
+            .env("DAMSELFLY_BIN", root().join("target/debug/damselfly"));
+        match filter.first() {
+            None => run(&mut pytest)?,
+            Some(f) => {
+                pytest.args(["-k", f]);
+                eprintln!("+ {pytest:?}");
+                // 5: no test matched the filter, which is fine when filtering the whole suite.
+                match pytest.status().context("starting pytest")?.code() {
+                    Some(0 | 5) => {}
+                    _ => bail!("chart tests failed"),
+                }
+            }
+        }
     }
     if e2e {
         // SAFETY: plain syscall.
@@ -197,6 +260,40 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
         .args(&filter))?;
     }
     Ok(())
+}
+
+/// `python3 ARGS` in the workspace root, writing no bytecode into the tree.
+fn python(args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.args(args)
+        .current_dir(root())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    cmd
+}
+
+fn check_py_packages() -> anyhow::Result<()> {
+    for (package, module) in PY_PACKAGES {
+        let found = python(&["-c", &format!("import {module}")])
+            .output()
+            .with_context(|| "starting python3")?
+            .status
+            .success();
+        if !found {
+            bail!(
+                "the Python package {package} (module {module}) is missing: run `cargo xtask setup`"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn manifests(check: bool) -> anyhow::Result<()> {
+    check_py_packages()?;
+    let mut cmd = python(&["deploy/helm/render.py"]);
+    if check {
+        cmd.arg("--check");
+    }
+    run(&mut cmd)
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
