@@ -265,7 +265,7 @@ impl RegistryClient {
         }
         let body = read_limited(resp, ERROR_LIMIT)
             .await
-            .map_err(|e| token_err(e))?;
+            .map_err(&token_err)?;
         let t: Token = serde_json::from_slice(&body)
             .map_err(|e| token_err(format!("not a token response: {e}")))?;
         let t = t
