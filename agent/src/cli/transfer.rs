@@ -21,7 +21,7 @@ use crate::{
         auth::Credential,
         client::{ClientError, RegistryClient, error_message},
     },
-    upstream::Upstream,
+    upstream::{Upstream, UpstreamError},
 };
 
 #[derive(Debug, Clone, Args)]
@@ -100,7 +100,12 @@ impl AgentFetch {
         let resp = match self.registry.get(&what, uri, &HeaderMap::new()).await {
             Ok(r) => r,
             Err(ClientError::Unreachable { source, .. }) => {
-                return Err(anyhow::Error::new(source).context(format!(
+                // The upstream client's own wording speaks of "the origin"; here it is the agent.
+                let cause = match source {
+                    UpstreamError::Request(e) => anyhow::Error::new(e),
+                    other => anyhow::Error::new(other),
+                };
+                return Err(cause.context(format!(
                     "no agent answers at {} (is `damselfly agent` running there? see --agent)",
                     self.base
                 )));

@@ -263,9 +263,7 @@ impl RegistryClient {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let body = read_limited(resp, ERROR_LIMIT)
-            .await
-            .map_err(&token_err)?;
+        let body = read_limited(resp, ERROR_LIMIT).await.map_err(&token_err)?;
         let t: Token = serde_json::from_slice(&body)
             .map_err(|e| token_err(format!("not a token response: {e}")))?;
         let t = t
