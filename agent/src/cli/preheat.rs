@@ -129,9 +129,10 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         })
         .sum();
     println!(
-        "{reference}: {} blobs on {} seeds; fetched {}",
+        "{reference}: {} blobs on {} seed{}; fetched {}",
         blobs.len(),
         seeds.len(),
+        if seeds.len() == 1 { "" } else { "s" },
         rate(moved, started.elapsed())
     );
     if failed_everywhere > 0 {
