@@ -133,6 +133,7 @@ struct GatewayParts {
     upstream: Upstream,
     store: Option<Store>,
     swarm: Option<Arc<Swarm>>,
+    origin_rate: u64,
 }
 
 impl GatewayParts {
@@ -177,6 +178,7 @@ impl GatewayParts {
             upstream,
             store,
             swarm,
+            origin_rate: args.origin_rate,
         })
     }
 
@@ -185,7 +187,8 @@ impl GatewayParts {
             hosts: self.hosts,
             tls: Arc::new(self.tls),
             service: Arc::new(RegistryService {
-                blobs: Blobs::new(self.upstream, self.store, metrics, self.swarm),
+                blobs: Blobs::new(self.upstream, self.store, metrics, self.swarm)
+                    .with_origin_rate(self.origin_rate),
             }),
         }
     }
@@ -248,13 +251,22 @@ fn start_swarm(
             busy_window: Some(0),
             rescue_factor: 4,
             rescue_floor: Duration::from_secs(10),
-            // Rates measured on one piece understate a busy link: be patient.
-            min_timeout: Duration::from_secs(10),
+            // A peer serving many nodes at once answers each request slowly
+            // but surely; a dead one shows as a connection error long before
+            // these run out. Timing out a slow request would send its piece
+            // to the origin.
+            min_timeout: Duration::from_secs(30),
+            initial_timeout: Duration::from_secs(60),
+            // Nodes pulling together wait for the one fetching from the
+            // origin while its pieces keep coming.
+            patience: Some(Duration::from_secs(10)),
             // A seed is there to bring into the swarm what it lacks: a piece
-            // no peer holds comes from the origin now, not after a wait.
+            // no peer holds comes from the origin now, not after a wait
+            // (this overrides the patience above).
             origin_first: args.seed,
             ..Default::default()
         },
+        piece_size: store.piece_size(),
     });
     let counted = peers.clone();
     metrics.register_gauge(

@@ -164,6 +164,78 @@ fn the_second_node_pulls_from_the_first_with_no_origin_blob_bytes() {
 }
 
 #[test]
+fn four_nodes_pulling_at_once_take_the_image_from_the_origin_about_once() {
+    let s = swarm(4);
+    let img = Image::build_and_push(
+        &s.tb,
+        &s.origin,
+        "team/big",
+        "v1",
+        &[70 * MB, 60 * MB, 50 * MB, 40 * MB],
+        21,
+    )
+    .unwrap();
+    let origin_before = s.origin.blob_bytes_sent();
+    // The origin's uplink is the bottleneck, as in a cluster behind one uplink.
+    s.tb.node(5).shape(&s.tb.hub, 200).unwrap();
+    let started = Instant::now();
+    let times: Vec<Duration> = std::thread::scope(|scope| {
+        let pulls: Vec<_> = s
+            .containerds
+            .iter()
+            .map(|c| {
+                let reference = img.reference.clone();
+                scope.spawn(move || {
+                    c.cri_pull(&reference, None).unwrap();
+                    started.elapsed()
+                })
+            })
+            .collect();
+        pulls.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    for n in 1..=4 {
+        wait_cached(&s, n, &img);
+    }
+    let sent = s.origin.blob_bytes_sent() - origin_before;
+    let ratio = sent as f64 / img.total_blob_bytes as f64;
+    eprintln!("pull times {times:?}; origin sent {sent} bytes = {ratio:.3} x the image");
+    let logs = || {
+        (0..4)
+            .map(|i| {
+                let log = s.agents[i].log_text();
+                let why: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("from the origin") || l.contains("WARN"))
+                    .take(40)
+                    .collect();
+                format!(
+                    "node {}:\n{}\n{}",
+                    i + 1,
+                    s.agents[i].metrics().unwrap_or_default(),
+                    why.join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        ratio <= 1.1,
+        "origin sent {ratio:.3} x the image\n{}",
+        logs()
+    );
+    let from_peers: f64 = s
+        .agents
+        .iter()
+        .map(|a| m(a, "damselfly_blob_bytes_total{source=\"peer\"}"))
+        .sum();
+    assert!(
+        from_peers >= 2.5 * img.layer_bytes() as f64,
+        "only {from_peers} bytes moved between peers\n{}",
+        logs()
+    );
+}
+
+#[test]
 fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
     let s = swarm_with(2, &[2]);
     let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[8 * MB], 12).unwrap();

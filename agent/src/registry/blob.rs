@@ -31,6 +31,8 @@ use crate::{
     swarm::{
         Swarm,
         fetch::{Fetch, Holders, RangeFetcher, on_writer},
+        progress::Progress,
+        rate::RateLimiter,
     },
     upstream::{Body, BoxError, Upstream},
 };
@@ -49,6 +51,9 @@ pub struct Blobs {
     authz: Mutex<AuthzCache>,
     /// Downloads in progress, so concurrent requests for a digest share one.
     inflight: Inflight,
+    /// `--origin-rate`: shared by every blob byte fetched from an origin to
+    /// be cached (blobs only streamed through are not counted).
+    origin_rate: Arc<RateLimiter>,
 }
 
 enum Authz {
@@ -75,7 +80,14 @@ impl Blobs {
             swarm,
             authz: Mutex::default(),
             inflight: Arc::default(),
+            origin_rate: Arc::new(RateLimiter::unlimited()),
         }
+    }
+
+    /// Limits origin blob bytes to `bytes_per_sec` (0: no limit).
+    pub fn with_origin_rate(mut self, bytes_per_sec: u64) -> Self {
+        self.origin_rate = Arc::new(RateLimiter::new(bytes_per_sec));
+        self
     }
 
     pub async fn serve(
@@ -256,6 +268,7 @@ impl Blobs {
             let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
             let ctx = Continuation {
                 upstream: self.upstream.clone(),
+                rate: self.origin_rate.clone(),
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
                 digest: *digest,
@@ -320,19 +333,24 @@ impl Blobs {
                 return proxy::forward(&self.upstream, origin, req).await;
             }
         };
-        if let Some(swarm) = &self.swarm
-            && let Some(holders) = swarm.holders(&digest, size).await
-        {
-            return self.start_swarm(
-                swarm.clone(),
-                writer,
-                lead,
-                size,
-                holders,
-                origin,
-                req.uri().path(),
-                headers,
-            );
+        let mut progress = None;
+        if let Some(swarm) = &self.swarm {
+            match swarm.join(&digest, size).await {
+                Some(holders) => {
+                    return self.start_swarm(
+                        swarm.clone(),
+                        writer,
+                        lead,
+                        size,
+                        holders,
+                        origin,
+                        req.uri().path(),
+                        headers,
+                    );
+                }
+                // We are the first: others that ask now wait for our pieces.
+                None => progress = Some(progress_of(swarm, &writer)),
+            }
         }
         // Resume: what a killed download already wrote stays; fetch from the first gap.
         let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
@@ -363,7 +381,7 @@ impl Blobs {
         } else {
             offset
         };
-        self.start_download(writer, lead, size, resp, body_offset)
+        self.start_download(writer, lead, size, resp, body_offset, progress)
     }
 
     async fn fetch_with(
@@ -375,7 +393,7 @@ impl Blobs {
     ) -> Response<Body> {
         match begin(store, &lead.digest, size).await {
             // This body starts at byte 0, so pieces a killed download left are rewritten.
-            Ok(w) => self.start_download(w, lead, size, resp, 0),
+            Ok(w) => self.start_download(w, lead, size, resp, 0, None),
             Err(e) => {
                 info!(digest = %lead.digest, error = %e, "store cannot take this blob; streaming it through");
                 self.passthrough(resp)
@@ -433,6 +451,7 @@ impl Blobs {
         size: u64,
         resp: Response<Incoming>,
         body_offset: u64,
+        progress: Option<Progress>,
     ) -> Response<Body> {
         self.metrics.blob_request("miss");
         let digest = lead.digest;
@@ -443,14 +462,18 @@ impl Blobs {
             size,
             metrics: self.metrics.clone(),
             client: tx,
+            progress,
+            rate: self.origin_rate.clone(),
         };
         let body = resp.into_body();
         let swarm = self.swarm.clone();
         tokio::spawn(async move {
-            let cached = job.run(body, body_offset).await;
+            let (cached, progress) = job.run(body, body_offset).await;
             lead.finish(cached.is_some());
-            if let (Some(swarm), Some(reader)) = (swarm, cached) {
-                swarm.announce_complete(reader).await;
+            match (progress, swarm, cached) {
+                (Some(p), _, cached) => p.finish(cached).await,
+                (None, Some(swarm), Some(reader)) => swarm.announce_complete(reader).await,
+                _ => {}
             }
         });
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
@@ -473,16 +496,18 @@ impl Blobs {
         self.metrics.blob_request("miss");
         let digest = lead.digest;
         let (upstream, origin, path) = (self.upstream.clone(), origin.clone(), path.to_string());
+        let rate = self.origin_rate.clone();
         let range: RangeFetcher = Arc::new(move |start, end| {
-            let (upstream, origin, path, headers) = (
+            let (upstream, origin, path, headers, rate) = (
                 upstream.clone(),
                 origin.clone(),
                 path.clone(),
                 headers.clone(),
+                rate.clone(),
             );
-            Box::pin(
-                async move { origin_range(&upstream, &origin, &path, headers, start, end).await },
-            )
+            Box::pin(async move {
+                origin_range(&upstream, &origin, &path, headers, &rate, start, end).await
+            })
         });
         let job = Fetch {
             digest,
@@ -490,6 +515,8 @@ impl Blobs {
             origin: range,
             metrics: self.metrics.clone(),
             config: swarm.config.clone(),
+            refresh: Some(swarm.refresher(digest, size)),
+            progress: Some(progress_of(&swarm, &writer)),
         };
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         tokio::spawn(async move {
@@ -504,12 +531,12 @@ impl Blobs {
                 _ => None,
             };
             lead.finish(committed.is_some());
-            match committed {
-                Some(reader) => {
-                    info!(%digest, size, "cached from the swarm");
-                    swarm.announce_complete(reader).await;
-                }
+            match &committed {
+                Some(_) => info!(%digest, size, "cached from the swarm"),
                 None => warn!(%digest, "swarm download not cached"),
+            }
+            if let Some(p) = outcome.progress {
+                p.finish(committed).await;
             }
         });
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
@@ -560,11 +587,23 @@ struct Download {
     size: u64,
     metrics: Arc<Metrics>,
     client: mpsc::Sender<Chunk>,
+    progress: Option<Progress>,
+    rate: Arc<RateLimiter>,
 }
 
 impl Download {
-    /// Returns the blob as committed to the store, if it was.
-    async fn run(mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
+    /// Returns the blob as committed to the store, if it was, and the
+    /// progress to finish.
+    async fn run(
+        mut self,
+        body: Incoming,
+        body_offset: u64,
+    ) -> (Option<BlobReader>, Option<Progress>) {
+        let cached = self.fetch(body, body_offset).await;
+        (cached, self.progress.take())
+    }
+
+    async fn fetch(&mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
         let piece_size = self.writer.as_ref().map(|w| w.piece_size()).unwrap_or(1);
         let mut client_open = true;
         // Pieces a killed download left behind go to the client first.
@@ -601,6 +640,7 @@ impl Download {
                 continue;
             };
             pos += data.len() as u64;
+            self.rate.acquire_high(data.len() as u64).await;
             self.metrics.blob_bytes("origin", data.len() as u64);
             if client_open {
                 client_open = self
@@ -620,10 +660,18 @@ impl Download {
                 let take = (piece_size as usize).min(buf.len());
                 let piece = buf.split_to(take).freeze();
                 let i = index;
-                if let Some(Err(e)) = self.with_writer(move |w| w.write_piece(i, &piece)).await {
-                    warn!(digest = %self.digest, error = %e, "store write failed; streaming the rest through");
-                    self.writer = None;
-                    break;
+                match self.with_writer(move |w| w.write_piece(i, &piece)).await {
+                    Some(Ok(sum)) => {
+                        if let Some(p) = &self.progress {
+                            p.piece(i, sum);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(digest = %self.digest, error = %e, "store write failed; streaming the rest through");
+                        self.writer = None;
+                        break;
+                    }
+                    None => {}
                 }
                 index += 1;
             }
@@ -662,6 +710,7 @@ impl Download {
 /// What serving the rest of a hit from the origin takes, should a piece be corrupt.
 struct Continuation {
     upstream: Upstream,
+    rate: Arc<RateLimiter>,
     store: Option<Store>,
     metrics: Arc<Metrics>,
     digest: Digest,
@@ -752,6 +801,7 @@ async fn stream_hit(
         match frame {
             Ok(f) => {
                 if let Some(d) = f.data_ref() {
+                    ctx.rate.acquire_high(d.len() as u64).await;
                     ctx.metrics.blob_bytes("origin", d.len() as u64);
                 }
                 if tx.send(Ok(f)).await.is_err() {
@@ -772,6 +822,7 @@ async fn origin_range(
     origin: &OriginRef,
     path: &str,
     mut headers: HeaderMap,
+    rate: &RateLimiter,
     start: u64,
     end: u64,
 ) -> Result<Bytes, BoxError> {
@@ -782,11 +833,38 @@ async fn origin_range(
     if resp.status() != StatusCode::PARTIAL_CONTENT {
         return Err(format!("origin answered {} to a range request", resp.status()).into());
     }
-    let data = resp.into_body().collect().await?.to_bytes();
+    let mut body = resp.into_body();
+    let mut data = BytesMut::with_capacity((end - start) as usize);
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame?.into_data() {
+            rate.acquire_high(chunk.len() as u64).await;
+            data.extend_from_slice(&chunk);
+        }
+    }
+    let data = data.freeze();
     if data.len() as u64 != end - start {
         return Err(format!("origin sent {} of {} bytes", data.len(), end - start).into());
     }
     Ok(data)
+}
+
+/// Starts telling the tracker what we hold of the blob `writer` fills.
+fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
+    let bitmap = writer.bitmap().clone();
+    // Only a resumed download holds pieces already; their sums are a few reads.
+    let hashes = if bitmap.held() > 0 {
+        writer.held_hashes().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Progress::start(
+        swarm.clone(),
+        writer.digest(),
+        writer.size(),
+        writer.piece_size(),
+        bitmap,
+        hashes,
+    )
 }
 
 async fn begin(

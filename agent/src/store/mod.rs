@@ -347,6 +347,32 @@ impl Store {
         }
     }
 
+    /// Piece `index` of a blob still being written (by whichever writer),
+    /// verified against its recorded sum; `None` if this store does not hold
+    /// that piece of an incomplete blob. Reads the bitmap from disk, where a
+    /// bit is set only after its piece and sum are durable, so a piece being
+    /// written is never served half done.
+    pub fn partial_piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>> {
+        if self.inner.lock().acct.get(digest)?.complete {
+            return None;
+        }
+        // Any failure to open is a race with commit or discard: not held here.
+        let (meta, header, bitmap) = read_meta(&self.inner.meta_path(digest)).ok()?;
+        if index >= header.pieces() {
+            return Some(Err(StoreError::NoSuchPiece {
+                digest: *digest,
+                index,
+                pieces: header.pieces(),
+            }));
+        }
+        if !bitmap.get(index) {
+            return None;
+        }
+        let part = self.inner.part_path(digest);
+        let data = File::open(&part).ok()?;
+        Some(read_verified(&data, &meta, &header, digest, index, &part).map(Bytes::from))
+    }
+
     /// Starts or resumes writing `digest`, `size` bytes long. A partial blob of
     /// another size is discarded first; a partial blob that cannot be resumed
     /// is discarded and the error returned.
@@ -710,9 +736,9 @@ impl BlobWriter {
     }
 
     /// Stores piece `index` (its full length; only the last one is short) and
-    /// records its sha256. Durable when this returns. A piece already held is
-    /// left as it is.
-    pub fn write_piece(&mut self, index: u64, data: &[u8]) -> Result<(), StoreError> {
+    /// records its sha256, which it returns. Durable when this returns. A
+    /// piece already held is left as it is.
+    pub fn write_piece(&mut self, index: u64, data: &[u8]) -> Result<[u8; 32], StoreError> {
         self.check_index(index)?;
         let (start, end) = self.header.piece_range(index);
         if data.len() as u64 != end - start {
@@ -723,10 +749,10 @@ impl BlobWriter {
                 expected: end - start,
             });
         }
+        let sum: [u8; 32] = Sha256::digest(data).into();
         if self.has_piece(index) {
-            return Ok(());
+            return Ok(sum);
         }
-        let sum = Sha256::digest(data);
         let part = self.pin.inner.part_path(&self.pin.digest);
         self.data
             .write_all_at(data, start)
@@ -745,7 +771,30 @@ impl BlobWriter {
             .and_then(|()| self.meta.sync_data())
             .map_err(io_err(&meta))?;
         self.bitmap.set(index);
-        Ok(())
+        Ok(sum)
+    }
+
+    /// The recorded sha256 of every piece held, `None` for the rest: what a
+    /// resumed download announces before it fetches anything.
+    pub fn held_hashes(&self) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+        let meta = self.pin.inner.meta_path(&self.pin.digest);
+        (0..self.pieces())
+            .map(|i| {
+                if !self.has_piece(i) {
+                    return Ok(None);
+                }
+                let mut sum = [0u8; 32];
+                self.meta
+                    .read_exact_at(&mut sum, self.header.sum_offset(i))
+                    .map_err(io_err(&meta))?;
+                Ok(Some(sum))
+            })
+            .collect()
+    }
+
+    /// The bitmap of pieces held, in the tracker's layout.
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bitmap
     }
 
     /// A piece already held, verified; for serving a client from the pieces

@@ -428,3 +428,46 @@ fn a_full_disk_is_no_space() {
     let e = io_err(p)(io::Error::from_raw_os_error(libc::EIO));
     assert!(matches!(e, StoreError::Io { .. }), "{e}");
 }
+
+#[test]
+fn pieces_of_a_blob_being_written_are_served_verified() {
+    let dir = TempDir::new("store");
+    let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
+    let data = blob(3 * 1024 + 10, 7);
+    let d = Digest::of(&data);
+    assert!(store.partial_piece(&d, 0).is_none(), "unknown blob");
+    let mut w = store.begin(&d, data.len() as u64).unwrap();
+    assert!(store.partial_piece(&d, 1).is_none(), "not written yet");
+    let sum = w.write_piece(1, piece(&data, 1)).unwrap();
+    assert_eq!(sum, <[u8; 32]>::from(Sha256::digest(piece(&data, 1))));
+    assert_eq!(
+        &store.partial_piece(&d, 1).unwrap().unwrap()[..],
+        piece(&data, 1)
+    );
+    assert!(matches!(
+        store.partial_piece(&d, 9),
+        Some(Err(StoreError::NoSuchPiece { .. }))
+    ));
+    assert_eq!(w.held_hashes().unwrap(), vec![None, Some(sum), None, None]);
+
+    // A flipped byte on disk is caught, not served.
+    let part = dir.0.join("blobs").join(format!("{}.part", d.hex()));
+    let f = OpenOptions::new().write(true).open(&part).unwrap();
+    f.write_all_at(&[piece(&data, 1)[5] ^ 1], PS + 5).unwrap();
+    assert!(matches!(
+        store.partial_piece(&d, 1),
+        Some(Err(StoreError::Corrupt { .. }))
+    ));
+    f.write_all_at(&piece(&data, 1)[5..6], PS + 5).unwrap();
+
+    for i in [0, 2, 3] {
+        w.write_piece(i, piece(&data, i)).unwrap();
+    }
+    w.commit().unwrap();
+    // Complete now: the partial view no longer answers; the reader does.
+    assert!(store.partial_piece(&d, 1).is_none());
+    assert_eq!(
+        &store.get(&d).unwrap().read_piece(1).unwrap()[..],
+        piece(&data, 1)
+    );
+}

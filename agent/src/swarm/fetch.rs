@@ -3,7 +3,10 @@
 //! Peers' pieces are checked against the tracker's hash list before use; a
 //! piece without an agreed hash only ever comes from the origin (the
 //! scheduler guarantees it). Pieces are written to the store as they
-//! complete and handed to the client strictly in order.
+//! complete, announced as held while the fetch goes on, and handed to the
+//! client strictly in order. The tracker is asked again every
+//! [`REFRESH_EVERY`]: peers fetching the blob at the same time grow their
+//! bitmaps, and their pieces arrive with the hashes to check them by.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,6 +27,7 @@ use crate::{
     store::{BlobWriter, Digest, bitmap::Bitmap},
     swarm::{
         peer::PeerClient,
+        progress::Progress,
         sched::{Action, Config, PeerId, Scheduler, Source},
     },
     upstream::BoxError,
@@ -34,6 +38,12 @@ pub type RangeFetcher =
     Arc<dyn Fn(u64, u64) -> BoxFuture<'static, Result<Bytes, BoxError>> + Send + Sync>;
 
 pub type Chunk = Result<Frame<Bytes>, BoxError>;
+
+/// Asks the tracker again who holds what (`None`: no answer, nobody).
+pub type Refresh = Arc<dyn Fn() -> BoxFuture<'static, Option<Holders>> + Send + Sync>;
+
+/// How often a running fetch asks the tracker for news.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
 /// Origin pieces that fail this many times end the download (the client gets an error).
 const MAX_ORIGIN_FAILURES: u64 = 8;
@@ -51,20 +61,24 @@ pub struct Fetch {
     pub origin: RangeFetcher,
     pub metrics: Arc<Metrics>,
     pub config: Config,
+    pub refresh: Option<Refresh>,
+    /// Told of every piece as it is stored.
+    pub progress: Option<Progress>,
 }
 
-/// What came of it: the writer back (to commit) if every piece is held, and
-/// the hash of every piece (for our own announcement).
+/// What came of it: the writer back (to commit) if every piece is held, the
+/// hash of every piece, and the progress to finish.
 pub struct Outcome {
     pub writer: Option<BlobWriter>,
     pub hashes: Vec<Option<[u8; 32]>>,
+    pub progress: Option<Progress>,
 }
 
 type Done = (u64, Source, Result<Bytes, String>);
 
 impl Fetch {
     pub async fn run(
-        self,
+        mut self,
         writer: BlobWriter,
         holders: Holders,
         client: mpsc::Sender<Chunk>,
@@ -90,21 +104,22 @@ impl Fetch {
                 let _ = client
                     .send(Err(format!("damselfly: scheduler: {e}").into()))
                     .await;
-                return Outcome {
-                    writer: None,
-                    hashes,
-                };
+                return self.outcome(None, hashes);
             }
         };
-        let addrs: Vec<SocketAddr> = holders.peers.iter().map(|p| p.0).collect();
-        for (i, (_, bitmap)) in holders.peers.iter().enumerate() {
-            if let Err(e) = sched.add_peer(PeerId(i as u32), bitmap) {
-                warn!(peer = %addrs[i], error = %e, "ignoring a peer with a malformed bitmap");
+        let mut peers = PeerTable::default();
+        for (addr, bitmap) in &holders.peers {
+            let id = peers.id(*addr);
+            if let Err(e) = sched.add_peer(id, bitmap) {
+                warn!(peer = %addr, error = %e, "ignoring a peer with a malformed bitmap");
             }
         }
         for (i, h) in hashes.iter().enumerate() {
             sched.set_hash_known(i as u64, h.is_some());
         }
+        // The sender stays here, so `recv` only ever waits, even without refreshes.
+        let (news_tx, mut news) = mpsc::channel::<Holders>(1);
+        let _refreshing = self.spawn_refresh(news_tx.clone());
 
         let mut writer = Some(writer);
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
@@ -123,7 +138,7 @@ impl Fetch {
                             debug!(digest = %self.digest, piece, next, in_flight = sched.in_flight(), "piece from the origin");
                         }
                         let span = (piece * piece_size, sched.piece_len(piece));
-                        let task = self.request(piece, from, span, &addrs, tx.clone());
+                        let task = self.request(piece, from, span, &peers.addrs, tx.clone());
                         running.insert((piece, from), task);
                     }
                     Action::Cancel { piece, from } => {
@@ -140,23 +155,27 @@ impl Fetch {
                         let Some(r) =
                             on_writer(&mut writer, move |w| w.write_piece(piece, &copy)).await
                         else {
-                            return Outcome {
-                                writer: None,
-                                hashes,
-                            };
+                            return self.outcome(None, hashes);
                         };
-                        if let Err(e) = r {
-                            warn!(digest = %self.digest, error = %e, "store write failed during a swarm download");
+                        match r {
+                            Ok(sum) => {
+                                if let Some(p) = &self.progress {
+                                    p.piece(piece, sum);
+                                }
+                            }
+                            Err(e) => {
+                                warn!(digest = %self.digest, error = %e, "store write failed during a swarm download")
+                            }
                         }
                         ready.insert(piece, data);
                     }
                     Action::Banned(peer) => {
-                        let addr = addrs.get(peer.0 as usize);
+                        let addr = peers.addrs.get(peer.0 as usize);
                         warn!(digest = %self.digest, ?addr, "peer sent a piece that fails its hash: banned for this blob");
                         self.metrics.piece("peer", "banned");
                     }
                     Action::Dropped(peer) => {
-                        debug!(digest = %self.digest, addr = ?addrs.get(peer.0 as usize), "peer dropped after repeated failures");
+                        debug!(digest = %self.digest, addr = ?peers.addrs.get(peer.0 as usize), "peer dropped after repeated failures");
                     }
                     Action::Done => done = true,
                 }
@@ -171,10 +190,7 @@ impl Fetch {
                         // Held from before (resume): read it back, verified.
                         let i = next;
                         let Some(r) = on_writer(&mut writer, move |w| w.read_piece(i)).await else {
-                            return Outcome {
-                                writer: None,
-                                hashes,
-                            };
+                            return self.outcome(None, hashes);
                         };
                         match r {
                             Ok(d) => {
@@ -185,10 +201,7 @@ impl Fetch {
                                 let _ = client
                                     .send(Err(format!("damselfly: resumed piece: {e}").into()))
                                     .await;
-                                return Outcome {
-                                    writer: None,
-                                    hashes,
-                                };
+                                return self.outcome(None, hashes);
                             }
                         }
                     }
@@ -211,10 +224,7 @@ impl Fetch {
                 for (_, t) in running.drain() {
                     t.abort();
                 }
-                return Outcome {
-                    writer: None,
-                    hashes,
-                };
+                return self.outcome(None, hashes);
             }
 
             let wake = sched
@@ -251,12 +261,48 @@ impl Fetch {
                         }
                     };
                 }
+                Some(h) = news.recv() => {
+                    let now = Instant::now();
+                    actions = peers.update(&mut sched, h.peers, now);
+                    for (i, h) in h.hashes.into_iter().enumerate() {
+                        // Ours came from the origin or an earlier answer: keep it.
+                        if let (Some(ours @ None), Some(h)) = (hashes.get_mut(i), h) {
+                            *ours = Some(h);
+                            sched.set_hash_known(i as u64, true);
+                        }
+                    }
+                    actions.extend(sched.poll(now));
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {
                     actions = sched.poll(Instant::now());
                 }
             }
         }
-        Outcome { writer, hashes }
+        self.outcome(writer, hashes)
+    }
+
+    fn outcome(&mut self, writer: Option<BlobWriter>, hashes: Vec<Option<[u8; 32]>>) -> Outcome {
+        Outcome {
+            writer,
+            hashes,
+            progress: self.progress.take(),
+        }
+    }
+
+    /// Asks the tracker every [`REFRESH_EVERY`] and passes on the answers,
+    /// until the receiver is gone.
+    fn spawn_refresh(&self, tx: mpsc::Sender<Holders>) -> Option<AbortOnDrop> {
+        let refresh = self.refresh.clone()?;
+        Some(AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REFRESH_EVERY).await;
+                if let Some(h) = refresh().await
+                    && tx.send(h).await.is_err()
+                {
+                    return;
+                }
+            }
+        })))
     }
 
     fn request(
@@ -290,6 +336,55 @@ impl Fetch {
                 .abort_handle()
             }
         }
+    }
+}
+
+/// Peers as the scheduler numbers them: an id per address, never reused.
+#[derive(Default)]
+struct PeerTable {
+    addrs: Vec<SocketAddr>,
+    ids: HashMap<SocketAddr, PeerId>,
+}
+
+impl PeerTable {
+    fn id(&mut self, addr: SocketAddr) -> PeerId {
+        *self.ids.entry(addr).or_insert_with(|| {
+            self.addrs.push(addr);
+            PeerId(self.addrs.len() as u32 - 1)
+        })
+    }
+
+    /// Applies a fresh tracker answer: new and grown bitmaps; peers no longer
+    /// listed are gone (their lease ran out), and their requests go elsewhere.
+    fn update(
+        &mut self,
+        sched: &mut Scheduler,
+        holders: Vec<(SocketAddr, Vec<u8>)>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut listed = Vec::with_capacity(holders.len());
+        for (addr, bitmap) in holders {
+            let id = self.id(addr);
+            listed.push(id);
+            if let Err(e) = sched.update_peer(id, &bitmap) {
+                debug!(peer = %addr, error = %e, "ignoring a malformed bitmap");
+            }
+        }
+        let mut actions = Vec::new();
+        for &id in self.ids.values() {
+            if !listed.contains(&id) {
+                actions.extend(sched.remove_peer(id, now));
+            }
+        }
+        actions
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod fetch;
 pub mod peer;
+pub mod progress;
 pub mod rate;
 pub mod sched;
 
@@ -23,13 +24,40 @@ pub struct Swarm {
     pub tracker: TrackerClient,
     pub peers: Arc<peer::PeerClient>,
     pub config: sched::Config,
+    /// The store's piece size: what a join tells the tracker.
+    pub piece_size: u64,
 }
 
 impl Swarm {
-    /// Peers that hold pieces of `digest` (with the same size), or `None`:
-    /// no tracker answer, nobody holds it, or the holders disagree with the origin.
-    pub async fn holders(&self, digest: &Digest, size: u64) -> Option<fetch::Holders> {
-        let found = match tokio::time::timeout(FIND_TIMEOUT, self.tracker.find(digest)).await {
+    /// Peers that hold or are fetching pieces of `digest` (with the same
+    /// size), or `None`: no tracker answer, nobody has it, or the holders
+    /// disagree with the origin. Either way the tracker now counts us as
+    /// fetching it, so of nodes asking together only the first hears `None`.
+    pub async fn join(&self, digest: &Digest, size: u64) -> Option<fetch::Holders> {
+        let join = Some((size, self.piece_size));
+        let holders = self.find(digest, size, join).await?;
+        let known = holders.hashes.iter().filter(|h| h.is_some()).count();
+        info!(%digest, peers = holders.peers.len(), hashes = known, "fetching from the swarm");
+        Some(holders)
+    }
+
+    /// A fresh look at who holds what, for a fetch in progress.
+    pub fn refresher(self: &Arc<Self>, digest: Digest, size: u64) -> fetch::Refresh {
+        let this = self.clone();
+        Arc::new(move || {
+            let this = this.clone();
+            Box::pin(async move { this.find(&digest, size, None).await })
+        })
+    }
+
+    async fn find(
+        &self,
+        digest: &Digest,
+        size: u64,
+        join: Option<(u64, u64)>,
+    ) -> Option<fetch::Holders> {
+        let ask = self.tracker.find_and_join(digest, join);
+        let found = match tokio::time::timeout(FIND_TIMEOUT, ask).await {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
                 debug!(%digest, error = %e, "tracker find failed; origin only");
@@ -51,8 +79,6 @@ impl Swarm {
         if peers.is_empty() {
             return None;
         }
-        let known = found.hashes.iter().filter(|h| h.is_some()).count();
-        info!(%digest, peers = peers.len(), hashes = known, "fetching from the swarm");
         Some(fetch::Holders {
             peers,
             hashes: found.hashes,

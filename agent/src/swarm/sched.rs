@@ -39,11 +39,16 @@
 //! - holders exist but all are busy: the origin if the piece is in the read
 //!   window, else wait for a slot;
 //! - no usable holder (none holds it, or every holder already failed this
-//!   piece): the origin if `origin_first`, the piece is in the read window,
-//!   there are no live peers at all, or the piece has failed before; else
-//!   wait, since peers that are downloading it too will likely announce it
-//!   and that spares the origin. The read window moves with the client, so
-//!   every piece is eventually fetched.
+//!   piece): the origin if `origin_first`, there are no live peers at all,
+//!   the piece has failed before, or it is in the read window and the swarm
+//!   has gone `patience` without news (a peer announcing a piece we lack,
+//!   or a piece completing); else wait, since peers that are downloading it
+//!   too will likely announce it and that spares the origin. The read window
+//!   moves with the client and patience runs out, so every piece is
+//!   eventually fetched.
+//! - hash unknown: the origin if some peer holds the piece (its bytes could
+//!   not be checked), else as with no usable holder (the hash comes with
+//!   the first holder's announcement).
 //!
 //! Rescue: a read-window piece whose single request to a peer is overdue
 //! (past its expected time at the peer's measured rate, or `min_timeout`
@@ -161,6 +166,11 @@ pub struct Config {
     pub rescue_factor: u32,
     /// ... and never before this long (a second source costs bytes too).
     pub rescue_floor: Duration,
+    /// How long a read-window piece nobody holds waits for the swarm while
+    /// it makes progress, before it goes to the origin (`None`: no wait).
+    /// Nodes that start a pull together thus wait for the one fetching from
+    /// the origin instead of each fetching the blob.
+    pub patience: Option<Duration>,
 }
 
 impl Default for Config {
@@ -179,6 +189,7 @@ impl Default for Config {
             busy_window: None,
             rescue_factor: 1,
             rescue_floor: MIN_SAMPLE,
+            patience: None,
         }
     }
 }
@@ -262,6 +273,11 @@ pub struct Scheduler {
     origin_failures: u64,
     read_position: u64,
     done_reported: bool,
+    /// A peer announced a piece we lack, or a piece completed, since the last poll.
+    news: bool,
+    last_news: Option<Instant>,
+    /// While patience lasts: when it runs out (a deadline for the driver).
+    patient_until: Option<Instant>,
 }
 
 impl Scheduler {
@@ -295,6 +311,9 @@ impl Scheduler {
             origin_failures: 0,
             read_position: 0,
             done_reported: false,
+            news: false,
+            last_news: None,
+            patient_until: None,
         })
     }
 
@@ -350,6 +369,7 @@ impl Scheduler {
                 Some(t) if !r.rescued && self.copies(piece).nth(1).is_none() => t.min(r.deadline),
                 _ => r.deadline,
             })
+            .chain(self.patient_until.filter(|_| self.missing > 0))
             .min()
     }
 
@@ -365,7 +385,10 @@ impl Scheduler {
             let (was, is) = (old.as_ref().is_some_and(|p| p.have.get(i)), have.get(i));
             let a = &mut self.avail[i as usize];
             match (was, is) {
-                (false, true) => *a += 1,
+                (false, true) => {
+                    *a += 1;
+                    self.news |= !self.pieces[i as usize].done;
+                }
                 (true, false) => *a -= 1,
                 _ => {}
             }
@@ -403,6 +426,7 @@ impl Scheduler {
         if !p.have.get(piece) {
             p.have.set(piece);
             self.avail[piece as usize] += 1;
+            self.news |= !self.pieces[piece as usize].done;
         }
     }
 
@@ -499,6 +523,14 @@ impl Scheduler {
     }
 
     fn poll_into(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.news || self.last_news.is_none() {
+            self.news = false;
+            self.last_news = Some(now);
+        }
+        self.patient_until = match (self.config.patience, self.last_news) {
+            (Some(p), Some(t)) => Some(t + p).filter(|&until| until > now),
+            _ => None,
+        };
         self.expire(now, out);
         self.schedule(now, out);
         if self.missing == 0 && !self.done_reported {
@@ -665,10 +697,22 @@ impl Scheduler {
         let origin = (self.origin_in_flight < self.config.max_origin
             && busy != Some(Source::Origin))
         .then_some(Source::Origin);
-        if !piece.hash_known {
-            return origin;
-        }
         let in_window = self.in_window(i);
+        // Waiting for a piece nobody can give us yet.
+        let no_holder = || {
+            let go = self.config.origin_first
+                || self.peers.is_empty()
+                || piece.failures > 0
+                || (in_window && self.patient_until.is_none());
+            origin.filter(|_| go)
+        };
+        if !piece.hash_known {
+            let held = self
+                .peers
+                .iter()
+                .any(|(id, p)| p.have.get(i) && !piece.avoid.contains(id));
+            return if held { origin } else { no_holder() };
+        }
         // An unmeasured peer is assumed as good as the best measured one, so
         // it gets tried rather than starved.
         let optimistic = self
@@ -709,13 +753,7 @@ impl Scheduler {
                 Some(w) => i >= self.read_position && i - self.read_position < w,
                 None => in_window,
             }),
-            None => {
-                let go = self.config.origin_first
-                    || in_window
-                    || self.peers.is_empty()
-                    || piece.failures > 0;
-                origin.filter(|_| go)
-            }
+            None => no_holder(),
         }
     }
 
@@ -800,6 +838,7 @@ impl Scheduler {
     fn complete(&mut self, piece: u64, out: &mut Vec<Action>) {
         self.pieces[piece as usize].done = true;
         self.missing -= 1;
+        self.news = true;
         out.push(Action::Completed(piece));
         let others: Vec<Source> = self.copies(piece).collect();
         for from in others {
@@ -1280,6 +1319,39 @@ mod tests {
     }
 
     #[test]
+    fn patience_waits_for_a_peer_that_is_still_fetching() {
+        let config = Config {
+            window: 2,
+            patience: Some(secs(5)),
+            ..cfg()
+        };
+        let mut s = Scheduler::new(4 * PS, PS, &[0], config).unwrap();
+        let t = Instant::now();
+        // A peer that holds nothing yet: it is fetching from the origin.
+        s.add_peer(A, &bits(4, [])).unwrap();
+        assert!(requests(&s.poll(t)).is_empty());
+        assert_eq!(s.next_deadline(), Some(t + secs(5)));
+        // It announces piece 0 with its hash: we take it from the peer, and
+        // the news restarts the wait for piece 1.
+        s.add_peer(A, &bits(4, [0])).unwrap();
+        s.set_hash_known(0, true);
+        assert_eq!(requests(&s.poll(t + secs(4))), [(0, Source::Peer(A))]);
+        s.on_piece(0, Source::Peer(A), PS, t + secs(4), true);
+        assert!(requests(&s.poll(t + secs(8))).is_empty());
+        // No news for the whole patience: the read window goes to the origin.
+        let r = requests(&s.poll(t + secs(9)));
+        assert_eq!(r, [(1, Source::Origin)]);
+        // Without patience the window goes to the origin at once.
+        let mut s = sched(4, Config { window: 2, ..cfg() });
+        s.set_hash_known_all(false);
+        s.add_peer(A, &bits(4, [])).unwrap();
+        assert_eq!(
+            requests(&s.poll(t)),
+            [(0, Source::Origin), (1, Source::Origin)]
+        );
+    }
+
+    #[test]
     fn slower_peer_than_origin_loses_to_the_origin() {
         let mut s = sched(
             6,
@@ -1497,6 +1569,7 @@ mod tests {
                     busy_window: origin_first.then_some(u64::from(max_failures) % 2),
                     rescue_factor: max_failures,
                     rescue_floor: secs(u64::from(max_failures) / 2),
+                    patience: (max_per_peer % 2 == 0).then(|| secs(min_timeout)),
                 },
             )
     }
@@ -1711,6 +1784,8 @@ mod tests {
                 }
                 let first = (0..n).find(|&i| !d.s.is_held(i)).unwrap();
                 d.s.set_read_position(first);
+                // Patience with a stalled swarm runs out.
+                d.now += d.config.patience.unwrap_or_default();
                 let acts = d.s.poll(d.now);
                 d.apply(acts)?;
                 let round: Vec<_> = d.outstanding.iter().copied().collect();

@@ -263,14 +263,25 @@ impl TrackerClient {
         }
     }
 
-    /// Who else holds pieces of `digest`, best first.
+    /// Who else holds (or is fetching) pieces of `digest`, best first.
     pub async fn find(&self, digest: &Digest) -> Result<FindResult, TrackerError> {
+        self.find_and_join(digest, None).await
+    }
+
+    /// [`Self::find`], and with `join = Some((size, piece_size))` be recorded
+    /// as fetching the blob in the same step (see `Join` in tracker.proto).
+    pub async fn find_and_join(
+        &self,
+        digest: &Digest,
+        join: Option<(u64, u64)>,
+    ) -> Result<FindResult, TrackerError> {
         let r = &self.inner.replicas[self.owner_index(digest)];
         let req = pb::FindRequest {
             digest: digest.to_string(),
             peer_id: self.inner.me.id.clone(),
             zone: self.inner.me.zone.clone(),
             max_peers: 0,
+            join: join.map(|(size, piece_size)| pb::Join { size, piece_size }),
         };
         let resp = self.call(r, "find", r.rpc.clone().find(req)).await?;
         Ok(FindResult {

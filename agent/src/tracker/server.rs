@@ -212,11 +212,13 @@ impl Tracker for TrackerService {
     ) -> Result<Response<pb::FindResponse>, Status> {
         let req = req.into_inner();
         let d = digest(&req.digest)?;
-        let found = self.state().find(
+        let join = req.join.map(|j| (j.size, j.piece_size));
+        let found = self.state().find_and_join(
             &d,
             &req.peer_id,
             &req.zone,
             req.max_peers as usize,
+            join,
             Instant::now(),
         );
         let Some(f) = found else {

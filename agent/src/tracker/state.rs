@@ -284,11 +284,53 @@ impl State {
         Ok(())
     }
 
-    /// Who holds pieces of `digest`, for `asking` in `zone`; `None` when nobody
-    /// does. Ranked: peers in the asker's zone first (an empty zone matches
-    /// nothing), then most pieces held, then fewest active uploads, then most
-    /// upload capacity; ties by id so the answer is deterministic. Excludes the
-    /// asker, peers whose lease ran out and peers holding no piece yet.
+    /// [`State::find`], then, if `join` gives the blob's geometry, records
+    /// `asking` as a holder of no piece yet (an announcement it already made
+    /// stays). Answer and record are one step under the caller's lock, so of
+    /// peers joining together exactly one is told nobody else has it.
+    pub fn find_and_join(
+        &mut self,
+        digest: &Digest,
+        asking: &str,
+        zone: &str,
+        max_peers: usize,
+        join: Option<(u64, u64)>,
+        now: Instant,
+    ) -> Option<Found> {
+        let found = self.find(digest, asking, zone, max_peers, now);
+        let Some((size, piece_size)) = join else {
+            return found;
+        };
+        let held = self
+            .blobs
+            .get(digest)
+            .is_some_and(|b| b.holders.contains_key(asking));
+        if !held {
+            let pieces = size.div_ceil(piece_size.max(1));
+            // Refused (unknown peer, other geometry): the answer alone is
+            // still right, and the asker's own announcements will follow.
+            let _ = self.announce(
+                asking,
+                Announce {
+                    digest: *digest,
+                    size,
+                    piece_size,
+                    hashes: Vec::new(),
+                    bitmap: Bitmap::new(pieces).as_bytes().to_vec(),
+                },
+                now,
+            );
+        }
+        found
+    }
+
+    /// Who holds or is fetching pieces of `digest`, for `asking` in `zone`;
+    /// `None` when nobody does. Ranked: peers in the asker's zone first (an
+    /// empty zone matches nothing), then most pieces held, then fewest active
+    /// uploads, then most upload capacity; ties by id so the answer is
+    /// deterministic. Excludes the asker and peers whose lease ran out. Peers
+    /// holding no piece yet are listed (last): they are downloading it, and
+    /// waiting for their pieces spares the origin.
     pub fn find(
         &self,
         digest: &Digest,
@@ -309,10 +351,8 @@ impl State {
         }
         let hashes = merge_hashes(blob.pieces(), live.iter().map(|(_, h)| &h.hashes[..]));
         let same_zone = |p: &Peer| !zone.is_empty() && p.info.zone == zone;
-        let mut ranked: Vec<&(&Peer, &Holding)> = live
-            .iter()
-            .filter(|(p, h)| p.info.id != asking && h.bitmap.held() > 0)
-            .collect();
+        let mut ranked: Vec<&(&Peer, &Holding)> =
+            live.iter().filter(|(p, _)| p.info.id != asking).collect();
         ranked.sort_by(|(a, ha), (b, hb)| {
             same_zone(b)
                 .cmp(&same_zone(a))
@@ -531,7 +571,7 @@ mod tests {
     }
 
     #[test]
-    fn asking_peer_and_empty_holders_are_not_answered() {
+    fn asking_peer_is_not_answered_and_starting_peers_come_last() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
         s.register(info("me", "a"), 0, t0).unwrap();
@@ -541,12 +581,44 @@ mod tests {
         s.announce("other", ann(&[0], vec![]), t0).unwrap();
         s.announce("starting", ann(&[], vec![]), t0).unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
-        assert_eq!(ids(&f), ["other"]);
+        assert_eq!(ids(&f), ["other", "starting"]);
+        s.withdraw("starting", &digest(), t0).unwrap();
         // Only the asker holds it: still an answer (geometry, hashes), no peers.
         s.withdraw("other", &digest(), t0).unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
         assert!(f.peers.is_empty());
         assert!(s.find(&Digest::of(b"other"), "me", "a", 0, t0).is_none());
+    }
+
+    #[test]
+    fn of_peers_joining_together_only_the_first_hears_nobody() {
+        let t0 = Instant::now();
+        let mut s = State::new(HB);
+        for id in ["a", "b", "c"] {
+            s.register(info(id, ""), 0, t0).unwrap();
+        }
+        let join = Some((10, 1));
+        assert!(s.find_and_join(&digest(), "a", "", 0, join, t0).is_none());
+        let f = s.find_and_join(&digest(), "b", "", 0, join, t0).unwrap();
+        assert_eq!(ids(&f), ["a"]);
+        assert_eq!(f.peers[0].held, 0);
+        let f = s.find_and_join(&digest(), "c", "", 0, join, t0).unwrap();
+        assert_eq!(ids(&f), ["a", "b"]);
+
+        // Joining again keeps what the joiner announced since.
+        s.announce("a", ann(&[0, 1], vec![]), t0).unwrap();
+        s.find_and_join(&digest(), "a", "", 0, join, t0);
+        let f = s.find(&digest(), "b", "", 0, t0).unwrap();
+        assert_eq!(f.peers[0].id, "a");
+        assert_eq!(f.peers[0].held, 2);
+
+        // A plain find records nothing; an unknown asker is answered but not recorded.
+        assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
+        assert!(
+            s.find_and_join(&Digest::of(b"x"), "ghost", "", 0, join, t0)
+                .is_none()
+        );
+        assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
     }
 
     #[test]

@@ -52,10 +52,15 @@ pub trait PieceSource: Send + Sync {
     fn piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>>;
 }
 
-/// Complete blobs only; the agent layers its in-flight downloads on top.
+/// Complete blobs, and the pieces held of blobs still downloading (so nodes
+/// that start together share while they fetch).
 impl PieceSource for Store {
     fn piece(&self, digest: &Digest, index: u64) -> Option<Result<Bytes, StoreError>> {
-        Some(self.get(digest)?.read_piece(index))
+        let complete = |s: &Store| Some(s.get(digest)?.read_piece(index));
+        complete(self)
+            .or_else(|| self.partial_piece(digest, index))
+            // It may have been committed between the two looks.
+            .or_else(|| complete(self))
     }
 }
 
