@@ -11,7 +11,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{Admin, metrics::Metrics},
+    admin::{Admin, fetch::Fetcher, metrics::Metrics},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor},
@@ -29,27 +29,25 @@ use crate::{
 };
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let rules = Rules::new(&args.steer_ports, &args.steer_comm, &args.steer_exclude)?;
-    let cgroup = match args.cgroup.clone() {
-        Some(c) => c,
-        None => mounts::cgroup2_root()?,
-    };
+    if args.seed && (args.tracker.is_empty() || args.splice_only) {
+        bail!("--seed serves the swarm: it needs --tracker, and cannot be --splice-only");
+    }
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
 
-    // Listeners first: the kernel sends connects to them as soon as we attach.
-    let (listeners, bound) = bind_listeners(&args.listen).await?;
+    // A seed takes no node's connections: no cgroup, no programs, no listeners.
+    let steered = if args.seed {
+        None
+    } else {
+        Some(attach(&args).await?)
+    };
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("binding --admin {}", args.admin))?;
-    raise_memlock();
-
-    let steering = Arc::new(
-        Steering::start(&args.instance, &cgroup, rules, listeners)
-            .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?,
-    );
     let mut metrics = Metrics::new();
-    metrics.attach_steering(&steering);
+    if let Some((steering, _)) = &steered {
+        metrics.attach_steering(steering);
+    }
 
     let parts = if args.splice_only {
         None
@@ -58,31 +56,46 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let metrics = Arc::new(metrics);
     let gateway = parts.map(|p| p.into_gateway(metrics.clone()));
-
-    let interceptor = Arc::new(Interceptor {
-        steering: steering.clone(),
-        metrics: metrics.clone(),
-        gateway,
+    let fetch = gateway.as_ref().map(|g| Fetcher {
+        hosts: g.hosts.clone(),
+        service: g.service.clone(),
     });
-    let listen: Vec<SocketAddr> = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
-    for l in bound {
-        tokio::spawn(interceptor.clone().serve(l));
-    }
+
+    let mut listen = Vec::new();
+    let steering = match steered {
+        Some((steering, bound)) => {
+            let interceptor = Arc::new(Interceptor {
+                steering: steering.clone(),
+                metrics: metrics.clone(),
+                gateway,
+            });
+            listen = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
+            for l in bound {
+                tokio::spawn(interceptor.clone().serve(l));
+            }
+            info!(
+                instance = %args.instance,
+                cgroup = %steering.cgroup.display(),
+                ?listen,
+                admin = %args.admin,
+                pins = %steering.pin_dir.display(),
+                "steering"
+            );
+            Some(steering)
+        }
+        None => {
+            info!(instance = %args.instance, admin = %args.admin, "seed: no steering");
+            None
+        }
+    };
     let admin = Arc::new(Admin {
         instance: args.instance.clone(),
-        listen: listen.clone(),
+        listen,
         steering: steering.clone(),
         metrics,
+        fetch,
     });
     tokio::spawn(admin.serve(admin_listener));
-    info!(
-        instance = %args.instance,
-        cgroup = %cgroup.display(),
-        ?listen,
-        admin = %args.admin,
-        pins = %steering.pin_dir.display(),
-        "steering"
-    );
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -90,9 +103,26 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
     }
-    steering.shutdown().context("removing pins")?;
-    info!("detached; pins removed");
+    if let Some(steering) = steering {
+        steering.shutdown().context("removing pins")?;
+        info!("detached; pins removed");
+    }
     Ok(())
+}
+
+/// Bind the steering listeners and attach the programs; the listeners come
+/// first because the kernel sends connects to them as soon as we attach.
+async fn attach(args: &AgentArgs) -> anyhow::Result<(Arc<Steering>, Vec<TcpListener>)> {
+    let rules = Rules::new(&args.steer_ports, &args.steer_comm, &args.steer_exclude)?;
+    let cgroup = match args.cgroup.clone() {
+        Some(c) => c,
+        None => mounts::cgroup2_root()?,
+    };
+    let (listeners, bound) = bind_listeners(&args.listen).await?;
+    raise_memlock();
+    let steering = Steering::start(&args.instance, &cgroup, rules, listeners)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    Ok((Arc::new(steering), bound))
 }
 
 /// Node CA, origin client and blob cache: what terminating registry
@@ -230,6 +260,10 @@ fn start_swarm(
             // Nodes pulling together wait for the one fetching from the
             // origin while its pieces keep coming.
             patience: Some(Duration::from_secs(10)),
+            // A seed is there to bring into the swarm what it lacks: a piece
+            // no peer holds comes from the origin now, not after a wait
+            // (this overrides the patience above).
+            origin_first: args.seed,
             ..Default::default()
         },
         piece_size: store.piece_size(),

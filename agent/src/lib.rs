@@ -5,6 +5,7 @@ pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod intercept;
+pub mod oci;
 pub mod registry;
 pub mod steer;
 pub mod store;

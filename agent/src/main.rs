@@ -17,6 +17,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Tracker(args) => {
             damselfly::tracker::server::run(args.listen, args.heartbeat).await
         }
+        Command::Get(args) => damselfly::cli::get::run(args).await,
+        Command::Preheat(args) => damselfly::cli::preheat::run(args).await,
         Command::Status(args) => {
             let s = status::fetch(args.admin).await?;
             if args.json {

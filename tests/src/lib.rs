@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod body;
+pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod origin;

@@ -3,13 +3,12 @@
 
 use std::{
     fs,
-    net::TcpStream,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use damselfly_testbed::{
-    Agent, Proc, Testbed, agent::damselfly_bin, containerd::Containerd, image::Image,
+    Agent, Proc, Testbed, cluster::start_tracker, containerd::Containerd, image::Image,
     origin::Origin, pki::TestCa,
 };
 
@@ -38,7 +37,7 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
     let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
 
     let tracker_addr = tb.node(infra).addr4(7400);
-    let tracker = start_tracker(&tb, infra);
+    let tracker = start_tracker(&tb, infra).unwrap();
 
     // The cluster PKI the Helm chart would create: one CA, a peer cert per node.
     let cluster = TestCa::new("dfly cluster CA").unwrap();
@@ -89,31 +88,6 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
         origin,
         tb,
     }
-}
-
-/// `damselfly tracker` in node `infra`, listening on its port 7400.
-fn start_tracker(tb: &Testbed, infra: usize) -> Proc {
-    let addr = tb.node(infra).addr4(7400);
-    let mut cmd = tb.node(infra).command(damselfly_bin().unwrap()).unwrap();
-    cmd.args(["tracker", "--listen", &addr.to_string()]);
-    let tracker = tb
-        .node(infra)
-        .spawn(cmd, &tb.dir.join("tracker.log"))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tb
-        .node(infra)
-        .in_netns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
-        .unwrap()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "tracker did not start: {}",
-            tracker.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    tracker
 }
 
 fn m(agent: &Agent, series: &str) -> f64 {
@@ -319,7 +293,7 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
 
     // A fresh tracker knows nothing; the agents re-register and node 1
     // re-announces within a heartbeat (5 s), without being restarted.
-    s.tracker = start_tracker(&s.tb, 3);
+    s.tracker = start_tracker(&s.tb, 3).unwrap();
     std::thread::sleep(Duration::from_secs(7));
     let before = s
         .origin

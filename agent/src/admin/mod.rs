@@ -1,25 +1,33 @@
 //! Admin HTTP: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON for
-//! `damselfly status`).
+//! `damselfly status`), `/v1/fetch` (blobs for `damselfly get` and `preheat`).
 
+pub mod fetch;
 pub mod metrics;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::steer::{AttachedProgram, PortCounters, Rules, Steering};
+use crate::{
+    steer::{AttachedProgram, PortCounters, Rules, Steering},
+    upstream::Body,
+};
+use fetch::Fetcher;
 use metrics::{InterceptTotals, Metrics};
 
 /// What `/status` returns and `damselfly status` prints.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub instance: String,
+    /// A seed steers nothing: cgroup, pins, programs and counters are empty.
+    #[serde(default)]
+    pub seed: bool,
     pub pid: u32,
     pub cgroup: String,
     pub pin_dir: String,
@@ -33,15 +41,37 @@ pub struct Status {
 pub struct Admin {
     pub instance: String,
     pub listen: Vec<SocketAddr>,
-    pub steering: Arc<Steering>,
+    /// `None` on a seed, which takes no node's connections.
+    pub steering: Option<Arc<Steering>>,
     pub metrics: Arc<Metrics>,
+    /// `None` with --splice-only (no cache, no registry client).
+    pub fetch: Option<Fetcher>,
 }
 
 impl Admin {
     pub fn status(&self) -> Status {
-        let s = &self.steering;
+        let intercept = self.metrics.intercept_totals();
+        let Some(s) = &self.steering else {
+            return Status {
+                instance: self.instance.clone(),
+                seed: true,
+                pid: std::process::id(),
+                cgroup: String::new(),
+                pin_dir: String::new(),
+                listen: self.listen.clone(),
+                programs: Vec::new(),
+                rules: Rules {
+                    ports: Vec::new(),
+                    comms: Vec::new(),
+                    exclude: Vec::new(),
+                },
+                counters: Vec::new(),
+                intercept,
+            };
+        };
         Status {
             instance: self.instance.clone(),
+            seed: false,
             pid: std::process::id(),
             cgroup: s.cgroup.display().to_string(),
             pin_dir: s.pin_dir.display().to_string(),
@@ -49,7 +79,7 @@ impl Admin {
             programs: s.attached.clone(),
             rules: s.rules.clone(),
             counters: s.counters(),
-            intercept: self.metrics.intercept_totals(),
+            intercept,
         }
     }
 
@@ -62,7 +92,7 @@ impl Admin {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req)) }
+                    async move { Ok::<_, Infallible>(this.route(req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
@@ -74,11 +104,18 @@ impl Admin {
         }
     }
 
-    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
         match req.uri().path() {
+            fetch::PATH => match &self.fetch {
+                Some(f) => f.handle(req).await,
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this agent runs --splice-only: it fetches no blobs\n".into(),
+                ),
+            },
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/metrics" => {
                 let mut r = text(StatusCode::OK, self.metrics.encode());
@@ -101,14 +138,18 @@ impl Admin {
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz, /metrics, /status\n".into(),
+                "not found: try /healthz, /metrics, /status, /v1/fetch?url=BLOB-URL\n".into(),
             ),
         }
     }
 }
 
-fn text(code: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn text(code: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = code;
     r
 }

@@ -1,9 +1,12 @@
 //! The command line: the product's interface. Flags also read `DAMSELFLY_*`.
 
 pub mod ca;
+pub mod get;
+pub mod preheat;
 pub mod size;
 pub mod status;
 pub mod tracker;
+pub mod transfer;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -30,6 +33,10 @@ pub enum Command {
     Ca(ca::CaArgs),
     /// Run the tracker: which peer holds which pieces of which blob (gRPC).
     Tracker(tracker::TrackerArgs),
+    /// Download a blob (URL) or an image (to an OCI layout) through the local agent.
+    Get(get::GetArgs),
+    /// Have seed agents fetch an image's blobs before a rollout.
+    Preheat(preheat::PreheatArgs),
 }
 
 #[derive(Debug, Args)]
@@ -211,5 +218,64 @@ mod tests {
             );
         }
         assert!(Cli::try_parse_from(["damselfly", "agent", "--steer-ports", "70000"]).is_err());
+    }
+
+    #[test]
+    fn get_and_preheat_flags() {
+        let cli = Cli::try_parse_from([
+            "damselfly",
+            "get",
+            "reg.io/app:v1",
+            "-o",
+            "out",
+            "--platform",
+            "linux/arm64",
+            "--creds",
+            "u:p",
+        ])
+        .unwrap();
+        let Command::Get(g) = cli.command else {
+            panic!()
+        };
+        assert_eq!(g.agent, "http://127.0.0.1:7402");
+        assert_eq!(g.platform.unwrap().to_string(), "linux/arm64");
+        assert_eq!(g.registry.creds.as_deref(), Some("u:p"));
+        assert!(
+            Cli::try_parse_from(["damselfly", "get", "x"]).is_err(),
+            "-o is required"
+        );
+
+        let cli = Cli::try_parse_from([
+            "damselfly",
+            "preheat",
+            "reg.io/app:v1",
+            "--seed",
+            "http://s0:7402,http://s1:7402",
+            "--all-platforms",
+        ])
+        .unwrap();
+        let Command::Preheat(p) = cli.command else {
+            panic!()
+        };
+        assert_eq!(p.seeds.len(), 2);
+        assert!(p.all_platforms);
+        assert!(
+            Cli::try_parse_from([
+                "damselfly",
+                "preheat",
+                "r/a",
+                "--seed",
+                "s",
+                "--all-platforms",
+                "--platform",
+                "linux/amd64",
+            ])
+            .is_err()
+        );
+        let cli = Cli::try_parse_from(["damselfly", "agent", "--seed"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!()
+        };
+        assert!(a.seed);
     }
 }

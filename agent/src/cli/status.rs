@@ -31,6 +31,12 @@ pub async fn fetch(admin: SocketAddr) -> anyhow::Result<Status> {
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "agent      {} (pid {})", s.instance, s.pid);
+    if s.seed {
+        let _ = writeln!(out, "mode       seed (no steering)");
+        out.push('\n');
+        intercept_table(&mut out, s);
+        return out;
+    }
     let _ = writeln!(out, "cgroup     {}", s.cgroup);
     let _ = writeln!(out, "pins       {}", s.pin_dir);
     let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
@@ -72,9 +78,14 @@ pub fn render(s: &Status) -> String {
     table(&mut out, ["PORT", "STEERED", "PASSED"], &rows);
 
     out.push('\n');
+    intercept_table(&mut out, s);
+    out
+}
+
+fn intercept_table(out: &mut String, s: &Status) {
     let i = &s.intercept;
     table(
-        &mut out,
+        out,
         ["SPLICED CONNECTIONS", "BYTES UPSTREAM", "BYTES DOWNSTREAM"],
         &[[
             i.connections.to_string(),
@@ -82,7 +93,6 @@ pub fn render(s: &Status) -> String {
             i.bytes_downstream.to_string(),
         ]],
     );
-    out
 }
 
 fn table<const N: usize>(out: &mut String, head: [&str; N], rows: &[[String; N]]) {
@@ -118,6 +128,7 @@ mod tests {
     fn tables_are_aligned_and_carry_every_value() {
         let s = Status {
             instance: "n1".into(),
+            seed: false,
             pid: 42,
             cgroup: "/sys/fs/cgroup/n1".into(),
             pin_dir: "/sys/fs/bpf/damselfly/n1".into(),
@@ -158,5 +169,15 @@ mod tests {
             text.contains("3                    10              99"),
             "{text}"
         );
+
+        let seed = Status {
+            seed: true,
+            programs: Vec::new(),
+            counters: Vec::new(),
+            ..s
+        };
+        let text = render(&seed);
+        assert!(text.contains("seed (no steering)"), "{text}");
+        assert!(!text.contains("PROGRAM"), "{text}");
     }
 }

@@ -45,7 +45,7 @@ pub fn route(method: &Method, path: &str) -> Route {
 
 /// The distribution spec's repository name grammar: path components of
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` joined by `/`.
-fn valid_repo(repo: &str) -> bool {
+pub(crate) fn valid_repo(repo: &str) -> bool {
     !repo.is_empty() && repo.len() <= 255 && repo.split('/').all(valid_component)
 }
 

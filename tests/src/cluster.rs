@@ -1,0 +1,80 @@
+//! The swarm's shared parts: a `damselfly tracker` in a node, and the
+//! cluster PKI the Helm chart would create (one CA, a peer certificate per node).
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+
+use crate::{
+    agent::damselfly_bin,
+    pki::TestCa,
+    testbed::{Proc, Testbed},
+};
+
+/// `damselfly tracker` in node `infra`, listening on its port 7400; returns
+/// once it accepts connections.
+pub fn start_tracker(tb: &Testbed, infra: usize) -> anyhow::Result<Proc> {
+    let node = tb.node(infra);
+    let addr = node.addr4(7400);
+    let mut cmd = node.command(damselfly_bin()?)?;
+    cmd.args(["tracker", "--listen", &addr.to_string()]);
+    let tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node
+        .in_netns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?
+    {
+        if Instant::now() > deadline {
+            bail!("tracker did not start: {}", tracker.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(tracker)
+}
+
+/// A tracker and the cluster CA.
+pub struct Cluster {
+    pub tracker: Proc,
+    pub tracker_addr: SocketAddr,
+    pub ca: TestCa,
+    pub ca_pem: PathBuf,
+}
+
+impl Cluster {
+    pub fn start(tb: &Testbed, infra: usize) -> anyhow::Result<Self> {
+        let ca = TestCa::new("dfly cluster CA")?;
+        let ca_pem = tb.dir.join("cluster-ca.crt");
+        fs::write(&ca_pem, ca.pem())?;
+        Ok(Self {
+            tracker: start_tracker(tb, infra)?,
+            tracker_addr: tb.node(infra).addr4(7400),
+            ca,
+            ca_pem,
+        })
+    }
+
+    /// The flags that join the agent of node `node` to the swarm, with a peer
+    /// certificate from the cluster CA.
+    pub fn agent_flags(&self, tb: &Testbed, node: usize) -> anyhow::Result<Vec<String>> {
+        let (crt, key) = self
+            .ca
+            .issue(&["damselfly-peer"])?
+            .write(&tb.dir, &format!("peer-n{node}"))?;
+        Ok(vec![
+            "--tracker".into(),
+            self.tracker_addr.to_string(),
+            "--cluster-ca".into(),
+            self.ca_pem.display().to_string(),
+            "--cluster-cert".into(),
+            crt.display().to_string(),
+            "--cluster-key".into(),
+            key.display().to_string(),
+            "--node-name".into(),
+            format!("n{node}"),
+        ])
+    }
+}
