@@ -50,6 +50,7 @@ pub struct Agent {
     pub node: Node,
     pub admin: SocketAddr,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     starts: u32,
 }
@@ -57,6 +58,16 @@ pub struct Agent {
 impl Agent {
     /// Start with the node's own instance name, cgroup and state dir, plus `extra` flags.
     pub fn start(tb: &Testbed, node: &Node, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(tb, node, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (test-only switches).
+    pub fn start_with_env(
+        tb: &Testbed,
+        node: &Node,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let state = tb.dir.join(format!("state-n{}", node.index));
         let mut args: Vec<String> = vec![
             "agent".into(),
@@ -70,8 +81,13 @@ impl Agent {
         args.extend(extra.iter().map(|s| s.to_string()));
         let admin: SocketAddr = "127.0.0.1:7402".parse()?;
         let log = tb.dir.join(format!("agent-n{}", node.index));
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut cmd = node.command(damselfly_bin()?)?;
         cmd.args(&args)
+            .envs(env.iter().cloned())
             .env(
                 "DAMSELFLY_LOG",
                 std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -83,6 +99,7 @@ impl Agent {
             node: node.clone(),
             admin,
             args,
+            env,
             log,
             starts: 1,
         };
@@ -111,6 +128,7 @@ impl Agent {
         self.proc.kill();
         let mut cmd = self.node.command(damselfly_bin()?)?;
         cmd.args(&self.args)
+            .envs(self.env.iter().cloned())
             .env(
                 "DAMSELFLY_LOG",
                 std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),

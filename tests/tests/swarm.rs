@@ -14,6 +14,9 @@ use damselfly_testbed::{
 
 const REGISTRY: &str = "registry.dfly.test";
 const MB: u64 = 1000 * 1000;
+/// The agent's test-only switch that corrupts every piece it uploads
+/// (`damselfly::swarm::peer::CORRUPT_UPLOADS_ENV`).
+const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 
 /// Nodes 1..=n are pulling nodes (agent + containerd); the last node runs the
 /// origin registry and the tracker.
@@ -26,11 +29,19 @@ struct Swarm {
 }
 
 fn swarm(pulling: usize) -> Swarm {
-    swarm_with(pulling, &[])
+    swarm_with(pulling, |_| NodeOpts::default())
 }
 
-/// Nodes listed in `outsiders` get a peer certificate from a CA that is not the cluster's.
-fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
+/// How one pulling node differs from the rest.
+#[derive(Default)]
+struct NodeOpts {
+    /// Its peer certificate comes from a CA that is not the cluster's.
+    outsider: bool,
+    env: Vec<(&'static str, &'static str)>,
+    flags: Vec<String>,
+}
+
+fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
     let tb = Testbed::new(pulling + 1).expect("testbed");
     let infra = pulling + 1;
     let public_ca = TestCa::new("dfly test public CA").unwrap();
@@ -47,17 +58,14 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
     let mut agents = Vec::new();
     let mut containerds = Vec::new();
     for i in 1..=pulling {
-        let issuer = if outsiders.contains(&i) {
-            &outsider
-        } else {
-            &cluster
-        };
+        let opts = opts(i);
+        let issuer = if opts.outsider { &outsider } else { &cluster };
         let (crt, key) = issuer
             .issue(&["damselfly-peer"])
             .unwrap()
             .write(&tb.dir, &format!("peer-n{i}"))
             .unwrap();
-        let flags: Vec<String> = vec![
+        let mut flags: Vec<String> = vec![
             "--registry".into(),
             REGISTRY.into(),
             "--upstream-ca".into(),
@@ -73,8 +81,9 @@ fn swarm_with(pulling: usize, outsiders: &[usize]) -> Swarm {
             "--node-name".into(),
             format!("n{i}"),
         ];
+        flags.extend(opts.flags);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let agent = Agent::start(&tb, tb.node(i), &flags).unwrap();
+        let agent = Agent::start_with_env(&tb, tb.node(i), &flags, &opts.env).unwrap();
         let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
         let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
         fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
@@ -237,7 +246,10 @@ fn four_nodes_pulling_at_once_take_the_image_from_the_origin_about_once() {
 
 #[test]
 fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
-    let s = swarm_with(2, &[2]);
+    let s = swarm_with(2, |i| NodeOpts {
+        outsider: i == 2,
+        ..NodeOpts::default()
+    });
     let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[8 * MB], 12).unwrap();
     s.containerds[0].ctr_pull(&img.reference, None).unwrap();
     wait_cached(&s, 1, &img);
@@ -352,4 +364,129 @@ fn a_serving_peer_killed_mid_transfer_does_not_fail_the_pull() {
         ) > 0.0
     );
     wait_cached(&s, 2, &img);
+}
+
+#[test]
+fn a_peer_serving_corrupt_pieces_is_banned_and_the_pull_completes() {
+    // Node 1 flips a byte in every piece it uploads.
+    let s = swarm_with(3, |i| NodeOpts {
+        env: if i == 1 {
+            vec![(CORRUPT_UPLOADS_ENV, "1")]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    });
+    let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[24 * MB], 15).unwrap();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 1, &img);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Node 2's only peer lies: every lie is caught, the rest comes from the origin.
+    s.containerds[1].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 2, &img);
+    std::thread::sleep(Duration::from_millis(500));
+    let banned = |a: &Agent| {
+        m(
+            a,
+            "damselfly_pieces_total{source=\"peer\",result=\"banned\"}",
+        )
+    };
+    let corrupt = |a: &Agent| {
+        m(
+            a,
+            "damselfly_pieces_total{source=\"peer\",result=\"corrupt\"}",
+        )
+    };
+    assert!(
+        banned(&s.agents[1]) >= 1.0,
+        "{}",
+        s.agents[1].metrics().unwrap()
+    );
+    assert!(corrupt(&s.agents[1]) >= 1.0);
+
+    // Node 3 has an honest peer too: it bans node 1 and needs no origin byte.
+    let before = s.origin.blob_bytes_sent();
+    s.containerds[2].cri_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 3, &img);
+    assert!(
+        banned(&s.agents[2]) >= 1.0,
+        "{}",
+        s.agents[2].metrics().unwrap()
+    );
+    assert_eq!(
+        s.origin.wait_blob_bytes(before + 1, Duration::from_secs(1)),
+        before,
+        "node 3 went to the origin:\n{}",
+        s.agents[2].log_text()
+    );
+    assert!(
+        m(&s.agents[2], "damselfly_blob_bytes_total{source=\"peer\"}") >= img.layer_bytes() as f64
+    );
+}
+
+#[test]
+fn upload_rate_holds_over_a_long_transfer() {
+    const RATE: u64 = 5 * 1024 * 1024;
+    let s = swarm_with(2, |i| NodeOpts {
+        flags: if i == 1 {
+            vec!["--upload-rate".into(), "5MiB".into()]
+        } else {
+            vec![]
+        },
+        ..NodeOpts::default()
+    });
+    // About 36 s at the limit.
+    let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[190 * MB], 16).unwrap();
+    s.containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&s, 1, &img);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let out = || {
+        m(
+            &s.agents[0],
+            "damselfly_peer_bytes_total{direction=\"out\"}",
+        )
+    };
+    let base = out();
+    let pull = {
+        let c = &s.containerds[1];
+        let mut cmd = c.ctr().unwrap();
+        cmd.args(["images", "pull", &img.reference]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Skip the start (bucket burst, connection set-up), then measure 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out() - base < (8 * MB) as f64 {
+        assert!(Instant::now() < deadline, "node 2 never started on node 1");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (t0, b0) = (Instant::now(), out());
+    std::thread::sleep(Duration::from_secs(30));
+    let (t1, b1) = (Instant::now(), out());
+    let rate = (b1 - b0) / (t1 - t0).as_secs_f64();
+    let err = (rate - RATE as f64).abs() / RATE as f64;
+    eprintln!(
+        "upload {rate:.0} B/s against a limit of {RATE} ({:.1} % off)",
+        err * 100.0
+    );
+    assert!(err <= 0.10, "upload ran at {rate:.0} B/s, limit {RATE}");
+
+    let done = pull.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(
+        m(
+            &s.agents[1],
+            "damselfly_blob_bytes_total{source=\"origin\"}"
+        ),
+        0.0,
+        "a limited peer is slow, not a reason to go to the origin"
+    );
 }
