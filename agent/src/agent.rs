@@ -320,7 +320,8 @@ fn route_to(target: &str, listen: std::net::IpAddr) -> anyhow::Result<std::net::
     Ok(sock.local_addr()?.ip())
 }
 
-fn hostname() -> String {
+/// The kernel's host name (in a pod: the pod's, unless `--node-name` says otherwise).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "node".into())

@@ -1,17 +1,36 @@
 use clap::Parser;
-use damselfly::cli::{Cli, Command, status};
+use damselfly::{
+    admin::trace::{Identity, Telemetry},
+    cli::{Cli, Command, status},
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DAMSELFLY_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let cli = Cli::parse();
+    let telemetry = match &cli.command {
+        Command::Agent(a) => Telemetry::init(
+            a.otlp_endpoint.as_deref(),
+            &Identity {
+                service: "damselfly-agent",
+                node: a
+                    .node_name
+                    .clone()
+                    .unwrap_or_else(damselfly::agent::hostname),
+                instance: Some(a.instance.clone()),
+            },
+        ),
+        Command::Tracker(t) => Telemetry::init(
+            t.otlp_endpoint.as_deref(),
+            &Identity {
+                service: "damselfly-tracker",
+                node: damselfly::agent::hostname(),
+                instance: None,
+            },
+        ),
+        _ => Telemetry::logs_only(),
+    }?;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match Cli::parse().command {
+    let result = match cli.command {
         Command::Agent(args) => damselfly::agent::run(*args).await,
         Command::Ca(args) => damselfly::cli::ca::run(args),
         Command::Tracker(args) => {
@@ -28,5 +47,9 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
+    };
+    // After SIGTERM too: the last spans of a stopping agent are often the
+    // interesting ones.
+    telemetry.shutdown().await;
+    result
 }

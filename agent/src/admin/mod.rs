@@ -3,6 +3,7 @@
 
 pub mod fetch;
 pub mod metrics;
+pub mod trace;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 

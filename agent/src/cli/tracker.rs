@@ -18,6 +18,9 @@ pub struct TrackerArgs {
         hide = true
     )]
     pub heartbeat: Duration,
+    /// OpenTelemetry collector (OTLP/gRPC, e.g. http://jaeger:4317); traces are off without it.
+    #[arg(long, env = "DAMSELFLY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `200ms`, `5s`, `1m`, or bare milliseconds; positive.
