@@ -25,10 +25,11 @@ use damselfly_proto::tracker::{self as pb, tracker_client::TrackerClient as Rpc}
 use futures_util::future::join_all;
 use sha2::{Digest as _, Sha256};
 use tonic::{
-    Code, Response, Status,
+    Code, Request, Response, Status,
+    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::state::{Candidate, PeerInfo, PieceHash};
 use crate::store::Digest;
@@ -94,9 +95,17 @@ fn weight(replica: &str, digest: &Digest) -> u64 {
     u64::from_be_bytes(out[..8].try_into().expect("8 bytes"))
 }
 
+/// Adds the caller's trace context to every call.
+type Traced = fn(Request<()>) -> Result<Request<()>, Status>;
+
+fn traced(mut req: Request<()>) -> Result<Request<()>, Status> {
+    crate::admin::trace::inject(req.metadata_mut());
+    Ok(req)
+}
+
 struct Replica {
     addr: String,
-    rpc: Rpc<Channel>,
+    rpc: Rpc<InterceptedService<Channel, Traced>>,
     /// Whether this replica has our lease and our announcements; false until
     /// the first register and after any failed call, so a recovered replica
     /// gets a full replay.
@@ -152,7 +161,7 @@ impl TrackerClient {
                     .timeout(RPC_TIMEOUT)
                     .tcp_nodelay(true);
                 Ok(Replica {
-                    rpc: Rpc::new(ep.connect_lazy()),
+                    rpc: Rpc::with_interceptor(ep.connect_lazy(), traced as Traced),
                     addr,
                     synced: AtomicBool::new(false),
                     resync: tokio::sync::Mutex::new(()),
@@ -434,9 +443,25 @@ impl TrackerClient {
         rpc: &'static str,
         fut: impl Future<Output = Result<Response<T>, Status>>,
     ) -> Result<T, TrackerError> {
+        // A span only inside a traced operation (a pull): heartbeats and
+        // background announcements would each start a trace of their own.
+        let span = if crate::admin::trace::in_trace() {
+            info_span!(
+                "tracker.rpc",
+                otel.name = format!("tracker.{rpc}"),
+                otel.kind = "client",
+                rpc,
+                replica = %r.addr,
+                result = field::Empty,
+                otel.status_code = field::Empty,
+                error = field::Empty,
+            )
+        } else {
+            Span::none()
+        };
         // The channel has its own timeouts; this one also covers anything
         // they miss (a stalled HTTP/2 connection), so a pull never waits on us.
-        let res = match tokio::time::timeout(RPC_TIMEOUT, fut).await {
+        let res = match tokio::time::timeout(RPC_TIMEOUT, fut.instrument(span.clone())).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(s)) => Err(TrackerError::Rpc {
                 replica: r.addr.clone(),
@@ -451,6 +476,11 @@ impl TrackerClient {
         };
         if let Some(m) = self.inner.metrics.get() {
             m(rpc, if res.is_ok() { "ok" } else { "error" });
+        }
+        span.record("result", if res.is_ok() { "ok" } else { "error" });
+        if let Err(e) = &res {
+            span.record("otel.status_code", "ERROR");
+            span.record("error", field::display(e));
         }
         // Callers decide what is worth a warning: a dead replica would
         // otherwise log on every beat.

@@ -14,7 +14,8 @@ use damselfly_proto::tracker::{
 };
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, transport::server::TcpIncoming};
-use tracing::{debug, info};
+use tracing::{Span, debug, field, info, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::state::{Announce, Lease, PeerInfo, State, StateError};
 use crate::store::Digest;
@@ -99,6 +100,39 @@ pub async fn run(listen: std::net::SocketAddr, heartbeat: Duration) -> anyhow::R
     Ok(())
 }
 
+/// A server span for `rpc`, in the trace of the caller that sent one
+/// (`traceparent`); calls from outside a trace (heartbeats, background
+/// announcements) get none, or every few hundred ms would start a trace.
+fn rpc_span<T>(rpc: &'static str, req: &Request<T>, digest: &str) -> Span {
+    let Some(parent) = crate::admin::trace::extract(req.metadata()) else {
+        return Span::none();
+    };
+    let span = info_span!(
+        "tracker.serve",
+        otel.name = format!("tracker.{rpc}"),
+        otel.kind = "server",
+        rpc,
+        digest,
+        peers = field::Empty,
+        otel.status_code = field::Empty,
+        error = field::Empty,
+    );
+    // Fails only if the span is already closed or not recorded: either way
+    // there is nothing to attach.
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Runs one RPC's (synchronous) body inside its span and notes a failure.
+fn traced<T>(span: Span, f: impl FnOnce() -> Result<T, Status>) -> Result<T, Status> {
+    let out = span.in_scope(f);
+    if let Err(s) = &out {
+        span.record("otel.status_code", "ERROR");
+        span.record("error", field::display(s.message()));
+    }
+    out
+}
+
 fn status(e: StateError) -> Status {
     match e {
         StateError::UnknownPeer(_) => Status::not_found(e.to_string()),
@@ -125,7 +159,48 @@ impl Tracker for TrackerService {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = req.into_inner();
+        let span = rpc_span("register", &req, "");
+        traced(span, || self.register_now(req.into_inner()))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.heartbeat_now(req.into_inner())
+    }
+
+    async fn announce(
+        &self,
+        req: Request<pb::AnnounceRequest>,
+    ) -> Result<Response<pb::AnnounceResponse>, Status> {
+        let span = rpc_span("announce", &req, &req.get_ref().digest);
+        traced(span, || self.announce_now(req.into_inner()))
+    }
+
+    async fn withdraw(
+        &self,
+        req: Request<pb::WithdrawRequest>,
+    ) -> Result<Response<pb::WithdrawResponse>, Status> {
+        let span = rpc_span("withdraw", &req, &req.get_ref().digest);
+        traced(span, || self.withdraw_now(req.into_inner()))
+    }
+
+    async fn find(
+        &self,
+        req: Request<pb::FindRequest>,
+    ) -> Result<Response<pb::FindResponse>, Status> {
+        let span = rpc_span("find", &req, &req.get_ref().digest);
+        traced(span, || self.find_now(req.into_inner()))
+    }
+}
+
+/// The RPCs' bodies: no await in any, so each runs whole inside its span.
+impl TrackerService {
+    fn register_now(
+        &self,
+        req: pb::RegisterRequest,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let p = req
             .peer
             .ok_or_else(|| Status::invalid_argument("register without a peer"))?;
@@ -145,11 +220,10 @@ impl Tracker for TrackerService {
         }))
     }
 
-    async fn heartbeat(
+    fn heartbeat_now(
         &self,
-        req: Request<pb::HeartbeatRequest>,
+        req: pb::HeartbeatRequest,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let req = req.into_inner();
         let mut s = self.state();
         // Unknown is an answer, not an error: it is the normal way a restarted
         // tracker asks peers to replay.
@@ -164,11 +238,10 @@ impl Tracker for TrackerService {
         }))
     }
 
-    async fn announce(
+    fn announce_now(
         &self,
-        req: Request<pb::AnnounceRequest>,
+        req: pb::AnnounceRequest,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
-        let req = req.into_inner();
         let hashes = req
             .piece_hashes
             .iter()
@@ -194,11 +267,10 @@ impl Tracker for TrackerService {
         Ok(Response::new(pb::AnnounceResponse {}))
     }
 
-    async fn withdraw(
+    fn withdraw_now(
         &self,
-        req: Request<pb::WithdrawRequest>,
+        req: pb::WithdrawRequest,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
-        let req = req.into_inner();
         let d = digest(&req.digest)?;
         self.state()
             .withdraw(&req.peer_id, &d, Instant::now())
@@ -206,11 +278,7 @@ impl Tracker for TrackerService {
         Ok(Response::new(pb::WithdrawResponse {}))
     }
 
-    async fn find(
-        &self,
-        req: Request<pb::FindRequest>,
-    ) -> Result<Response<pb::FindResponse>, Status> {
-        let req = req.into_inner();
+    fn find_now(&self, req: pb::FindRequest) -> Result<Response<pb::FindResponse>, Status> {
         let d = digest(&req.digest)?;
         let join = req.join.map(|j| (j.size, j.piece_size));
         let found = self.state().find_and_join(
@@ -222,8 +290,10 @@ impl Tracker for TrackerService {
             Instant::now(),
         );
         let Some(f) = found else {
+            Span::current().record("peers", 0);
             return Ok(Response::new(pb::FindResponse::default()));
         };
+        Span::current().record("peers", f.peers.len());
         Ok(Response::new(pb::FindResponse {
             peers: f
                 .peers
