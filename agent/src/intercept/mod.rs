@@ -17,7 +17,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::{
     admin::metrics::Metrics,
@@ -69,11 +69,26 @@ impl Interceptor {
                 }
             };
             let this = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = this.handle(client, peer).await {
-                    debug!(%peer, error = %e, "steered connection ended with an error");
+            // The requests on a terminated connection have traces of their
+            // own (one per blob) that link back to this span.
+            let span = info_span!(
+                "connection",
+                client = %peer,
+                dest = field::Empty,
+                proto = field::Empty,
+                host = field::Empty,
+                mode = field::Empty,
+                bytes.up = field::Empty,
+                bytes.down = field::Empty,
+            );
+            tokio::spawn(
+                async move {
+                    if let Err(e) = this.handle(client, peer).await {
+                        debug!(%peer, error = %e, "steered connection ended with an error");
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
     }
 
@@ -89,6 +104,20 @@ impl Interceptor {
             .await
             .unwrap_or(Peek::Other);
         let plan = self.plan(&seen);
+        let span = Span::current();
+        span.record("dest", field::display(orig));
+        span.record("proto", seen.protocol());
+        if let Some(name) = seen.name() {
+            span.record("host", name);
+        }
+        span.record(
+            "mode",
+            if matches!(plan, Plan::Terminate { .. }) {
+                "terminate"
+            } else {
+                "splice"
+            },
+        );
         info!(
             %peer, %orig, proto = seen.protocol(), name = seen.name().unwrap_or("-"),
             terminate = matches!(plan, Plan::Terminate { .. }), "steered"
@@ -187,6 +216,8 @@ impl Interceptor {
             Ok((up, down)) => {
                 self.metrics.intercept_bytes("upstream", up);
                 self.metrics.intercept_bytes("downstream", down);
+                Span::current().record("bytes.up", up + head.len() as u64);
+                Span::current().record("bytes.down", down);
                 Ok(())
             }
             Err(e) => {
@@ -207,9 +238,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let origin = Arc::new(origin);
+    // HTTP/2 streams run as tasks of their own: carry the connection's span.
+    let conn = Span::current();
     let svc = service_fn(move |req| {
         let (service, origin) = (service.clone(), origin.clone());
         async move { Ok::<_, Infallible>(service.handle(req, &origin).await) }
+            .instrument(conn.clone())
     });
     auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), svc)

@@ -18,14 +18,15 @@ use hyper::{
     header::{self, HeaderValue},
 };
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, instrument, warn};
 
 use crate::{
-    admin::metrics::Metrics,
+    admin::{metrics::Metrics, trace::SourceBytes},
     registry::{
         authz::AuthzCache,
         proxy::{self, OriginRef},
         range::{self, ByteRange},
+        trace::BlobTrace,
     },
     store::{BlobReader, BlobWriter, Digest, Store},
     swarm::{
@@ -90,6 +91,7 @@ impl Blobs {
         self
     }
 
+    /// Serves one blob request in a trace of its own (see [`BlobTrace`]).
     pub async fn serve(
         &self,
         req: Request<Incoming>,
@@ -97,14 +99,36 @@ impl Blobs {
         repo: &str,
         hex: &str,
     ) -> Response<Body> {
+        let trace = BlobTrace::start(req.method(), origin, repo, hex);
+        let span = trace.span().clone();
+        let resp = trace
+            .clone()
+            .scope(self.serve_untraced(req, origin, repo, hex).instrument(span))
+            .await;
+        trace.respond(resp)
+    }
+
+    /// Counts how a blob request is served, in the metrics and its trace.
+    fn outcome(&self, outcome: &'static str) {
+        self.metrics.blob_request(outcome);
+        BlobTrace::set_outcome(outcome);
+    }
+
+    async fn serve_untraced(
+        &self,
+        req: Request<Incoming>,
+        origin: &OriginRef,
+        repo: &str,
+        hex: &str,
+    ) -> Response<Body> {
         let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
-            self.metrics.blob_request("passthrough");
+            self.outcome("passthrough");
             return proxy::forward(&self.upstream, origin, req).await;
         };
         let size = match self.authorize(origin, repo, hex, req.headers()).await {
             Authz::Allowed { size } => size,
             Authz::Denied(resp) => {
-                self.metrics.blob_request("denied");
+                self.outcome("denied");
                 return if req.method() == Method::HEAD {
                     proxy::relay(resp)
                 } else {
@@ -113,19 +137,19 @@ impl Blobs {
                 };
             }
             Authz::Unknown => {
-                self.metrics.blob_request("passthrough");
+                self.outcome("passthrough");
                 return proxy::forward(&self.upstream, origin, req).await;
             }
         };
 
         if let Some(reader) = store.get(&digest) {
-            self.metrics.blob_request("hit");
+            self.outcome("hit");
             return self.hit(reader, &digest, req, origin);
         }
         // A HEAD, or a ranged GET (a client resuming its own partial download),
         // is the origin's to answer: caching starts with a whole-blob GET.
         if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
-            self.metrics.blob_request("passthrough");
+            self.outcome("passthrough");
             return proxy::forward(&self.upstream, origin, req).await;
         }
 
@@ -140,10 +164,10 @@ impl Blobs {
                     .map(|v| *v == Some(true))
                     .unwrap_or(false);
                 if let (true, Some(reader)) = (ok, store.get(&digest)) {
-                    self.metrics.blob_request("hit");
+                    self.outcome("hit");
                     return self.hit(reader, &digest, req, origin);
                 }
-                self.metrics.blob_request("passthrough");
+                self.outcome("passthrough");
                 return proxy::forward(&self.upstream, origin, req).await;
             }
         };
@@ -167,6 +191,7 @@ impl Blobs {
 
     /// Ask the origin (HEAD, the client's own headers) whether this client
     /// may read this blob; remember a yes for a minute.
+    #[instrument(name = "authz", skip_all, fields(cached = false, result = field::Empty, status = field::Empty))]
     async fn authorize(
         &self,
         origin: &OriginRef,
@@ -184,6 +209,8 @@ impl Blobs {
             .is_allowed(&origin.host, repo, auth, Instant::now())
         {
             self.metrics.authz_check("cached");
+            Span::current().record("cached", true);
+            Span::current().record("result", "allowed");
             return Authz::Allowed { size: None };
         }
         let Ok(uri) = origin.uri(&format!("/v2/{repo}/blobs/sha256:{hex}")) else {
@@ -197,10 +224,16 @@ impl Blobs {
         let Ok(req) = req.body(crate::upstream::empty()) else {
             return Authz::Unknown;
         };
-        match self.upstream.send(req).await {
+        let sent = self.upstream.send(req).await;
+        let span = Span::current();
+        if let Ok(resp) = &sent {
+            span.record("status", resp.status().as_u16());
+        }
+        match sent {
             // A redirect to storage is a yes too: the registry accepted the credential.
             Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
                 self.metrics.authz_check("allowed");
+                span.record("result", "allowed");
                 self.authz.lock().unwrap_or_else(|e| e.into_inner()).allow(
                     &origin.host,
                     repo,
@@ -216,16 +249,20 @@ impl Blobs {
             }
             Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
                 self.metrics.authz_check("denied");
+                span.record("result", "denied");
                 Authz::Denied(resp)
             }
             Ok(resp) => {
                 debug!(status = %resp.status(), "unexpected answer to the authorization HEAD");
                 self.metrics.authz_check("error");
+                span.record("result", "error");
                 Authz::Unknown
             }
             Err(e) => {
                 debug!(error = %e, "authorization HEAD failed");
                 self.metrics.authz_check("error");
+                span.record("result", "error");
+                span.record("otel.status_code", "ERROR");
                 Authz::Unknown
             }
         }
@@ -275,8 +312,10 @@ impl Blobs {
                 origin: origin.clone(),
                 headers: req.headers().clone(),
                 path: req.uri().path().to_string(),
+                bytes: BlobTrace::current_bytes(),
             };
-            tokio::spawn(stream_hit(reader, start, end, tx, ctx));
+            let span = info_span!("cache.read", start, end);
+            tokio::spawn(stream_hit(reader, start, end, tx, ctx).instrument(span));
             channel_body(rx)
         };
         let mut resp = blob_response(status, digest, end - start, body);
@@ -329,7 +368,7 @@ impl Blobs {
             Ok(w) => w,
             Err(e) => {
                 info!(%digest, error = %e, "store cannot take this blob; streaming it through");
-                self.metrics.blob_request("passthrough");
+                self.outcome("passthrough");
                 return proxy::forward(&self.upstream, origin, req).await;
             }
         };
@@ -401,6 +440,7 @@ impl Blobs {
         }
     }
 
+    #[instrument(name = "origin.head", skip_all, fields(size = field::Empty))]
     async fn origin_size(
         &self,
         origin: &OriginRef,
@@ -416,18 +456,24 @@ impl Blobs {
             .send(req.body(crate::upstream::empty()).ok()?)
             .await
             .ok()?;
-        if resp.status().is_success() {
-            content_length(resp.headers())
-        } else {
-            None
+        let size = resp
+            .status()
+            .is_success()
+            .then(|| content_length(resp.headers()))
+            .flatten();
+        if let Some(size) = size {
+            Span::current().record("size", size);
         }
+        size
     }
 
     fn passthrough(&self, resp: Response<Incoming>) -> Response<Body> {
-        self.metrics.blob_request("passthrough");
+        self.outcome("passthrough");
         proxy::relay(resp)
     }
 
+    /// The response's head; its body is read by the caller (see `origin.download`).
+    #[instrument(name = "origin.get", skip_all, fields(from, status = field::Empty))]
     async fn origin_get(
         &self,
         origin: &OriginRef,
@@ -439,9 +485,15 @@ impl Blobs {
         if let Some(off) = from {
             headers.insert(header::RANGE, hv(format!("bytes={off}-")));
         }
-        self.upstream
+        let resp = self
+            .upstream
             .fetch_following(Method::GET, origin.uri(path)?, &headers)
-            .await
+            .await;
+        match &resp {
+            Ok(r) => Span::current().record("status", r.status().as_u16()),
+            Err(_) => Span::current().record("otel.status_code", "ERROR"),
+        };
+        resp
     }
 
     fn start_download(
@@ -453,7 +505,7 @@ impl Blobs {
         body_offset: u64,
         progress: Option<Progress>,
     ) -> Response<Body> {
-        self.metrics.blob_request("miss");
+        self.outcome("miss");
         let digest = lead.digest;
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let job = Download {
@@ -464,18 +516,29 @@ impl Blobs {
             client: tx,
             progress,
             rate: self.origin_rate.clone(),
+            bytes: BlobTrace::current_bytes(),
         };
         let body = resp.into_body();
         let swarm = self.swarm.clone();
-        tokio::spawn(async move {
-            let (cached, progress) = job.run(body, body_offset).await;
-            lead.finish(cached.is_some());
-            match (progress, swarm, cached) {
-                (Some(p), _, cached) => p.finish(cached).await,
-                (None, Some(swarm), Some(reader)) => swarm.announce_complete(reader).await,
-                _ => {}
+        let span = info_span!(
+            "origin.download",
+            size,
+            offset = body_offset,
+            cached = field::Empty
+        );
+        tokio::spawn(
+            async move {
+                let (cached, progress) = job.run(body, body_offset).await;
+                Span::current().record("cached", cached.is_some());
+                lead.finish(cached.is_some());
+                match (progress, swarm, cached) {
+                    (Some(p), _, cached) => p.finish(cached).await,
+                    (None, Some(swarm), Some(reader)) => swarm.announce_complete(reader).await,
+                    _ => {}
+                }
             }
-        });
+            .instrument(span),
+        );
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
     }
 
@@ -493,7 +556,7 @@ impl Blobs {
         path: &str,
         headers: HeaderMap,
     ) -> Response<Body> {
-        self.metrics.blob_request("miss");
+        self.outcome("miss");
         let digest = lead.digest;
         let (upstream, origin, path) = (self.upstream.clone(), origin.clone(), path.to_string());
         let rate = self.origin_rate.clone();
@@ -517,28 +580,42 @@ impl Blobs {
             config: swarm.config.clone(),
             refresh: Some(swarm.refresher(digest, size)),
             progress: Some(progress_of(&swarm, &writer)),
+            bytes: BlobTrace::current_bytes(),
         };
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(async move {
-            let outcome = job.run(writer, holders, tx).await;
-            let committed = match outcome.writer {
-                Some(w) if w.missing_pieces().is_empty() => {
-                    tokio::task::spawn_blocking(move || w.commit())
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
+        let span = info_span!(
+            "swarm.fetch",
+            size,
+            pieces = writer.pieces(),
+            peers = field::Empty,
+            pieces.peer = field::Empty,
+            pieces.origin = field::Empty,
+            cached = field::Empty,
+        );
+        tokio::spawn(
+            async move {
+                let outcome = job.run(writer, holders, tx).await;
+                let committed = match outcome.writer {
+                    Some(w) if w.missing_pieces().is_empty() => {
+                        tokio::task::spawn_blocking(move || w.commit())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    }
+                    _ => None,
+                };
+                lead.finish(committed.is_some());
+                Span::current().record("cached", committed.is_some());
+                match &committed {
+                    Some(_) => info!(%digest, size, "cached from the swarm"),
+                    None => warn!(%digest, "swarm download not cached"),
                 }
-                _ => None,
-            };
-            lead.finish(committed.is_some());
-            match &committed {
-                Some(_) => info!(%digest, size, "cached from the swarm"),
-                None => warn!(%digest, "swarm download not cached"),
+                if let Some(p) = outcome.progress {
+                    p.finish(committed).await;
+                }
             }
-            if let Some(p) = outcome.progress {
-                p.finish(committed).await;
-            }
-        });
+            .instrument(span),
+        );
         blob_response(StatusCode::OK, &digest, size, channel_body(rx))
     }
 }
@@ -589,6 +666,8 @@ struct Download {
     client: mpsc::Sender<Chunk>,
     progress: Option<Progress>,
     rate: Arc<RateLimiter>,
+    /// This request's bytes by source, for its trace.
+    bytes: SourceBytes,
 }
 
 impl Download {
@@ -620,6 +699,7 @@ impl Download {
                 }
             };
             self.metrics.blob_bytes("cache", piece.len() as u64);
+            self.bytes.add("cache", piece.len() as u64);
             client_open = self.client.send(Ok(Frame::data(piece))).await.is_ok();
         }
 
@@ -642,6 +722,7 @@ impl Download {
             pos += data.len() as u64;
             self.rate.acquire_high(data.len() as u64).await;
             self.metrics.blob_bytes("origin", data.len() as u64);
+            self.bytes.add("origin", data.len() as u64);
             if client_open {
                 client_open = self
                     .client
@@ -717,6 +798,7 @@ struct Continuation {
     origin: OriginRef,
     headers: HeaderMap,
     path: String,
+    bytes: SourceBytes,
 }
 
 async fn stream_hit(
@@ -727,6 +809,7 @@ async fn stream_hit(
     ctx: Continuation,
 ) {
     let metrics = ctx.metrics.clone();
+    let counted = ctx.bytes.clone();
     let sender = tx.clone();
     // Blocking reads on the blocking pool; returns where it stopped if a piece was corrupt.
     let stopped = tokio::task::spawn_blocking(move || {
@@ -743,6 +826,7 @@ async fn stream_hit(
                 Ok(mut data) => {
                     pos += data.len() as u64;
                     metrics.blob_bytes("cache", data.len() as u64);
+                    counted.add("cache", data.len() as u64);
                     // Zero-copy slices: the queue holds little more than one piece per client.
                     while !data.is_empty() {
                         let slice = data.split_to(data.len().min(HIT_SLICE));
@@ -762,61 +846,67 @@ async fn stream_hit(
     .await
     .unwrap_or(None);
     let Some(pos) = stopped else { return };
-
-    if let Some(store) = &ctx.store {
-        let (store, digest) = (store.clone(), ctx.digest);
-        let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
-    }
-    let mut headers = strip_range(&ctx.headers);
-    headers.insert(header::RANGE, hv(format!("bytes={pos}-{}", end - 1)));
-    let resp = match ctx.origin.uri(&ctx.path) {
-        Ok(uri) => {
-            ctx.upstream
-                .fetch_following(Method::GET, uri, &headers)
-                .await
+    let span = info_span!("origin.range", start = pos, end, repair = true);
+    async move {
+        if let Some(store) = &ctx.store {
+            let (store, digest) = (store.clone(), ctx.digest);
+            let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
         }
-        Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-    };
-    let mut body = match resp {
-        Ok(r) if r.status() == StatusCode::PARTIAL_CONTENT => r.into_body(),
-        Ok(r) => {
-            let _ = tx
-                .send(Err(format!(
-                    "origin answered {} to the repair range",
-                    r.status()
-                )
-                .into()))
-                .await;
-            return;
-        }
-        Err(e) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-    };
-    while let Some(frame) = body.frame().await {
-        match frame {
-            Ok(f) => {
-                if let Some(d) = f.data_ref() {
-                    ctx.rate.acquire_high(d.len() as u64).await;
-                    ctx.metrics.blob_bytes("origin", d.len() as u64);
-                }
-                if tx.send(Ok(f)).await.is_err() {
-                    return;
-                }
+        let mut headers = strip_range(&ctx.headers);
+        headers.insert(header::RANGE, hv(format!("bytes={pos}-{}", end - 1)));
+        let resp = match ctx.origin.uri(&ctx.path) {
+            Ok(uri) => {
+                ctx.upstream
+                    .fetch_following(Method::GET, uri, &headers)
+                    .await
             }
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
+        };
+        let mut body = match resp {
+            Ok(r) if r.status() == StatusCode::PARTIAL_CONTENT => r.into_body(),
+            Ok(r) => {
+                let _ = tx
+                    .send(Err(format!(
+                        "origin answered {} to the repair range",
+                        r.status()
+                    )
+                    .into()))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Some(d) = f.data_ref() {
+                        ctx.rate.acquire_high(d.len() as u64).await;
+                        ctx.metrics.blob_bytes("origin", d.len() as u64);
+                        ctx.bytes.add("origin", d.len() as u64);
+                    }
+                    if tx.send(Ok(f)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
 /// Bytes `[start, end)` of a blob from the origin, with the client's credential.
+#[instrument(name = "origin.range", skip_all, fields(start, end, status = field::Empty))]
 async fn origin_range(
     upstream: &Upstream,
     origin: &OriginRef,
@@ -830,6 +920,7 @@ async fn origin_range(
     let resp = upstream
         .fetch_following(Method::GET, origin.uri(path)?, &headers)
         .await?;
+    Span::current().record("status", resp.status().as_u16());
     if resp.status() != StatusCode::PARTIAL_CONTENT {
         return Err(format!("origin answered {} to a range request", resp.status()).into());
     }

@@ -8,5 +8,6 @@ pub mod proxy;
 pub mod range;
 pub mod route;
 pub mod service;
+pub mod trace;
 
 pub use hosts::RegistryHosts;

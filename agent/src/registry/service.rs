@@ -1,6 +1,7 @@
 //! Per-request routing of terminated registry connections.
 
 use hyper::{Request, Response, body::Incoming};
+use tracing::{Instrument, field, info_span};
 
 use crate::{
     registry::{
@@ -23,7 +24,21 @@ impl RegistryService {
     pub async fn handle(&self, req: Request<Incoming>, origin: &OriginRef) -> Response<Body> {
         match route(req.method(), req.uri().path()) {
             Route::Blob { repo, hex, .. } => self.blobs.serve(req, origin, &repo, &hex).await,
-            Route::Other => proxy::forward(self.upstream(), origin, req).await,
+            Route::Other => {
+                // Manifests, tags, tokens: in the connection's trace. The
+                // path only: a query may carry a token request's secrets.
+                let span = info_span!(
+                    "registry.forward",
+                    method = req.method().as_str(),
+                    path = req.uri().path(),
+                    status = field::Empty,
+                );
+                let resp = proxy::forward(self.upstream(), origin, req)
+                    .instrument(span.clone())
+                    .await;
+                span.record("status", resp.status().as_u16());
+                resp
+            }
         }
     }
 }

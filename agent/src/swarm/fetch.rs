@@ -20,10 +20,10 @@ use futures_util::future::BoxFuture;
 use hyper::body::Frame;
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::mpsc, task::AbortHandle};
-use tracing::{debug, warn};
+use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::{
-    admin::metrics::Metrics,
+    admin::{metrics::Metrics, trace::SourceBytes},
     store::{BlobWriter, Digest, bitmap::Bitmap},
     swarm::{
         peer::PeerClient,
@@ -64,6 +64,8 @@ pub struct Fetch {
     pub refresh: Option<Refresh>,
     /// Told of every piece as it is stored.
     pub progress: Option<Progress>,
+    /// The request's bytes by source, for its trace.
+    pub bytes: SourceBytes,
 }
 
 /// What came of it: the writer back (to commit) if every piece is held, the
@@ -124,6 +126,10 @@ impl Fetch {
         let mut writer = Some(writer);
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
         let mut running: HashMap<(u64, Source), AbortHandle> = HashMap::new();
+        // One span per piece request, ended with its result (in the trace of
+        // the request being served; absent when untraced).
+        let mut spans: HashMap<(u64, Source), Span> = HashMap::new();
+        let mut tally = SourceTally::default();
         let mut arrived: HashMap<u64, Bytes> = HashMap::new();
         let mut ready: BTreeMap<u64, Bytes> = BTreeMap::new();
         let mut next = 0u64;
@@ -138,13 +144,25 @@ impl Fetch {
                             debug!(digest = %self.digest, piece, next, in_flight = sched.in_flight(), "piece from the origin");
                         }
                         let span = (piece * piece_size, sched.piece_len(piece));
-                        let task = self.request(piece, from, span, &peers.addrs, tx.clone());
+                        let traced = piece_span(piece, from, &peers.addrs);
+                        let task = self.request(
+                            piece,
+                            from,
+                            span,
+                            &peers.addrs,
+                            tx.clone(),
+                            traced.clone(),
+                        );
                         running.insert((piece, from), task);
+                        spans.insert((piece, from), traced);
                     }
                     Action::Cancel { piece, from } => {
                         debug!(digest = %self.digest, piece, ?from, "cancelled");
                         if let Some(t) = running.remove(&(piece, from)) {
                             t.abort();
+                        }
+                        if let Some(s) = spans.remove(&(piece, from)) {
+                            s.record("result", "cancelled");
                         }
                     }
                     Action::Completed(piece) => {
@@ -195,6 +213,7 @@ impl Fetch {
                         match r {
                             Ok(d) => {
                                 self.metrics.blob_bytes("cache", d.len() as u64);
+                                self.bytes.add("cache", d.len() as u64);
                                 d
                             }
                             Err(e) => {
@@ -234,6 +253,7 @@ impl Fetch {
                 got = rx.recv() => {
                     let Some((piece, from, result)) = got else { break };
                     running.remove(&(piece, from));
+                    let traced = spans.remove(&(piece, from)).unwrap_or_else(Span::none);
                     let now = Instant::now();
                     actions = match result {
                         Ok(data) => {
@@ -247,8 +267,12 @@ impl Fetch {
                             };
                             let source = if matches!(from, Source::Origin) { "origin" } else { "peer" };
                             self.metrics.piece(source, if verified { "ok" } else { "corrupt" });
+                            traced.record("bytes", data.len());
+                            traced.record("result", if verified { "ok" } else { "corrupt" });
                             if verified {
                                 self.metrics.blob_bytes(source, data.len() as u64);
+                                self.bytes.add(source, data.len() as u64);
+                                tally.count(from);
                                 arrived.insert(piece, data.clone());
                             }
                             sched.on_piece(piece, from, data.len() as u64, now, verified)
@@ -256,6 +280,8 @@ impl Fetch {
                         Err(e) => {
                             debug!(digest = %self.digest, piece, ?from, error = %e, "piece failed");
                             if matches!(from, Source::Peer(_)) { warn!(piece, error = %e, "peer piece failed"); }
+                            traced.record("result", "failed");
+                            traced.record("error", field::display(&e));
                             self.metrics.piece(if matches!(from, Source::Origin) { "origin" } else { "peer" }, "failed");
                             sched.on_failure(piece, from, now)
                         }
@@ -278,6 +304,7 @@ impl Fetch {
                 }
             }
         }
+        tally.record(&Span::current());
         self.outcome(writer, hashes)
     }
 
@@ -312,30 +339,80 @@ impl Fetch {
         (start, len): (u64, u64),
         addrs: &[SocketAddr],
         tx: mpsc::UnboundedSender<Done>,
+        span: Span,
     ) -> AbortHandle {
         let digest = self.digest;
         match from {
             Source::Peer(p) => {
                 let client = self.peers.clone();
                 let addr = addrs[p.0 as usize];
-                tokio::spawn(async move {
-                    let r = client
-                        .fetch_piece(addr, &digest, piece, len)
-                        .await
-                        .map_err(|e| e.to_string());
-                    let _ = tx.send((piece, from, r));
-                })
+                tokio::spawn(
+                    async move {
+                        let r = client
+                            .fetch_piece(addr, &digest, piece, len)
+                            .await
+                            .map_err(|e| e.to_string());
+                        let _ = tx.send((piece, from, r));
+                    }
+                    .instrument(span),
+                )
                 .abort_handle()
             }
             Source::Origin => {
                 let fetch = self.origin.clone();
-                tokio::spawn(async move {
-                    let r = fetch(start, start + len).await.map_err(|e| e.to_string());
-                    let _ = tx.send((piece, from, r));
-                })
+                tokio::spawn(
+                    async move {
+                        let r = fetch(start, start + len).await.map_err(|e| e.to_string());
+                        let _ = tx.send((piece, from, r));
+                    }
+                    .instrument(span),
+                )
                 .abort_handle()
             }
         }
+    }
+}
+
+/// The span of one piece request, a child of the current (`swarm.fetch`) span.
+fn piece_span(piece: u64, from: Source, addrs: &[SocketAddr]) -> Span {
+    let (source, peer) = match from {
+        Source::Origin => ("origin", None),
+        Source::Peer(p) => ("peer", addrs.get(p.0 as usize)),
+    };
+    info_span!(
+        "piece",
+        index = piece,
+        source,
+        peer = peer.map(field::display),
+        bytes = field::Empty,
+        result = field::Empty,
+        error = field::Empty,
+    )
+}
+
+/// What one fetch took from where, for its span.
+#[derive(Default)]
+struct SourceTally {
+    peers: std::collections::HashSet<PeerId>,
+    from_peers: u64,
+    from_origin: u64,
+}
+
+impl SourceTally {
+    fn count(&mut self, from: Source) {
+        match from {
+            Source::Peer(p) => {
+                self.peers.insert(p);
+                self.from_peers += 1;
+            }
+            Source::Origin => self.from_origin += 1,
+        }
+    }
+
+    fn record(&self, span: &Span) {
+        span.record("peers", self.peers.len());
+        span.record("pieces.peer", self.from_peers);
+        span.record("pieces.origin", self.from_origin);
     }
 }
 

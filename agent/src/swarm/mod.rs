@@ -9,7 +9,7 @@ pub mod sched;
 
 use std::{sync::Arc, time::Duration};
 
-use tracing::{debug, info, warn};
+use tracing::{Span, debug, field, info, instrument, warn};
 
 use crate::{
     store::{BlobReader, Digest, bitmap::Bitmap},
@@ -33,10 +33,13 @@ impl Swarm {
     /// size), or `None`: no tracker answer, nobody has it, or the holders
     /// disagree with the origin. Either way the tracker now counts us as
     /// fetching it, so of nodes asking together only the first hears `None`.
+    #[instrument(name = "swarm.join", skip_all, fields(peers = 0, hashes = field::Empty))]
     pub async fn join(&self, digest: &Digest, size: u64) -> Option<fetch::Holders> {
         let join = Some((size, self.piece_size));
         let holders = self.find(digest, size, join).await?;
         let known = holders.hashes.iter().filter(|h| h.is_some()).count();
+        Span::current().record("peers", holders.peers.len());
+        Span::current().record("hashes", known);
         info!(%digest, peers = holders.peers.len(), hashes = known, "fetching from the swarm");
         Some(holders)
     }

@@ -1,0 +1,338 @@
+//! One trace per blob request: the `blob` root span, what it records when
+//! the body has been sent, and the per-request byte counts that the
+//! producers (spawned tasks) add to while they stream.
+//!
+//! The root span is a trace of its own rather than a child of its
+//! connection's span: an HTTP/2 connection carries a whole pull, and one trace
+//! per blob is what a reader looks for. It links to the connection instead.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::{
+    Method, Response,
+    body::{Body as HttpBody, Frame, SizeHint},
+};
+use opentelemetry::trace::TraceContextExt;
+use tracing::{Span, field, info_span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::{
+    admin::trace::SourceBytes,
+    registry::proxy::OriginRef,
+    upstream::{Body, BoxError},
+};
+
+tokio::task_local! {
+    /// The blob request being served by this task, for the producers it
+    /// starts (they count bytes into it) and for the outcome.
+    static CURRENT: BlobTrace;
+}
+
+/// The root span of one blob request and what is counted for it.
+#[derive(Clone)]
+pub struct BlobTrace {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    span: Span,
+    start: Instant,
+    bytes: SourceBytes,
+    outcome: Mutex<Option<&'static str>>,
+}
+
+impl BlobTrace {
+    /// A new trace for `method` on `sha256:<hex>` in `repo` at `origin`,
+    /// linked to the span current now (the connection's, if intercepted).
+    pub fn start(method: &Method, origin: &OriginRef, repo: &str, hex: &str) -> Self {
+        let span = info_span!(
+            parent: None,
+            "blob",
+            otel.name = format!("blob {method}"),
+            otel.kind = "server",
+            digest = format!("sha256:{hex}"),
+            repository = repo,
+            registry = origin.authority(),
+            method = method.as_str(),
+            outcome = field::Empty,
+            status = field::Empty,
+            ttfb_ms = field::Empty,
+            total_ms = field::Empty,
+            bytes.cache = field::Empty,
+            bytes.peer = field::Empty,
+            bytes.origin = field::Empty,
+            bytes.sent = field::Empty,
+            body = field::Empty,
+            otel.status_code = field::Empty,
+        );
+        let conn = Span::current();
+        if !conn.is_none() {
+            span.add_link(conn.context().span().span_context().clone());
+        }
+        Self {
+            inner: Arc::new(Inner {
+                span,
+                start: Instant::now(),
+                bytes: SourceBytes::default(),
+                outcome: Mutex::new(None),
+            }),
+        }
+    }
+
+    pub fn span(&self) -> &Span {
+        &self.inner.span
+    }
+
+    /// Runs `fut` (the request's handling) with this as the current blob trace.
+    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+        CURRENT.scope(self, fut).await
+    }
+
+    /// The blob request this task serves, if any.
+    pub fn current() -> Option<BlobTrace> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Byte counts of the current request; a detached counter outside one,
+    /// so producers never need to care whether they are traced.
+    pub fn current_bytes() -> SourceBytes {
+        Self::current()
+            .map(|t| t.inner.bytes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Notes how the current request is served (`hit`, `miss`,
+    /// `passthrough`, `denied`: the `damselfly_blob_requests_total` labels).
+    pub fn set_outcome(outcome: &'static str) {
+        if let Some(t) = Self::current() {
+            *t.inner.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+            t.inner.span.record("outcome", outcome);
+        }
+    }
+
+    /// Records the status and hands the body on, wrapped so that the end of
+    /// the stream records the timings and byte counts.
+    pub fn respond(self, resp: Response<Body>) -> Response<Body> {
+        let status = resp.status();
+        self.inner.span.record("status", status.as_u16());
+        if status.is_server_error() {
+            self.inner.span.record("otel.status_code", "ERROR");
+        }
+        resp.map(|body| {
+            TracedBody {
+                inner: body,
+                trace: Some(self),
+                first_byte: false,
+                sent: 0,
+            }
+            .boxed()
+        })
+    }
+
+    fn finish(&self, sent: u64, end: BodyEnd) {
+        let i = &self.inner;
+        let total = i.start.elapsed().as_millis() as u64;
+        let outcome = *i.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let split = split_bytes(outcome, &i.bytes, sent);
+        let s = &i.span;
+        s.record("total_ms", total);
+        s.record("bytes.sent", sent);
+        s.record("bytes.cache", split.cache);
+        s.record("bytes.peer", split.peer);
+        s.record("bytes.origin", split.origin);
+        s.record("body", end.as_str());
+        if end != BodyEnd::Complete {
+            s.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    Complete,
+    /// The producer failed mid-stream (the client sees a broken body).
+    Error,
+    /// The client went away first.
+    Aborted,
+}
+
+impl BodyEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            BodyEnd::Complete => "complete",
+            BodyEnd::Error => "error",
+            BodyEnd::Aborted => "aborted",
+        }
+    }
+}
+
+/// Bytes of one response by source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    pub cache: u64,
+    pub peer: u64,
+    pub origin: u64,
+}
+
+/// What each source gave. A relayed response (passthrough, a refusal) is
+/// the origin's own body and passes no counter: all it sent is origin bytes.
+pub fn split_bytes(outcome: Option<&str>, counted: &SourceBytes, sent: u64) -> Split {
+    match outcome {
+        Some("passthrough" | "denied") | None => Split {
+            cache: 0,
+            peer: 0,
+            origin: sent,
+        },
+        Some(_) => Split {
+            cache: counted.cache(),
+            peer: counted.peer(),
+            origin: counted.origin(),
+        },
+    }
+}
+
+/// A response body that reports to its [`BlobTrace`] when the first byte
+/// goes out and when the stream ends (or is dropped unfinished).
+struct TracedBody {
+    inner: Body,
+    trace: Option<BlobTrace>,
+    first_byte: bool,
+    sent: u64,
+}
+
+impl TracedBody {
+    fn ttfb(&mut self) {
+        if !self.first_byte {
+            self.first_byte = true;
+            if let Some(t) = &self.trace {
+                let ms = t.inner.start.elapsed().as_millis() as u64;
+                t.inner.span.record("ttfb_ms", ms);
+            }
+        }
+    }
+
+    fn end(&mut self, how: BodyEnd) {
+        if let Some(t) = self.trace.take() {
+            // An empty body (HEAD, a refusal) has its first byte at its end.
+            self.ttfb();
+            t.finish(self.sent, how);
+        }
+    }
+}
+
+impl HttpBody for TracedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.ttfb();
+                    self.sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.end(BodyEnd::Error),
+            Poll::Ready(None) => self.end(BodyEnd::Complete),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TracedBody {
+    fn drop(&mut self) {
+        // hyper drops an empty body without polling it.
+        let how = if self.inner.is_end_stream() {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Aborted
+        };
+        self.end(how);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    fn origin() -> OriginRef {
+        OriginRef {
+            scheme: "https",
+            host: "reg.io".into(),
+            port: 443,
+        }
+    }
+
+    #[test]
+    fn relayed_bodies_are_origin_bytes() {
+        let counted = SourceBytes::default();
+        counted.add("cache", 5);
+        let s = split_bytes(Some("passthrough"), &counted, 100);
+        assert_eq!((s.cache, s.peer, s.origin), (0, 0, 100));
+        let s = split_bytes(Some("denied"), &counted, 12);
+        assert_eq!(s.origin, 12);
+    }
+
+    #[test]
+    fn served_bodies_split_by_counted_source() {
+        let counted = SourceBytes::default();
+        counted.add("cache", 4);
+        counted.add("peer", 60);
+        counted.add("origin", 36);
+        let s = split_bytes(Some("miss"), &counted, 100);
+        assert_eq!((s.cache, s.peer, s.origin), (4, 60, 36));
+    }
+
+    #[tokio::test]
+    async fn scope_makes_the_trace_current_for_outcome_and_bytes() {
+        assert!(BlobTrace::current().is_none());
+        // Outside a request these are no-ops, not panics.
+        BlobTrace::set_outcome("hit");
+        BlobTrace::current_bytes().add("peer", 1);
+
+        let t = BlobTrace::start(&Method::GET, &origin(), "a/b", &"ab".repeat(32));
+        let seen = t
+            .clone()
+            .scope(async {
+                BlobTrace::set_outcome("miss");
+                BlobTrace::current_bytes().add("peer", 7);
+                BlobTrace::current().is_some()
+            })
+            .await;
+        assert!(seen);
+        assert_eq!(t.inner.bytes.peer(), 7);
+        assert_eq!(*t.inner.outcome.lock().unwrap(), Some("miss"));
+    }
+
+    #[tokio::test]
+    async fn the_wrapped_body_is_passed_on_unchanged() {
+        let t = BlobTrace::start(&Method::GET, &origin(), "a/b", &"cd".repeat(32));
+        let body = Full::new(Bytes::from_static(b"hello"))
+            .map_err(|never| match never {})
+            .boxed();
+        let resp = t.respond(Response::new(body));
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello");
+    }
+}
