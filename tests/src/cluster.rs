@@ -19,10 +19,22 @@ use crate::{
 /// `damselfly tracker` in node `infra`, listening on its port 7400; returns
 /// once it accepts connections.
 pub fn start_tracker(tb: &Testbed, infra: usize) -> anyhow::Result<Proc> {
+    start_tracker_with(tb, infra, &[], &[])
+}
+
+/// [`start_tracker`] with extra flags and environment variables.
+pub fn start_tracker_with(
+    tb: &Testbed,
+    infra: usize,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<Proc> {
     let node = tb.node(infra);
     let addr = node.addr4(7400);
     let mut cmd = node.command(damselfly_bin()?)?;
-    cmd.args(["tracker", "--listen", &addr.to_string()]);
+    cmd.args(["tracker", "--listen", &addr.to_string()])
+        .args(extra)
+        .envs(env.iter().copied());
     let tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !node

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod origin;
+pub mod otlp;
 pub mod pki;
 pub mod probe;
 pub mod testbed;

@@ -1,0 +1,239 @@
+//! End-to-end: agents and the tracker export OpenTelemetry traces over
+//! OTLP/gRPC (`--otlp-endpoint`) to a collector on the testbed, while real
+//! containerd pulls an image from a real registry, the second node from the
+//! first over the swarm.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use damselfly_testbed::{
+    Agent, Testbed,
+    cluster::start_tracker_with,
+    containerd::Containerd,
+    image::Image,
+    origin::Origin,
+    otlp::{Collector, Span, descendants, summary},
+    pki::TestCa,
+};
+
+const REGISTRY: &str = "registry.dfly.test";
+const MB: u64 = 1000 * 1000;
+/// Exporters send every 200 ms instead of every 5 s.
+const FAST_EXPORT: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "200");
+
+fn wait_cached(tb: &Testbed, node: usize, img: &Image) {
+    let dir: PathBuf = tb.dir.join(format!("state-n{node}/blobs"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for d in img.blob_digests() {
+        while !dir.join(&d[7..]).exists() {
+            assert!(Instant::now() < deadline, "{d} never cached on node {node}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The `blob GET` root spans `node` exported, by digest.
+fn blob_roots<'a>(spans: &'a [Span], node: &str) -> HashMap<String, Vec<&'a Span>> {
+    let mut by_digest: HashMap<String, Vec<&Span>> = HashMap::new();
+    for s in spans.iter().filter(|s| {
+        s.name == "blob GET" && s.is_root() && s.resource_str("host.name") == Some(node)
+    }) {
+        by_digest
+            .entry(s.str("digest").unwrap_or_default().to_string())
+            .or_default()
+            .push(s);
+    }
+    by_digest
+}
+
+/// Every blob of `img` has its root span from `node`, finished (the body's
+/// end records `total_ms`).
+fn all_finished(spans: &[Span], node: &str, img: &Image) -> bool {
+    let roots = blob_roots(spans, node);
+    img.blob_digests().iter().all(|d| {
+        roots
+            .get(d)
+            .is_some_and(|r| r.iter().all(|s| s.int("total_ms").is_some()))
+    })
+}
+
+#[test]
+fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
+    let tb = Testbed::new(3).expect("testbed");
+    let infra = 3;
+    let collector = Collector::start(tb.node(infra), 4317).unwrap();
+    let endpoint = collector.endpoint();
+    let public_ca = TestCa::new("dfly test public CA").unwrap();
+    let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
+    let tracker_addr = tb.node(infra).addr4(7400);
+    let _tracker =
+        start_tracker_with(&tb, infra, &["--otlp-endpoint", &endpoint], &[FAST_EXPORT]).unwrap();
+
+    let cluster = TestCa::new("dfly cluster CA").unwrap();
+    let cluster_ca = tb.dir.join("cluster-ca.crt");
+    fs::write(&cluster_ca, cluster.pem()).unwrap();
+    let mut agents = Vec::new();
+    let mut containerds = Vec::new();
+    for i in 1..=2 {
+        let (crt, key) = cluster
+            .issue(&["damselfly-peer"])
+            .unwrap()
+            .write(&tb.dir, &format!("peer-n{i}"))
+            .unwrap();
+        let flags: Vec<String> = vec![
+            "--registry".into(),
+            REGISTRY.into(),
+            "--upstream-ca".into(),
+            origin.ca_pem.display().to_string(),
+            "--tracker".into(),
+            tracker_addr.to_string(),
+            "--cluster-ca".into(),
+            cluster_ca.display().to_string(),
+            "--cluster-cert".into(),
+            crt.display().to_string(),
+            "--cluster-key".into(),
+            key.display().to_string(),
+            "--node-name".into(),
+            format!("n{i}"),
+            "--otlp-endpoint".into(),
+            endpoint.clone(),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        agents.push(Agent::start_with_env(&tb, tb.node(i), &flags, &[FAST_EXPORT]).unwrap());
+        let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
+        let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
+        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
+        containerds.push(Containerd::start(&tb, tb.node(i), &bundle).unwrap());
+    }
+
+    // 9 MB is three 4 MiB pieces: several piece spans for one blob.
+    let img =
+        Image::build_and_push(&tb, &origin, "team/traced", "v1", &[9 * MB, 2 * MB], 31).unwrap();
+    let mut sizes: HashMap<String, u64> = img.layers.iter().cloned().collect();
+    sizes.insert(
+        img.config_digest.clone(),
+        img.total_blob_bytes - img.layer_bytes(),
+    );
+
+    containerds[0].ctr_pull(&img.reference, None).unwrap();
+    wait_cached(&tb, 1, &img);
+    // Announcements follow the commit; give them a moment to reach the tracker.
+    std::thread::sleep(Duration::from_millis(500));
+    containerds[1].cri_pull(&img.reference, None).unwrap();
+    wait_cached(&tb, 2, &img);
+
+    let spans = collector
+        .wait_for(
+            Duration::from_secs(20),
+            "finished blob traces from both nodes",
+            |s| all_finished(s, "n1", &img) && all_finished(s, "n2", &img),
+        )
+        .unwrap();
+    let context = || {
+        format!(
+            "{}\nnode 1:\n{}\nnode 2:\n{}",
+            summary(&spans),
+            agents[0].log_text(),
+            agents[1].log_text()
+        )
+    };
+
+    for (node, source) in [("n1", "origin"), ("n2", "peer")] {
+        let index = if node == "n1" { 1 } else { 2 };
+        let roots = blob_roots(&spans, node);
+        for (digest, size) in &sizes {
+            let r = &roots[digest];
+            assert_eq!(r.len(), 1, "{node}: one trace per blob GET of {digest}");
+            let root = r[0];
+            let why = || format!("{node} {digest}: {root:#?}\n{}", context());
+            // The resource says who sent it.
+            assert_eq!(
+                root.resource_str("service.name"),
+                Some("damselfly-agent"),
+                "{}",
+                why()
+            );
+            assert_eq!(
+                root.resource_str("damselfly.instance"),
+                Some(tb.node(index).name.as_str()),
+                "{}",
+                why()
+            );
+            assert_eq!(root.str("repository"), Some("team/traced"), "{}", why());
+            assert_eq!(root.str("registry"), Some(REGISTRY), "{}", why());
+            assert_eq!(root.str("outcome"), Some("miss"), "{}", why());
+            assert_eq!(root.int("status"), Some(200), "{}", why());
+            assert_eq!(root.str("body"), Some("complete"), "{}", why());
+            // Every byte the client got is accounted for, by its source.
+            assert_eq!(root.int("bytes.sent"), Some(*size), "{}", why());
+            let by_source = |s: &str| root.int(&format!("bytes.{s}")).unwrap_or(u64::MAX);
+            assert_eq!(
+                by_source("cache") + by_source("peer") + by_source("origin"),
+                *size,
+                "{}",
+                why()
+            );
+            assert_eq!(by_source(source), *size, "{}", why());
+            let (ttfb, total) = (root.int("ttfb_ms").unwrap(), root.int("total_ms").unwrap());
+            assert!(ttfb <= total, "{}", why());
+            // An intercepted request links to its connection's span.
+            assert_eq!(root.links.len(), 1, "{}", why());
+
+            let children = descendants(&spans, root);
+            let named = |n: &str| children.iter().filter(|s| s.name == n).collect::<Vec<_>>();
+            assert_eq!(named("authz").len(), 1, "{}", why());
+            assert!(!named("swarm.join").is_empty(), "{}", why());
+            if source == "origin" {
+                assert_eq!(named("origin.get").len(), 1, "{}", why());
+                assert_eq!(named("origin.download").len(), 1, "{}", why());
+            } else {
+                let fetch = named("swarm.fetch");
+                assert_eq!(fetch.len(), 1, "{}", why());
+                assert_eq!(fetch[0].int("peers"), Some(1), "{}", why());
+                assert_eq!(fetch[0].int("pieces.origin"), Some(0), "{}", why());
+                let pieces = named("piece");
+                let piece_bytes: u64 = pieces
+                    .iter()
+                    .filter(|p| p.str("result") == Some("ok"))
+                    .map(|p| p.int("bytes").unwrap_or(0))
+                    .sum();
+                assert_eq!(piece_bytes, *size, "{}", why());
+                assert!(
+                    pieces.iter().all(|p| p.str("source") == Some("peer")),
+                    "{}",
+                    why()
+                );
+                if *size > 4 * 1024 * 1024 {
+                    assert!(pieces.len() >= 3, "{}", why());
+                }
+                // The tracker's side of the join is in the same trace.
+                assert!(
+                    spans.iter().any(|s| s.trace_id == root.trace_id
+                        && s.name == "tracker.find"
+                        && s.resource_str("service.name") == Some("damselfly-tracker")),
+                    "{}",
+                    why()
+                );
+                assert!(
+                    named("tracker.find")
+                        .iter()
+                        .all(|s| s.resource_str("host.name") == Some("n2")),
+                    "{}",
+                    why()
+                );
+            }
+        }
+    }
+    // Connection spans: registry connections terminated, named by SNI.
+    assert!(
+        spans.iter().any(|s| s.name == "connection"
+            && s.str("mode") == Some("terminate")
+            && s.str("host") == Some(REGISTRY)),
+        "{}",
+        context()
+    );
+}
