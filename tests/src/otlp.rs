@@ -207,7 +207,8 @@ impl Collector {
     }
 
     /// Waits until `done` holds for the spans received, up to `limit`; the
-    /// spans then. Exporters send in batches, so spans arrive in steps.
+    /// spans then. Exporters send in batches, so spans arrive in steps. On
+    /// timeout, `$DFLY_OTLP_DUMP` (a file) gets every span received.
     pub fn wait_for(
         &self,
         limit: Duration,
@@ -221,6 +222,9 @@ impl Collector {
                 return Ok(spans);
             }
             if Instant::now() > deadline {
+                if let Some(path) = std::env::var_os("DFLY_OTLP_DUMP") {
+                    let _ = std::fs::write(path, format!("{spans:#?}"));
+                }
                 bail!(
                     "no {what} after {limit:?}; {} spans: {}",
                     spans.len(),

@@ -125,12 +125,20 @@ impl BlobTrace {
         if status.is_server_error() {
             self.inner.span.record("otel.status_code", "ERROR");
         }
+        // hyper stops polling a body once Content-Length bytes are out: that
+        // is its end, not a final empty poll.
+        let length = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         resp.map(|body| {
             TracedBody {
                 inner: body,
                 trace: Some(self),
                 first_byte: false,
                 sent: 0,
+                length,
             }
             .boxed()
         })
@@ -205,6 +213,8 @@ struct TracedBody {
     trace: Option<BlobTrace>,
     first_byte: bool,
     sent: u64,
+    /// The response's Content-Length, if it has one.
+    length: Option<u64>,
 }
 
 impl TracedBody {
@@ -241,6 +251,9 @@ impl HttpBody for TracedBody {
                 if let Some(d) = frame.data_ref() {
                     self.ttfb();
                     self.sent += d.len() as u64;
+                    if Some(self.sent) == self.length {
+                        self.end(BodyEnd::Complete);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => self.end(BodyEnd::Error),
@@ -262,7 +275,7 @@ impl HttpBody for TracedBody {
 impl Drop for TracedBody {
     fn drop(&mut self) {
         // hyper drops an empty body without polling it.
-        let how = if self.inner.is_end_stream() {
+        let how = if self.inner.is_end_stream() || Some(self.sent) == self.length {
             BodyEnd::Complete
         } else {
             BodyEnd::Aborted

@@ -186,7 +186,13 @@ impl PeerClient {
         if let Some(c) = self.lock().get(&addr).and_then(|s| live(&s.conn)) {
             return Ok(c);
         }
-        let conn = self.endpoint.connect(addr, PEER_SERVER_NAME)?.await?;
+        // quinn drives a connection inside the span current when it is dialled,
+        // for the connection's whole life: dial outside every span, or the
+        // trace of the blob that happened to dial would never end.
+        let connecting = tracing::dispatcher::with_default(&tracing::Dispatch::none(), || {
+            self.endpoint.connect(addr, PEER_SERVER_NAME)
+        })?;
+        let conn = connecting.await?;
         debug!(%addr, "connected to peer");
         self.lock().entry(addr).or_default().conn = Some(conn.clone());
         Ok(conn)
