@@ -191,9 +191,15 @@ pub struct Split {
 
 /// What each source gave. A relayed response (passthrough, a refusal) is
 /// the origin's own body and passes no counter: all it sent is origin bytes.
+/// Without an outcome the agent answered itself (an error): no source's.
 pub fn split_bytes(outcome: Option<&str>, counted: &SourceBytes, sent: u64) -> Split {
     match outcome {
-        Some("passthrough" | "denied") | None => Split {
+        None => Split {
+            cache: 0,
+            peer: 0,
+            origin: 0,
+        },
+        Some("passthrough" | "denied") => Split {
             cache: 0,
             peer: 0,
             origin: sent,
@@ -305,6 +311,8 @@ mod tests {
         assert_eq!((s.cache, s.peer, s.origin), (0, 0, 100));
         let s = split_bytes(Some("denied"), &counted, 12);
         assert_eq!(s.origin, 12);
+        let s = split_bytes(None, &counted, 40);
+        assert_eq!((s.cache, s.peer, s.origin), (0, 0, 0));
     }
 
     #[test]
@@ -336,6 +344,100 @@ mod tests {
         assert!(seen);
         assert_eq!(t.inner.bytes.peer(), 7);
         assert_eq!(*t.inner.outcome.lock().unwrap(), Some("miss"));
+    }
+
+    /// Spans recorded while `f` runs, by the exporting layer as in the agent.
+    async fn exported<F: Future<Output = ()>>(f: F) -> Vec<opentelemetry_sdk::trace::SpanData> {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+        use tracing_subscriber::layer::SubscriberExt;
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        // A current-thread test runtime: the thread's default covers every poll.
+        let guard = tracing::subscriber::set_default(subscriber);
+        f.await;
+        drop(guard);
+        provider.force_flush().unwrap();
+        exporter.get_finished_spans().unwrap()
+    }
+
+    fn attr(span: &opentelemetry_sdk::trace::SpanData, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    fn body_of(parts: &[&'static [u8]]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    #[tokio::test]
+    async fn a_finished_body_records_timings_and_bytes_by_source() {
+        let spans = exported(async {
+            let t = BlobTrace::start(&Method::GET, &origin(), "a/b", &"ef".repeat(32));
+            let resp = t
+                .clone()
+                .scope(async {
+                    BlobTrace::set_outcome("miss");
+                    let counted = BlobTrace::current_bytes();
+                    counted.add("peer", 6);
+                    counted.add("cache", 4);
+                    let mut r = Response::new(body_of(&[b"hello", b"world"]));
+                    r.headers_mut()
+                        .insert(hyper::header::CONTENT_LENGTH, "10".parse().unwrap());
+                    r
+                })
+                .await;
+            let resp = t.respond(resp);
+            let got = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&got[..], b"helloworld");
+        })
+        .await;
+        let blob = spans.iter().find(|s| s.name == "blob GET").unwrap();
+        let a = |k| attr(blob, k);
+        assert_eq!(a("digest").unwrap(), format!("sha256:{}", "ef".repeat(32)));
+        assert_eq!(a("registry").unwrap(), "reg.io");
+        assert_eq!(a("outcome").unwrap(), "miss");
+        assert_eq!(a("status").unwrap(), "200");
+        assert_eq!(a("body").unwrap(), "complete");
+        assert_eq!(a("bytes.sent").unwrap(), "10");
+        assert_eq!(a("bytes.peer").unwrap(), "6");
+        assert_eq!(a("bytes.cache").unwrap(), "4");
+        assert_eq!(a("bytes.origin").unwrap(), "0");
+        assert!(a("ttfb_ms").is_some() && a("total_ms").is_some());
+        assert_eq!(blob.status, opentelemetry::trace::Status::Unset);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_early_is_an_error() {
+        let spans = exported(async {
+            let t = BlobTrace::start(&Method::GET, &origin(), "a/b", &"01".repeat(32));
+            let mut r = Response::new(body_of(&[b"hello", b"world"]));
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_LENGTH, "10".parse().unwrap());
+            let mut body = t.respond(r).into_body();
+            // One frame, then the client goes away.
+            let _ = body.frame().await;
+        })
+        .await;
+        let blob = spans.iter().find(|s| s.name == "blob GET").unwrap();
+        assert_eq!(attr(blob, "body").unwrap(), "aborted");
+        assert_eq!(attr(blob, "bytes.sent").unwrap(), "5");
+        // No outcome: an answer of the agent's own, from no source.
+        assert_eq!(attr(blob, "bytes.origin").unwrap(), "0");
+        assert!(matches!(
+            blob.status,
+            opentelemetry::trace::Status::Error { .. }
+        ));
     }
 
     #[tokio::test]
