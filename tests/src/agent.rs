@@ -167,6 +167,24 @@ impl Agent {
     }
 }
 
+/// `damselfly tracker` in `node`, listening on its port 7400; returns once it accepts.
+pub fn start_tracker(tb: &Testbed, node: &Node) -> anyhow::Result<Proc> {
+    let addr = node.addr4(7400);
+    let mut cmd = node.command(damselfly_bin()?)?;
+    cmd.args(["tracker", "--listen", &addr.to_string()]);
+    let mut tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.in_netns(move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    })? {
+        if !tracker.running() || Instant::now() > deadline {
+            bail!("tracker did not start:\n{}", tracker.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(tracker)
+}
+
 /// The value of one exact series in Prometheus text.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| {

@@ -457,12 +457,23 @@ fn is_stale(name: &str) -> bool {
 /// Remove what runs that died without cleaning up left: namespaces, cgroups,
 /// hosts files, bpffs pins and temp dirs whose owner pid is gone.
 pub fn sweep_stale() {
+    sweep(is_stale);
+}
+
+/// Remove everything run `pid` made. For a run's own SIGINT/SIGTERM handler:
+/// the signal arrives while the objects are owned by another thread's stack,
+/// so their Drop never runs.
+pub fn sweep_run(pid: u32) {
+    sweep(|name| owner_pid(name) == Some(pid));
+}
+
+fn sweep(selected: impl Fn(&str) -> bool) {
     let names = |dir: &Path| -> Vec<String> {
         fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| is_stale(n))
+                    .filter(|n| selected(n))
                     .collect()
             })
             .unwrap_or_default()

@@ -1,7 +1,9 @@
-//! `cargo xtask setup | build-ebpf | test | lint`: the project's own commands,
-//! so a fresh machine and CI run exactly what a developer runs.
+//! `cargo xtask setup | build-ebpf | test | demo | lint | bench`: the
+//! project's own commands, so a fresh machine and CI run exactly what a
+//! developer runs. `demo` and `test` install what they need first.
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -22,7 +24,7 @@ enum Cmd {
     Setup,
     /// Build the kernel programs (agent-ebpf) into target/ebpf.
     BuildEbpf,
-    /// Run the suite: unit tests, then end-to-end tests (root, real kernel).
+    /// Run the suite (runs `setup` first): unit tests, then end-to-end tests (root, real kernel).
     Test {
         /// Only the unit tests (no root needed).
         #[arg(long, conflicts_with = "e2e")]
@@ -35,6 +37,14 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
+    /// The seed article's demo on local nodes (root; runs `setup` first): the first
+    /// node pulls from a 100 Mbit/s origin, the second from it, then all at once.
+    Demo {
+        /// Arguments for dfly-demo: --image-size 300MiB --layers 4 --origin-rate 100mbit --nodes 3 --keep
+        /// (`cargo xtask demo -- --help` explains them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Measurements on the testbed (root): steering connect cost, splice throughput.
     Bench {
         /// Arguments for dfly-bench (see `--help`).
@@ -69,7 +79,12 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => build_ebpf(),
-        Cmd::Test { unit, e2e, filter } => test(!e2e, !unit, filter.as_deref()),
+        Cmd::Test { unit, e2e, filter } => {
+            // A fresh machine has no bpf-linker, so not even the unit tests build.
+            setup()?;
+            test(!e2e, !unit, filter.as_deref())
+        }
+        Cmd::Demo { args } => demo(&args),
         Cmd::Lint => lint(),
         Cmd::Bench { args } => bench(&args),
     }
@@ -115,6 +130,12 @@ fn setup() -> anyhow::Result<()> {
         })
         .collect();
     if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing packages {}: run as root (`sudo cargo xtask setup`)",
+                missing.join(" ")
+            );
+        }
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -169,8 +190,7 @@ fn test(unit: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
         run(cargo(&["test", "-p", "damselfly-testbed", "--lib", "--bins", "--"]).args(&filter))?;
     }
     if e2e {
-        // SAFETY: plain syscall.
-        if unsafe { libc_geteuid() } != 0 {
+        if !is_root() {
             bail!(
                 "the end-to-end tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test --e2e`"
             );
@@ -212,6 +232,34 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     run(Command::new(root().join("target/release/dfly-bench")).args(args))
 }
 
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask demo`"
+        );
+    }
+    setup()?;
+    // Release: the agent hashes every piece, which a debug build does slowly
+    // enough to show up in the pull times.
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "damselfly",
+        "-p",
+        "damselfly-testbed",
+        "--bins",
+    ]))?;
+    let mut cmd = Command::new(root().join("target/release/dfly-demo"));
+    cmd.args(args);
+    eprintln!("+ {cmd:?}");
+    // Become the demo rather than wait for it: Ctrl-C reaches the whole
+    // process group, and a waiting xtask would exit at once, giving the shell
+    // back while the demo still tears its cluster down.
+    let err = cmd.exec();
+    Err(err).context("starting dfly-demo")
+}
+
 fn lint() -> anyhow::Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
     run(&mut cargo(&[
@@ -225,6 +273,11 @@ fn lint() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc_geteuid() == 0 }
 }
 
 unsafe extern "C" {
