@@ -63,27 +63,22 @@ fn main() -> anyhow::Result<()> {
         let _wake = WakeMain;
         run(&cli)
     });
-    loop {
-        match signals.wait() {
-            libc::SIGUSR1 => {
-                return worker
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the demo panicked"))?;
-            }
-            sig => {
-                // The testbed lives on the worker's stack, mid-step: its Drop
-                // cannot run from here, so remove by the run's tag instead.
-                // (Kills every node's processes first: they are in the nodes' cgroups.)
-                let keeping = KEEPING.load(Ordering::SeqCst);
-                if !keeping {
-                    eprintln!("\ninterrupted (signal {sig}): tearing the cluster down");
-                }
-                sweep_run(std::process::id());
-                eprintln!("cluster torn down");
-                std::process::exit(if keeping { 0 } else { 128 + sig });
-            }
-        }
+    let sig = signals.wait();
+    if sig == libc::SIGUSR1 {
+        return worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("the demo panicked"))?;
     }
+    // The testbed lives on the worker's stack, mid-step: its Drop cannot run
+    // from here, so remove by the run's tag instead (every node's processes
+    // first: they are in the nodes' cgroups).
+    let keeping = KEEPING.load(Ordering::SeqCst);
+    if !keeping {
+        eprintln!("\ninterrupted (signal {sig}): tearing the cluster down");
+    }
+    sweep_run(std::process::id());
+    eprintln!("cluster torn down");
+    std::process::exit(if keeping { 0 } else { 128 + sig });
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
