@@ -426,23 +426,23 @@ fn remove_node(name: &str, cgroup: &Path) {
 }
 
 fn kill_cgroup(cgroup: &Path) {
-    for _ in 0..100 {
+    // Retry the rmdir itself: a killed task leaves cgroup.procs a moment
+    // before the cgroup stops counting it (EBUSY in between), and a zombie
+    // stays until its parent reaps it.
+    for _ in 0..250 {
         let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
             // SAFETY: plain syscall. Reaping is the parent's business; an
             // orphaned zombie leaves the cgroup once init reaps it.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match fs::remove_dir(cgroup) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return,
+        }
     }
-    let _ = fs::remove_dir(cgroup);
 }
 
 /// The pid of the run that made `name` (`dfly-<pid>-...`), if it has that shape.

@@ -76,6 +76,14 @@ fn main() -> anyhow::Result<()> {
     if !keeping {
         eprintln!("\ninterrupted (signal {sig}): tearing the cluster down");
     }
+    // The nodes' daemons are our children: killed but unreaped, they stay
+    // in their cgroups as zombies and the cgroups cannot be removed. Nobody
+    // will wait for them now, so let the kernel reap them.
+    // SAFETY: plain libc calls; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+        while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+    }
     sweep_run(std::process::id());
     eprintln!("cluster torn down");
     std::process::exit(if keeping { 0 } else { 128 + sig });
