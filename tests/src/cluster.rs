@@ -23,12 +23,12 @@ pub fn start_tracker(tb: &Testbed, infra: usize) -> anyhow::Result<Proc> {
     let addr = node.addr4(7400);
     let mut cmd = node.command(damselfly_bin()?)?;
     cmd.args(["tracker", "--listen", &addr.to_string()]);
-    let tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
+    let mut tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !node
         .in_netns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?
     {
-        if Instant::now() > deadline {
+        if !tracker.running() || Instant::now() > deadline {
             bail!("tracker did not start: {}", tracker.log_text());
         }
         std::thread::sleep(Duration::from_millis(50));
