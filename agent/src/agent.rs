@@ -217,6 +217,9 @@ fn start_swarm(
     let mut client_cfg = ClientConfig::new(SocketAddr::new(unspecified(args.peer_listen), 0));
     client_cfg.rate =
         (args.download_rate > 0).then(|| Arc::new(RateLimiter::new(args.download_rate)));
+    // The scheduler times requests out by the peer's measured rate; this is
+    // only the backstop, above its longest timeout.
+    client_cfg.request_timeout = Duration::from_secs(120);
     client_cfg.bytes_in = Some(metrics.peer_bytes_hook("in"));
     let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
     let advertise = match args.peer_advertise {

@@ -49,6 +49,8 @@ pub struct Agent {
     pub proc: Proc,
     pub node: Node,
     pub admin: SocketAddr,
+    /// `--state-dir`: the node CA and the blob cache.
+    pub state_dir: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
     log: PathBuf,
@@ -98,6 +100,7 @@ impl Agent {
             proc,
             node: node.clone(),
             admin,
+            state_dir: state,
             args,
             env,
             log,
@@ -140,6 +143,26 @@ impl Agent {
         )?;
         self.starts += 1;
         self.wait_ready()
+    }
+
+    /// Waits until every blob in `digests` ("sha256:<hex>") is committed to
+    /// the cache: that happens just after the client has its last byte (the
+    /// whole digest is verified first).
+    pub fn wait_cached(&self, digests: &[String]) {
+        let dir = self.state_dir.join("blobs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for d in digests {
+            let hex = d.trim_start_matches("sha256:");
+            while !dir.join(hex).exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{d} never cached on node {}:\n{}",
+                    self.node.index,
+                    self.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// SIGKILL and reap: the kernel has dropped the agent's links when this returns.

@@ -35,12 +35,12 @@ pub fn start_tracker_with(
     cmd.args(["tracker", "--listen", &addr.to_string()])
         .args(extra)
         .envs(env.iter().copied());
-    let tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
+    let mut tracker = node.spawn(cmd, &tb.dir.join("tracker.log"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !node
         .in_netns(move || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?
     {
-        if Instant::now() > deadline {
+        if !tracker.running() || Instant::now() > deadline {
             bail!("tracker did not start: {}", tracker.log_text());
         }
         std::thread::sleep(Duration::from_millis(50));

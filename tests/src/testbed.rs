@@ -426,23 +426,23 @@ fn remove_node(name: &str, cgroup: &Path) {
 }
 
 fn kill_cgroup(cgroup: &Path) {
-    for _ in 0..100 {
+    // Retry the rmdir itself: a killed task leaves cgroup.procs a moment
+    // before the cgroup stops counting it (EBUSY in between), and a zombie
+    // stays until its parent reaps it.
+    for _ in 0..250 {
         let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-        let pids: Vec<i32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
             // SAFETY: plain syscall. Reaping is the parent's business; an
             // orphaned zombie leaves the cgroup once init reaps it.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match fs::remove_dir(cgroup) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => return,
+        }
     }
-    let _ = fs::remove_dir(cgroup);
 }
 
 /// The pid of the run that made `name` (`dfly-<pid>-...`), if it has that shape.
@@ -457,12 +457,23 @@ fn is_stale(name: &str) -> bool {
 /// Remove what runs that died without cleaning up left: namespaces, cgroups,
 /// hosts files, bpffs pins and temp dirs whose owner pid is gone.
 pub fn sweep_stale() {
+    sweep(is_stale);
+}
+
+/// Remove everything run `pid` made. For a run's own SIGINT/SIGTERM handler:
+/// the signal arrives while the objects are owned by another thread's stack,
+/// so their Drop never runs.
+pub fn sweep_run(pid: u32) {
+    sweep(|name| owner_pid(name) == Some(pid));
+}
+
+fn sweep(selected: impl Fn(&str) -> bool) {
     let names = |dir: &Path| -> Vec<String> {
         fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| is_stale(n))
+                    .filter(|n| selected(n))
                     .collect()
             })
             .unwrap_or_default()

@@ -52,7 +52,7 @@ fn bed_on(
     let agent = Agent::start(&tb, tb.node(1), &flags).unwrap();
     // containerd trusts the public CA and this node's CA, and knows nothing else.
     let bundle = tb.dir.join("bundle-n1.pem");
-    let node_ca = node_ca_pem(&tb, &agent);
+    let node_ca = node_ca_pem(&agent);
     fs::write(&bundle, format!("{}\n{}", public_ca.pem(), node_ca)).unwrap();
     let containerd = Containerd::start(&tb, tb.node(1), &bundle).unwrap();
     Bed {
@@ -67,10 +67,10 @@ fn bed_on(
 }
 
 /// What `damselfly ca show` prints for the agent's state dir.
-fn node_ca_pem(tb: &Testbed, agent: &Agent) -> String {
+fn node_ca_pem(agent: &Agent) -> String {
     let out = Command::new(damselfly_testbed::agent::damselfly_bin().unwrap())
         .args(["ca", "show", "--state-dir"])
-        .arg(agent_state(tb, agent))
+        .arg(&agent.state_dir)
         .args(["--registry", REGISTRY])
         .output()
         .unwrap();
@@ -82,27 +82,6 @@ fn node_ca_pem(tb: &Testbed, agent: &Agent) -> String {
     let pem = String::from_utf8(out.stdout).unwrap();
     assert!(pem.contains("BEGIN CERTIFICATE"));
     pem
-}
-
-fn agent_state(tb: &Testbed, agent: &Agent) -> PathBuf {
-    tb.dir.join(format!("state-n{}", agent.node.index))
-}
-
-/// Caching finishes just after the client has its last byte (the whole
-/// digest is verified first): wait until every blob of `img` is committed.
-fn wait_cached(b: &Bed, digests: &[String]) {
-    let dir = agent_state(&b.tb, &b.agent).join("blobs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    for d in digests {
-        while !dir.join(&d[7..]).exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{d} never cached:\n{}",
-                b.agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 fn m(agent: &Agent, series: &str) -> f64 {
@@ -124,7 +103,7 @@ fn pulls_go_through_the_agent_and_the_second_comes_from_cache() {
     assert!(img.total_blob_bytes >= 100 * MB);
 
     b.containerd.ctr_pull(&img.reference, None).unwrap();
-    wait_cached(&b, &img.blob_digests());
+    b.agent.wait_cached(&img.blob_digests());
     let from_origin = b
         .origin
         .wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
@@ -167,7 +146,7 @@ fn private_blobs_are_only_served_to_clients_the_origin_accepts() {
     b.containerd
         .ctr_pull(&img.reference, b.origin.creds())
         .unwrap();
-    wait_cached(&b, &img.blob_digests());
+    b.agent.wait_cached(&img.blob_digests());
     b.containerd.remove_image(&img.reference).unwrap();
 
     // Without or with a wrong credential the pull fails (at the manifest).
@@ -294,12 +273,12 @@ fn a_corrupted_cache_file_is_detected_and_the_pull_still_succeeds() {
     let img =
         Image::build_and_push(&b.tb, &b.origin, "team/app", "v1", &[20 * MB, 3 * MB], 3).unwrap();
     b.containerd.ctr_pull(&img.reference, None).unwrap();
-    wait_cached(&b, &img.blob_digests());
+    b.agent.wait_cached(&img.blob_digests());
     b.containerd.remove_image(&img.reference).unwrap();
 
     // Flip one byte in the middle of the big layer's cache file.
     let (layer, size) = img.layers[0].clone();
-    let dir = agent_state(&b.tb, &b.agent).join("blobs");
+    let dir = b.agent.state_dir.join("blobs");
     let file = dir.join(&layer[7..]);
     let listing: Vec<_> = fs::read_dir(&dir)
         .unwrap()
@@ -347,7 +326,7 @@ fn skopeo_copies_through_the_agent() {
             .arg(format!("docker://{}", img.reference))
             .arg(format!("dir:{}", out.display()));
         tools::run(&mut cmd).unwrap();
-        wait_cached(&b, &img.blob_digests());
+        b.agent.wait_cached(&img.blob_digests());
         for (d, size) in &img.layers {
             let got = fs::read(out.join(&d[7..])).unwrap();
             assert_eq!(got.len() as u64, *size);
@@ -459,7 +438,7 @@ fn a_download_killed_halfway_resumes_from_its_pieces() {
         m(&b.agent, "damselfly_blob_requests_total{result=\"miss\"}"),
         1.0
     );
-    wait_cached(&b, std::slice::from_ref(&digest));
+    b.agent.wait_cached(std::slice::from_ref(&digest));
 }
 
 /// A tmpfs mounted for the length of a test; lazily unmounted on drop, even

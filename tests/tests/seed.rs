@@ -2,12 +2,7 @@
 //! preheat` serves a node's whole pull; `damselfly get` writes blobs and OCI
 //! layouts through a node's agent. Real registry (htpasswd), containerd, kernel.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Output,
-    time::{Duration, Instant},
-};
+use std::{fs, path::Path, process::Output, time::Duration};
 
 use damselfly_testbed::{
     Agent, Testbed, agent::damselfly_bin, cluster::Cluster, containerd::Containerd, image::Image,
@@ -118,17 +113,6 @@ fn sha256_file(path: &Path) -> String {
     format!("sha256:{:x}", h.finalize())
 }
 
-fn wait_cached(tb: &Testbed, node: usize, img: &Image) {
-    let dir: PathBuf = tb.dir.join(format!("state-n{node}/blobs"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for d in img.blob_digests() {
-        while !dir.join(&d[7..]).exists() {
-            assert!(Instant::now() < deadline, "{d} never cached on node {node}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 #[test]
 fn a_preheated_seed_serves_a_whole_pull_with_no_origin_blob_bytes() {
     let b = Bed::new();
@@ -164,7 +148,7 @@ fn a_preheated_seed_serves_a_whole_pull_with_no_origin_blob_bytes() {
     assert!(stdout.contains(&seed_url), "{stdout}");
     println!("{stdout}");
 
-    wait_cached(&b.tb, 1, &img);
+    b.seed.wait_cached(&img.blob_digests());
     let seed_origin = m(&b.seed, "damselfly_blob_bytes_total{source=\"origin\"}");
     assert!(
         seed_origin >= img.total_blob_bytes as f64,
@@ -182,7 +166,7 @@ fn a_preheated_seed_serves_a_whole_pull_with_no_origin_blob_bytes() {
     b.containerd
         .cri_pull(&img.reference, Some((USER, PASS)))
         .unwrap();
-    wait_cached(&b.tb, 2, &img);
+    b.agent.wait_cached(&img.blob_digests());
     let after = b.origin.wait_blob_bytes(before + 1, Duration::from_secs(1));
     assert_eq!(
         after,

@@ -3,7 +3,6 @@
 
 use std::{
     fs,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -104,14 +103,7 @@ fn m(agent: &Agent, series: &str) -> f64 {
 }
 
 fn wait_cached(s: &Swarm, node: usize, img: &Image) {
-    let dir: PathBuf = s.tb.dir.join(format!("state-n{node}/blobs"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for d in img.blob_digests() {
-        while !dir.join(&d[7..]).exists() {
-            assert!(Instant::now() < deadline, "{d} never cached on node {node}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    s.agents[node - 1].wait_cached(&img.blob_digests());
 }
 
 #[test]

@@ -3,12 +3,7 @@
 //! containerd pulls an image from a real registry, the second node from the
 //! first over the swarm.
 
-use std::{
-    collections::HashMap,
-    fs,
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, fs, time::Duration};
 
 use damselfly_testbed::{
     Agent, Testbed,
@@ -24,17 +19,6 @@ const REGISTRY: &str = "registry.dfly.test";
 const MB: u64 = 1000 * 1000;
 /// Exporters send every 200 ms instead of every 5 s.
 const FAST_EXPORT: (&str, &str) = ("OTEL_BSP_SCHEDULE_DELAY", "200");
-
-fn wait_cached(tb: &Testbed, node: usize, img: &Image) {
-    let dir: PathBuf = tb.dir.join(format!("state-n{node}/blobs"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for d in img.blob_digests() {
-        while !dir.join(&d[7..]).exists() {
-            assert!(Instant::now() < deadline, "{d} never cached on node {node}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// The `blob GET` root spans `node` exported, by digest.
 fn blob_roots<'a>(spans: &'a [Span], node: &str) -> HashMap<String, Vec<&'a Span>> {
@@ -120,11 +104,11 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
     );
 
     containerds[0].ctr_pull(&img.reference, None).unwrap();
-    wait_cached(&tb, 1, &img);
+    agents[0].wait_cached(&img.blob_digests());
     // Announcements follow the commit; give them a moment to reach the tracker.
     std::thread::sleep(Duration::from_millis(500));
     containerds[1].cri_pull(&img.reference, None).unwrap();
-    wait_cached(&tb, 2, &img);
+    agents[1].wait_cached(&img.blob_digests());
 
     let spans = collector
         .wait_for(

@@ -1,7 +1,9 @@
-//! `cargo xtask setup | build-ebpf | test | lint | manifests`: the project's own commands,
-//! so a fresh machine and CI run exactly what a developer runs.
+//! `cargo xtask setup | build-ebpf | test | demo | lint | bench | manifests`:
+//! the project's own commands, so a fresh machine and CI run exactly what a
+//! developer runs. `demo` and `test` install what they need first.
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -23,8 +25,8 @@ enum Cmd {
     Setup,
     /// Build the kernel programs (agent-ebpf) into target/ebpf.
     BuildEbpf,
-    /// Run the suite: unit tests, the Helm chart tests, then end-to-end tests (root, real
-    /// kernel). With part flags, only those parts.
+    /// Run the suite (runs `setup` first): unit tests, the Helm chart tests, then
+    /// end-to-end tests (root, real kernel). With part flags, only those parts.
     Test {
         /// The unit tests (no root needed).
         #[arg(long)]
@@ -46,6 +48,14 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings.
     Lint,
+    /// The seed article's demo on local nodes (root; runs `setup` first): the first
+    /// node pulls from a 100 Mbit/s origin, the second from it, then all at once.
+    Demo {
+        /// Arguments for dfly-demo: --image-size 300MiB --layers 4 --origin-rate 100mbit --nodes 3 --keep
+        /// (`cargo xtask demo -- --help` explains them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Measurements on the testbed (root): steering connect cost, splice throughput.
     Bench {
         /// Arguments for dfly-bench (see `--help`).
@@ -92,10 +102,13 @@ fn main() -> anyhow::Result<()> {
             e2e,
             filter,
         } => {
+            // A fresh machine has no bpf-linker, so not even the unit tests build.
+            setup()?;
             let all = !(unit || chart || e2e);
             test(unit || all, chart || all, e2e || all, filter.as_deref())
         }
         Cmd::Manifests { check } => manifests(check),
+        Cmd::Demo { args } => demo(&args),
         Cmd::Lint => lint(),
         Cmd::Bench { args } => bench(&args),
     }
@@ -141,6 +154,12 @@ fn setup() -> anyhow::Result<()> {
         })
         .collect();
     if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing packages {}: run as root (`sudo cargo xtask setup`)",
+                missing.join(" ")
+            );
+        }
         run(Command::new("apt-get").arg("update"))?;
         run(Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -232,8 +251,7 @@ fn test(unit: bool, chart: bool, e2e: bool, filter: Option<&str>) -> anyhow::Res
         }
     }
     if e2e {
-        // SAFETY: plain syscall.
-        if unsafe { libc_geteuid() } != 0 {
+        if !is_root() {
             bail!(
                 "the end-to-end tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test --e2e`"
             );
@@ -309,6 +327,34 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     run(Command::new(root().join("target/release/dfly-bench")).args(args))
 }
 
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask demo`"
+        );
+    }
+    setup()?;
+    // Release: the agent hashes every piece, which a debug build does slowly
+    // enough to show up in the pull times.
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "damselfly",
+        "-p",
+        "damselfly-testbed",
+        "--bins",
+    ]))?;
+    let mut cmd = Command::new(root().join("target/release/dfly-demo"));
+    cmd.args(args);
+    eprintln!("+ {cmd:?}");
+    // Become the demo rather than wait for it: Ctrl-C reaches the whole
+    // process group, and a waiting xtask would exit at once, giving the shell
+    // back while the demo still tears its cluster down.
+    let err = cmd.exec();
+    Err(err).context("starting dfly-demo")
+}
+
 fn lint() -> anyhow::Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
     run(&mut cargo(&[
@@ -322,6 +368,11 @@ fn lint() -> anyhow::Result<()> {
         "warnings",
     ]))?;
     Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc_geteuid() == 0 }
 }
 
 unsafe extern "C" {

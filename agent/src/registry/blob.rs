@@ -55,7 +55,15 @@ pub struct Blobs {
     /// `--origin-rate`: shared by every blob byte fetched from an origin to
     /// be cached (blobs only streamed through are not counted).
     origin_rate: Arc<RateLimiter>,
+    /// Blobs whose swarm copy failed its digest (a poisoned hash list), and
+    /// since when: fetched from the origin alone for [`POISON_TTL`].
+    poisoned: Poisoned,
 }
+
+type Poisoned = Arc<Mutex<HashMap<Digest, Instant>>>;
+
+/// How long a blob whose swarm fetch was poisoned skips the swarm.
+const POISON_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 enum Authz {
     Allowed {
@@ -82,7 +90,15 @@ impl Blobs {
             authz: Mutex::default(),
             inflight: Arc::default(),
             origin_rate: Arc::new(RateLimiter::unlimited()),
+            poisoned: Arc::default(),
         }
+    }
+
+    /// Whether the swarm's copy of `digest` failed its digest lately.
+    fn is_poisoned(&self, digest: &Digest) -> bool {
+        let mut map = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, since| since.elapsed() < POISON_TTL);
+        map.contains_key(digest)
     }
 
     /// Limits origin blob bytes to `bytes_per_sec` (0: no limit).
@@ -373,7 +389,7 @@ impl Blobs {
             }
         };
         let mut progress = None;
-        if let Some(swarm) = &self.swarm {
+        if let Some(swarm) = self.swarm.as_ref().filter(|_| !self.is_poisoned(&digest)) {
             match swarm.join(&digest, size).await {
                 Some(holders) => {
                     return self.start_swarm(
@@ -591,10 +607,29 @@ impl Blobs {
             pieces.peer = field::Empty,
             pieces.origin = field::Empty,
             cached = field::Empty,
+            poisoned = field::Empty,
         );
+        let (poisoned, store) = (self.poisoned.clone(), self.store.clone());
         tokio::spawn(
             async move {
                 let outcome = job.run(writer, holders, tx).await;
+                if outcome.poisoned {
+                    Span::current().record("poisoned", true);
+                    // The pieces match the lying hashes: drop them all, tell the
+                    // tracker, and let the client's retry go to the origin.
+                    poisoned
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(digest, Instant::now());
+                    if let Some(store) = store {
+                        let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
+                    }
+                    if let Some(p) = outcome.progress {
+                        p.abandon().await;
+                    }
+                    lead.finish(false);
+                    return;
+                }
                 let committed = match outcome.writer {
                     Some(w) if w.missing_pieces().is_empty() => {
                         tokio::task::spawn_blocking(move || w.commit())

@@ -74,6 +74,9 @@ pub struct Outcome {
     pub writer: Option<BlobWriter>,
     pub hashes: Vec<Option<[u8; 32]>>,
     pub progress: Option<Progress>,
+    /// Every piece matched its hash but the blob failed its digest: the hash
+    /// list was poisoned. The client got an error instead of the last piece.
+    pub poisoned: bool,
 }
 
 type Done = (u64, Source, Result<Bytes, String>);
@@ -133,6 +136,9 @@ impl Fetch {
         let mut arrived: HashMap<u64, Bytes> = HashMap::new();
         let mut ready: BTreeMap<u64, Bytes> = BTreeMap::new();
         let mut next = 0u64;
+        // Piece hashes come from peers, so only the blob digest vouches for
+        // the whole: the last piece is held back until it matches.
+        let mut whole = Sha256::new();
         let mut client_open = true;
         let mut done = false;
         let mut actions = sched.poll(Instant::now());
@@ -226,6 +232,21 @@ impl Fetch {
                     }
                     None => break,
                 };
+                whole.update(&data);
+                if next + 1 == pieces
+                    && Digest(std::mem::take(&mut whole).finalize().into()) != self.digest
+                {
+                    warn!(digest = %self.digest, "every piece matched its hash but the blob fails its digest: poisoned hash list; not delivered");
+                    let _ = client
+                        .send(Err("damselfly: blob failed its digest check".into()))
+                        .await;
+                    for (_, t) in running.drain() {
+                        t.abort();
+                    }
+                    let mut outcome = self.outcome(None, hashes);
+                    outcome.poisoned = true;
+                    return outcome;
+                }
                 if client_open {
                     client_open = client.send(Ok(Frame::data(data))).await.is_ok();
                 }
@@ -313,6 +334,7 @@ impl Fetch {
             writer,
             hashes,
             progress: self.progress.take(),
+            poisoned: false,
         }
     }
 

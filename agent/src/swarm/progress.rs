@@ -34,6 +34,7 @@ pub struct Progress {
     held: watch::Sender<Held>,
     task: JoinHandle<()>,
     swarm: Arc<Swarm>,
+    digest: Digest,
 }
 
 impl Progress {
@@ -50,7 +51,12 @@ impl Progress {
         hashes.resize(bitmap.pieces() as usize, None);
         let (held, rx) = watch::channel(Held { bitmap, hashes });
         let task = tokio::spawn(announce_loop(swarm.clone(), digest, size, piece_size, rx));
-        Self { held, task, swarm }
+        Self {
+            held,
+            task,
+            swarm,
+            digest,
+        }
     }
 
     /// Piece `index`, whose sha256 is `sum`, is now held (and servable).
@@ -66,11 +72,29 @@ impl Progress {
     /// The fetch is over: flush the last partial state, then announce the
     /// blob as committed, if it was.
     pub async fn finish(self, committed: Option<BlobReader>) {
-        let Progress { held, task, swarm } = self;
+        let Progress {
+            held, task, swarm, ..
+        } = self;
         drop(held);
         let _ = task.await;
         if let Some(reader) = committed {
             swarm.announce_complete(reader).await;
+        }
+    }
+
+    /// The pieces are being thrown away (the blob failed its digest): take
+    /// back every announcement.
+    pub async fn abandon(self) {
+        let Progress {
+            held,
+            task,
+            swarm,
+            digest,
+        } = self;
+        drop(held);
+        let _ = task.await;
+        if let Err(e) = swarm.tracker.withdraw(&digest).await {
+            debug!(%digest, error = %e, "withdraw failed");
         }
     }
 }

@@ -397,3 +397,73 @@ async fn upload_rate_limit_bounds_throughput() {
         "{measured:.0} B/s over {secs:.2} s, limit {rate}"
     );
 }
+
+/// A peer that lies consistently: its pieces match the hashes it announced,
+/// but together they are not the blob. The fetch driver must not hand the
+/// client the whole thing: the last piece is withheld and an error sent.
+#[tokio::test]
+async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
+    use crate::{
+        admin::metrics::Metrics,
+        swarm::{
+            fetch::{Fetch, Holders, RangeFetcher},
+            sched::Config,
+        },
+    };
+    let ca = Ca::new("cluster");
+    let real = blob(3 * PS as usize + 100, 1);
+    let fake = blob(real.len(), 2);
+    let digest = Digest::of(&real);
+    // The liar holds other bytes under the real digest, as a partial blob
+    // (served piece by piece, verified against its own sums).
+    let liar_dir = TempDir::new("liar");
+    let liar = Store::open(&liar_dir.0, 1 << 30, PS).unwrap();
+    let mut lie = liar.begin(&digest, real.len() as u64).unwrap();
+    let mut sums = Vec::new();
+    for i in 0..pieces(&fake) {
+        sums.push(Some(lie.write_piece(i, piece(&fake, i)).unwrap()));
+    }
+    let srv = server(&ca.tls(&ca, "liar"), Arc::new(liar.clone()), |_| {});
+
+    let dir = TempDir::new("victim");
+    let store = Store::open(&dir.0, 1 << 30, PS).unwrap();
+    let writer = store.begin(&digest, real.len() as u64).unwrap();
+    let origin_bytes = Bytes::from(real.clone());
+    let origin: RangeFetcher = Arc::new(move |start, end| {
+        let b = origin_bytes.slice(start as usize..end as usize);
+        Box::pin(async move { Ok(b) })
+    });
+    let job = Fetch {
+        digest,
+        peers: Arc::new(client(&ca.tls(&ca, "victim"))),
+        origin,
+        metrics: Arc::new(Metrics::new()),
+        config: Config::default(),
+        refresh: None,
+        progress: None,
+        bytes: Default::default(),
+    };
+    let mut full = crate::store::bitmap::Bitmap::new(pieces(&real));
+    for i in 0..pieces(&real) {
+        full.set(i);
+    }
+    let holders = Holders {
+        peers: vec![(srv.local_addr(), full.as_bytes().to_vec())],
+        hashes: sums,
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let outcome = job.run(writer, holders, tx).await;
+    let (mut got, mut failed) = (0usize, false);
+    while let Some(chunk) = rx.recv().await {
+        match chunk {
+            Ok(frame) => got += frame.into_data().map(|d| d.len()).unwrap_or(0),
+            Err(_) => failed = true,
+        }
+    }
+    assert!(outcome.poisoned);
+    assert!(outcome.writer.is_none());
+    assert!(failed, "the client must get an error");
+    let last = piece(&real, pieces(&real) - 1).len();
+    assert_eq!(got, real.len() - last, "everything but the last piece");
+    drop(lie);
+}
