@@ -7,12 +7,14 @@ use std::{collections::HashMap, fs, time::Duration};
 
 use damselfly_testbed::{
     Agent, Testbed,
+    agent::damselfly_bin,
     cluster::start_tracker_with,
     containerd::Containerd,
     image::Image,
     origin::Origin,
     otlp::{Collector, Span, descendants, summary},
     pki::TestCa,
+    tools,
 };
 
 const REGISTRY: &str = "registry.dfly.test";
@@ -60,15 +62,13 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
     let cluster = TestCa::new("dfly cluster CA").unwrap();
     let cluster_ca = tb.dir.join("cluster-ca.crt");
     fs::write(&cluster_ca, cluster.pem()).unwrap();
-    let mut agents = Vec::new();
-    let mut containerds = Vec::new();
-    for i in 1..=2 {
+    let agent_flags = |i: usize| -> Vec<String> {
         let (crt, key) = cluster
             .issue(&["damselfly-peer"])
             .unwrap()
             .write(&tb.dir, &format!("peer-n{i}"))
             .unwrap();
-        let flags: Vec<String> = vec![
+        vec![
             "--registry".into(),
             REGISTRY.into(),
             "--upstream-ca".into(),
@@ -85,7 +85,12 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
             format!("n{i}"),
             "--otlp-endpoint".into(),
             endpoint.clone(),
-        ];
+        ]
+    };
+    let mut agents = Vec::new();
+    let mut containerds = Vec::new();
+    for i in 1..=2 {
+        let flags = agent_flags(i);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         agents.push(Agent::start_with_env(&tb, tb.node(i), &flags, &[FAST_EXPORT]).unwrap());
         let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
@@ -225,5 +230,62 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
             && s.str("host") == Some(REGISTRY)),
         "{}",
         context()
+    );
+
+    // What is still queued when an agent stops goes out on SIGTERM: node 1
+    // restarted to export only every minute, so nothing but the shutdown
+    // flush can deliver the trace of this cache hit in time.
+    agents[0].terminate().unwrap();
+    let flags = agent_flags(1);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut slow = Agent::start_with_env(
+        &tb,
+        tb.node(1),
+        &flags,
+        &[("OTEL_BSP_SCHEDULE_DELAY", "60000")],
+    )
+    .unwrap();
+    let (layer, size) = img.layers[0].clone();
+    let url = format!("https://{REGISTRY}/v2/team/traced/blobs/{layer}");
+    let out_file = tb.dir.join("hit.blob");
+    let mut cmd = tb.node(1).command(damselfly_bin().unwrap()).unwrap();
+    tools::isolate_env(&mut cmd, &origin.ca_pem, &origin.ca_dir);
+    let out = cmd
+        .args(["get", &url, "-o"])
+        .arg(&out_file)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(slow.terminate().unwrap().success());
+    let is_hit = |s: &Span| {
+        s.name == "blob GET"
+            && s.resource_str("host.name") == Some("n1")
+            && s.str("digest") == Some(layer.as_str())
+            && s.str("outcome") == Some("hit")
+    };
+    let spans = collector
+        .wait_for(
+            Duration::from_secs(5),
+            "cache hit trace after SIGTERM",
+            |s| s.iter().any(is_hit),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", slow.log_text()));
+    let hit = spans.iter().find(|s| is_hit(s)).unwrap();
+    assert_eq!(hit.int("bytes.cache"), Some(size), "{hit:#?}");
+    assert_eq!(hit.int("bytes.origin"), Some(0), "{hit:#?}");
+    // Asked through the admin endpoint, not an intercepted connection.
+    assert!(hit.links.is_empty(), "{hit:#?}");
+    let children = descendants(&spans, hit);
+    assert!(
+        children.iter().any(|s| s.name == "cache.read"),
+        "{hit:#?}\n{}",
+        summary(&spans)
     );
 }
