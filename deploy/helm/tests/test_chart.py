@@ -259,7 +259,7 @@ def test_tracker_statefulset_gives_agents_a_stable_list(rendered, variant, repli
     assert svc["spec"]["clusterIP"] == "None"
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"] == "damselfly-tracker"
     tracker = sts["spec"]["template"]["spec"]["containers"][0]
-    assert tracker["args"] == ["tracker", "--listen=0.0.0.0:7400"]
+    assert tracker["args"][:2] == ["tracker", "--listen=0.0.0.0:7400"]
     for probe in ("livenessProbe", "readinessProbe"):
         assert tracker[probe]["tcpSocket"] == {"port": "grpc"}
     assert tracker["resources"]["limits"]
@@ -302,7 +302,7 @@ def test_seed_peers(rendered):
 def test_tracing_endpoint(rendered, variant, endpoint):
     objs = rendered[variant]
     for _, c in damselfly_containers(objs):
-        if c["args"][0] == "agent":
+        if c["args"][0] in ("agent", "tracker"):
             assert arg(c["args"], "--otlp-endpoint") == endpoint
         else:
             assert "--otlp-endpoint" not in flags(c["args"])
