@@ -262,11 +262,12 @@ fn start_swarm(
             initial_timeout: Duration::from_secs(60),
             // Nodes pulling together wait for the one fetching from the
             // origin while its pieces keep coming.
+            // Seeds too: a seed the tracker names no holder to is the one
+            // that fetches from the origin (the join decides that); one that
+            // finds another node already fetching waits for its pieces like
+            // anyone, or several seeds preheating together would each take
+            // the image from the origin.
             patience: Some(Duration::from_secs(10)),
-            // A seed is there to bring into the swarm what it lacks: a piece
-            // no peer holds comes from the origin now, not after a wait
-            // (this overrides the patience above).
-            origin_first: args.seed,
             ..Default::default()
         },
         piece_size: store.piece_size(),
