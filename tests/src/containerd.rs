@@ -1,6 +1,8 @@
 //! A real containerd per node, with CRI on and NO registry configuration at
 //! all (no config_path, hosts.toml or mirrors): it reaches registries the way
-//! a stock node does, which is what Damselfly must intercept.
+//! a stock node does, which is what Damselfly must intercept. The one
+//! exception is [`Containerd::start_with`] with a [`Mirror`]: the pull-through
+//! cache setup that `dfly-bench` compares Damselfly against.
 //!
 //! The daemon runs inside the node (netns, cgroup, /etc/hosts) in a mount
 //! namespace of its own (see [`Node::command`]), so whatever it mounts goes
@@ -24,6 +26,16 @@ use crate::{
 /// The containerd namespace CRI (kubelet) uses; `ctr_pull` uses it too.
 pub const NAMESPACE: &str = "k8s.io";
 
+/// A registry mirror in containerd's own `hosts.toml` form (`config_path`):
+/// pulls of `registry` go to `url` first, then to the registry itself.
+#[derive(Clone, Debug)]
+pub struct Mirror {
+    /// The registry host as image references name it, e.g. `registry.dfly.test`.
+    pub registry: String,
+    /// The mirror's base URL, e.g. `https://mirror.dfly.test`.
+    pub url: String,
+}
+
 pub struct Containerd {
     pub node: Node,
     pub dir: PathBuf,
@@ -39,6 +51,16 @@ impl Containerd {
     /// Start containerd in `node`, trusting exactly the PEM bundle `ca_bundle`.
     /// Returns once it answers on its socket.
     pub fn start(tb: &Testbed, node: &Node, ca_bundle: &Path) -> anyhow::Result<Self> {
+        Self::start_with(tb, node, ca_bundle, None)
+    }
+
+    /// [`Containerd::start`], optionally pulling through `mirror`.
+    pub fn start_with(
+        tb: &Testbed,
+        node: &Node,
+        ca_bundle: &Path,
+        mirror: Option<&Mirror>,
+    ) -> anyhow::Result<Self> {
         let bin = tools::need("containerd", "containerd")?;
         let ctr_bin = tools::need("ctr", "containerd")?;
         let dir = tb.dir.join(format!("containerd-n{}", node.index));
@@ -91,6 +113,23 @@ plugin_dir = ""
             cni_bin = p("cni/bin"),
             cni_conf = p("cni/conf"),
         );
+        let mut config = config;
+        if let Some(m) = mirror {
+            let certs = dir.join("certs.d");
+            let host_dir = certs.join(&m.registry);
+            fs::create_dir_all(&host_dir)?;
+            fs::write(
+                host_dir.join("hosts.toml"),
+                format!(
+                    "server = \"https://{}\"\n\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+                    m.registry, m.url
+                ),
+            )?;
+            config.push_str(&format!(
+                "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{}\"\n",
+                certs.display()
+            ));
+        }
         let cfg = dir.join("config.toml");
         fs::write(&cfg, config)?;
         let mut cmd = node.command(bin)?;

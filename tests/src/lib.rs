@@ -6,6 +6,7 @@
 //! tell a dead run's leftovers (its pid is gone) from a live run's.
 
 pub mod agent;
+pub mod bench;
 pub mod body;
 pub mod cluster;
 pub mod containerd;
@@ -14,6 +15,7 @@ pub mod origin;
 pub mod otlp;
 pub mod pki;
 pub mod probe;
+pub mod signals;
 pub mod testbed;
 pub mod tools;
 

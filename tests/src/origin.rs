@@ -54,12 +54,25 @@ impl Origin {
         ca: &TestCa,
         auth: Option<(&str, &str)>,
     ) -> anyhow::Result<Self> {
-        Self::launch(tb, node, name, ca, auth, true)
+        Self::launch(tb, node, name, ca, auth, true, None)
+    }
+
+    /// A pull-through cache of `upstream` (distribution's `proxy.remoteurl`)
+    /// named `name` on port 443 of node `node`, trusting `upstream`'s CA for
+    /// its own fetches: what a registry mirror or a Harbor proxy project runs.
+    pub fn start_proxy(
+        tb: &Testbed,
+        node: usize,
+        name: &str,
+        ca: &TestCa,
+        upstream: &Origin,
+    ) -> anyhow::Result<Self> {
+        Self::launch(tb, node, name, ca, None, true, Some(upstream))
     }
 
     /// The same registry over plain HTTP on port 80 (no auth).
     pub fn start_plain(tb: &Testbed, node: usize, name: &str, ca: &TestCa) -> anyhow::Result<Self> {
-        Self::launch(tb, node, name, ca, None, false)
+        Self::launch(tb, node, name, ca, None, false, None)
     }
 
     fn launch(
@@ -69,6 +82,7 @@ impl Origin {
         ca: &TestCa,
         auth: Option<(&str, &str)>,
         tls: bool,
+        upstream: Option<&Origin>,
     ) -> anyhow::Result<Self> {
         let bin = tools::need("docker-registry", "docker-registry")?;
         let node = tb.node(node).clone();
@@ -107,11 +121,18 @@ impl Origin {
                 htpasswd.display()
             ));
         }
+        if let Some(up) = upstream {
+            let scheme = if up.tls { "https" } else { "http" };
+            config.push_str(&format!("proxy:\n  remoteurl: {scheme}://{}\n", up.name));
+        }
         let cfg = dir.join("config.yml");
         fs::write(&cfg, config)?;
         tb.add_host(name, node.ip4.into())?;
 
         let mut cmd = node.command(bin)?;
+        if let Some(up) = upstream {
+            tools::isolate_env(&mut cmd, &up.ca_pem, &up.ca_dir);
+        }
         cmd.arg("serve").arg(&cfg);
         let mut proc = node.spawn(cmd, &dir.join("registry.log"))?;
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -56,9 +56,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Measurements on the testbed (root): steering connect cost, splice throughput.
+    /// Measurements on the testbed (root): N nodes pulling at once directly, through a
+    /// central pull-through cache and through Damselfly, into target/bench/ (CSV,
+    /// markdown table, PNG plot); `--micro` for connect cost, splice and cache hits.
     Bench {
-        /// Arguments for dfly-bench (see `--help`).
+        /// Arguments for dfly-bench: --nodes 1,2,4,8 --image-size 64MiB --layers 4
+        /// --origin-rate 50mbit --node-rate 250mbit --modes direct,central,damselfly,damselfly+seed
+        /// --repeat 3 --out DIR, or --micro [--scenario steer|hit|all] (`cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -83,6 +87,11 @@ const APT_PACKAGES: &[&str] = &[
     "busybox-static",
     // k8s-cri's build script (CRI gRPC client)
     "protobuf-compiler",
+    // the bench's plot (plotters' ttf: font-kit finds fonts through fontconfig)
+    "pkg-config",
+    "libfontconfig-dev",
+    "libfreetype-dev",
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// PyPI packages of the chart tests (deploy/helm/tests), with the module each provides.
@@ -315,6 +324,12 @@ fn manifests(check: bool) -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the bench needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask bench`"
+        );
+    }
+    // Release: a debug agent's hashing and QUIC would be what is measured.
     run(&mut cargo(&[
         "build",
         "--release",
@@ -324,7 +339,14 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
         "damselfly-testbed",
         "--bins",
     ]))?;
-    run(Command::new(root().join("target/release/dfly-bench")).args(args))
+    let mut cmd = Command::new(root().join("target/release/dfly-bench"));
+    // `--out` defaults to target/bench of the workspace, wherever xtask was started.
+    cmd.args(args).current_dir(root());
+    eprintln!("+ {cmd:?}");
+    // Become the bench, as `demo` does: Ctrl-C then reaches it directly and
+    // the shell comes back only after it has removed its testbed.
+    let err = cmd.exec();
+    Err(err).context("starting dfly-bench")
 }
 
 fn demo(args: &[String]) -> anyhow::Result<()> {

@@ -1,7 +1,24 @@
-//! `dfly-bench`: measurements on the testbed, printed as a markdown table.
-//! Run through `cargo xtask bench` (root). Nothing here is asserted: these are
-//! the numbers issues ask for in their closing notes.
+//! `dfly-bench`: measurements on the testbed. Run through `cargo xtask bench`
+//! (root). Nothing here is asserted: these are the numbers issues ask for in
+//! their closing notes and the README shows.
 //!
+//! By default, the swarm comparison: the same image pulled by N nodes at once
+//! (CRI `PullImage`, as kubelet sends it) in each mode —
+//! - `direct`: every containerd pulls from the origin itself;
+//! - `central`: a pull-through cache (`docker-registry` with `proxy.remoteurl`)
+//!   on a node of its own, every containerd mirroring to it through
+//!   `hosts.toml`, as users run a registry mirror or a Harbor proxy project;
+//! - `damselfly`: an agent per node (steering, interception, swarm) and a
+//!   tracker, no seed;
+//! - `damselfly+seed`: the same plus one seed agent that `damselfly preheat`
+//!   (started together with the pulls, as a rollout's Job would be) sends to
+//!   the origin first;
+//!
+//! plus, per mode, node 1 then node 2 one after the other. Writes
+//! `bench.csv` (a row per node per run), `bench.md` (medians, computed from the
+//! CSV) and `bench.png` into `--out`.
+//!
+//! `--micro`: the micro-benchmarks (`--scenario steer|hit|all`):
 //! - connect cost of the steering programs (kernel `bpf_stats`: run_time_ns / run_cnt)
 //!   for a port outside the set, a steered port from a process not in the
 //!   allow-list, and a steered connect;
@@ -10,37 +27,91 @@
 //!   TLS interception vs read directly from the origin registry over TLS, and
 //!   the agent's peak RSS while serving it to one and to four clients.
 
-use std::{process::Command, time::Duration};
+mod swarm;
+
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use damselfly_testbed::{
     Agent, Node, Testbed,
     agent::{probe_bin, start_server},
+    bench::{parse_rate, parse_size},
 };
 
 #[derive(Parser)]
+#[command(
+    name = "dfly-bench",
+    about = "Direct, central cache and Damselfly pulls compared (root)"
+)]
 struct Cli {
-    /// Which measurements: steer (connect cost, splice), hit (cache hits), all.
+    /// Run the micro-benchmarks instead (connect cost, splice, cache hits).
+    #[arg(long)]
+    micro: bool,
+    /// With --micro, which: steer (connect cost, splice), hit (cache hits), all.
     #[arg(long, default_value = "all")]
     scenario: String,
-    /// Blob size for the cache-hit benchmark.
+    /// With --micro: blob size for the cache-hit benchmark.
     #[arg(long, default_value_t = 1 << 30)]
     blob: u64,
-    /// Bytes per download in the splice benchmark.
+    /// With --micro: bytes per download in the splice benchmark.
     #[arg(long, default_value_t = 1_000_000_000)]
     bytes: u64,
-    /// Downloads per mode (median reported).
-    #[arg(long, default_value_t = 3)]
-    repeat: usize,
-    /// connect() calls per connect scenario.
+    /// With --micro: connect() calls per connect scenario.
     /// (Kept well below the ephemeral port range: TIME_WAIT sockets make connect() search for ports.)
     #[arg(long, default_value_t = 5_000)]
     connects: u32,
+    /// Runs per measurement (medians reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Numbers of nodes pulling at once, one set of runs each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    nodes: Vec<usize>,
+    /// Image size: random, incompressible layers (e.g. 64MiB, 200MiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    image_size: u64,
+    /// Layers the image size is split into.
+    #[arg(long, default_value_t = 4)]
+    layers: u64,
+    /// The origin registry's link, both ways.
+    #[arg(long, default_value = "50mbit", value_parser = parse_rate)]
+    origin_rate: u32,
+    /// Every node's link (and the central cache's, and the seed's), both ways.
+    #[arg(long, default_value = "250mbit", value_parser = parse_rate)]
+    node_rate: u32,
+    /// Modes to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,central,damselfly,damselfly+seed"
+    )]
+    modes: Vec<swarm::Mode>,
+    /// Where bench.csv, bench.md and bench.png go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    damselfly_testbed::signals::run_or_sweep(move || {
+        if cli.micro {
+            micro(&cli)
+        } else {
+            swarm::compare(&swarm::Params {
+                nodes: cli.nodes.clone(),
+                image_size: cli.image_size,
+                layers: cli.layers,
+                origin_rate: cli.origin_rate,
+                node_rate: cli.node_rate,
+                modes: cli.modes.clone(),
+                repeat: cli.repeat,
+                out: cli.out.clone(),
+            })
+        }
+    })
+}
+
+fn micro(cli: &Cli) -> anyhow::Result<()> {
     println!("| measurement | value |\n|---|---|");
     if matches!(cli.scenario.as_str(), "steer" | "all") {
         let tb = Testbed::new(2)?;
