@@ -60,7 +60,7 @@ enum Cmd {
     /// central pull-through cache and through Damselfly, into target/bench/ (CSV,
     /// markdown table, PNG plot); `--micro` for connect cost, splice and cache hits.
     Bench {
-        /// Arguments for dfly-bench: --nodes 1,2,4,8 --image-size 64MiB --layers 4
+        /// Arguments for dfly-bench: --nodes 1,2,4,8 --image-size 48MiB --layers 4
         /// --origin-rate 50mbit --node-rate 250mbit --modes direct,central,damselfly,damselfly+seed
         /// --repeat 3 --out DIR, or --micro [--scenario steer|hit|all] (`cargo xtask bench -- --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
