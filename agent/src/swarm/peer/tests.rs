@@ -467,3 +467,109 @@ async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
     assert_eq!(got, real.len() - last, "everything but the last piece");
     drop(lie);
 }
+
+/// The Helm chart's default PKI comes from Helm's `genCA`/`genSignedCert`:
+/// RSA-2048 keys in PKCS#1 PEM, SAN `damselfly-peer`, server and client
+/// auth. Made here the same way with the openssl CLI, they must carry a
+/// real handshake and a piece.
+#[tokio::test]
+async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
+    let dir = TempDir::new("rsa");
+    let d = &dir.0;
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("openssl (apt package openssl) is needed for this test");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=damselfly-ca",
+    ]);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:damselfly-peer\nextendedKeyUsage=serverAuth,clientAuth\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\n",
+    )
+    .unwrap();
+    for node in ["a", "b"] {
+        let (key, csr, crt) = (
+            format!("{node}.p8"),
+            format!("{node}.csr"),
+            format!("{node}.crt"),
+        );
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=damselfly-peer",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        // genSignedCert writes "BEGIN RSA PRIVATE KEY" (PKCS#1).
+        openssl(&[
+            "rsa",
+            "-in",
+            &key,
+            "-traditional",
+            "-out",
+            &format!("{node}.key"),
+        ]);
+    }
+    let pkcs1 = std::fs::read_to_string(d.join("a.key")).unwrap();
+    assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let tls = |node: &str| {
+        PeerTls::from_pem_files(
+            &d.join("ca.crt"),
+            &d.join(format!("{node}.crt")),
+            &d.join(format!("{node}.key")),
+        )
+        .unwrap()
+    };
+    let fx = fixture(2 * PS as usize + 10);
+    let srv = server(&tls("a"), Arc::new(fx.store.clone()), |_| {});
+    let c = client(&tls("b"));
+    let got = c
+        .fetch_piece(srv.local_addr(), &fx.digest, 1, PS)
+        .await
+        .unwrap();
+    assert_eq!(got, piece(&fx.data, 1));
+}
