@@ -505,5 +505,9 @@ mod tests {
         assert_eq!(parse_rate("50mbit"), Ok(50));
         assert_eq!(parse_rate("1gbit"), Ok(1000));
         assert!(parse_rate("0").is_err());
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_rate("250"), Ok(250));
+        assert!(parse_rate("fast").is_err());
     }
 }

@@ -2,7 +2,13 @@
 //! stack, so a signal cannot unwind into their `Drop`. The main thread waits
 //! for the signals instead and removes everything by the run's tag.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::testbed::sweep_run;
+
+/// Set while a run is kept up on purpose for the user to look at (`dfly-demo
+/// --keep`): Ctrl-C then is the normal end, exit status 0.
+pub static KEEPING: AtomicBool = AtomicBool::new(false);
 
 /// Run `work` on a worker thread; on SIGINT, SIGTERM or SIGHUP kill and
 /// remove everything this process made (`dfly-<pid>-...`) and exit 128+sig.
@@ -22,7 +28,10 @@ pub fn run_or_sweep(
             .join()
             .map_err(|_| anyhow::anyhow!("the run panicked"))?;
     }
-    eprintln!("\ninterrupted (signal {sig}): removing the testbed");
+    let keeping = KEEPING.load(Ordering::SeqCst);
+    if !keeping {
+        eprintln!("\ninterrupted (signal {sig}): removing the testbed");
+    }
     // The nodes' daemons are our children: killed but unreaped, they stay in
     // their cgroups as zombies and the cgroups cannot be removed. Nobody will
     // wait for them now, so let the kernel reap them.
@@ -33,7 +42,7 @@ pub fn run_or_sweep(
     }
     sweep_run(std::process::id());
     eprintln!("testbed removed");
-    std::process::exit(128 + sig);
+    std::process::exit(if keeping { 0 } else { 128 + sig });
 }
 
 /// The signals that end a run, plus SIGUSR1: the worker saying it is done.

@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     fs,
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -21,9 +21,11 @@ use clap::Parser;
 use damselfly_testbed::{
     Agent, Containerd, Image, Node, Origin, Proc, Testbed,
     agent::{damselfly_bin, metric_value},
+    bench::{parse_rate, parse_size},
     cluster::start_tracker,
     pki::TestCa,
-    testbed::{BPFFS_ROOT, cgroup2_root, sweep_run},
+    signals,
+    testbed::{BPFFS_ROOT, cgroup2_root},
 };
 
 const REGISTRY: &str = "registry.dfly.test";
@@ -52,42 +54,9 @@ struct Cli {
     keep: bool,
 }
 
-/// Set once the table is out and the cluster is only kept for looking.
-static KEEPING: AtomicBool = AtomicBool::new(false);
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Before any thread exists, so every thread inherits the mask and the
-    // signals wait for `sigwait` below (std resets the mask for children).
-    let signals = Signals::block();
-    let worker = std::thread::spawn(move || {
-        let _wake = WakeMain;
-        run(&cli)
-    });
-    let sig = signals.wait();
-    if sig == libc::SIGUSR1 {
-        return worker
-            .join()
-            .map_err(|_| anyhow::anyhow!("the demo panicked"))?;
-    }
-    // The testbed lives on the worker's stack, mid-step: its Drop cannot run
-    // from here, so remove by the run's tag instead (every node's processes
-    // first: they are in the nodes' cgroups).
-    let keeping = KEEPING.load(Ordering::SeqCst);
-    if !keeping {
-        eprintln!("\ninterrupted (signal {sig}): tearing the cluster down");
-    }
-    // The nodes' daemons are our children: killed but unreaped, they stay
-    // in their cgroups as zombies and the cgroups cannot be removed. Nobody
-    // will wait for them now, so let the kernel reap them.
-    // SAFETY: plain libc calls; no handler is installed.
-    unsafe {
-        libc::signal(libc::SIGCHLD, libc::SIG_IGN);
-        while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
-    }
-    sweep_run(std::process::id());
-    eprintln!("cluster torn down");
-    std::process::exit(if keeping { 0 } else { 128 + sig });
+    signals::run_or_sweep(move || run(&cli))
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -164,7 +133,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     if cli.keep {
         println!("\n{}", c.where_to_look());
         println!("Kept up until Ctrl-C.");
-        KEEPING.store(true, Ordering::SeqCst);
+        signals::KEEPING.store(true, Ordering::SeqCst);
         loop {
             std::thread::park();
         }
@@ -514,82 +483,8 @@ fn layer_sizes(total: u64, layers: u64) -> anyhow::Result<Vec<u64>> {
     Ok(sizes)
 }
 
-/// `300MiB`, `1GiB`, `20MB`, `4096` (bytes).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "m" | "mb" => 1000 * 1000,
-        "g" | "gb" => 1000 * 1000 * 1000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "unknown unit in {s:?} (use B, kB, MB, GB, KiB, MiB, GiB)"
-            ));
-        }
-    };
-    Ok((num * mult as f64) as u64)
-}
-
-/// `100mbit`, `1gbit`, `100` (Mbit/s), in Mbit/s as `tc` takes it.
-fn parse_rate(s: &str) -> Result<u32, String> {
-    let t = s.trim().to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = t.strip_suffix("gbit") {
-        (n, 1000)
-    } else {
-        (t.strip_suffix("mbit").unwrap_or(&t), 1)
-    };
-    match num.trim().parse::<u32>() {
-        Ok(v) if v > 0 => Ok(v * mult),
-        _ => Err(format!("not a rate: {s:?} (e.g. 100mbit, 1gbit)")),
-    }
-}
-
 fn progress(msg: &str) {
     eprintln!("[dfly-demo] {msg}");
-}
-
-/// The signals that end the demo, plus SIGUSR1: the worker saying it is done.
-struct Signals(libc::sigset_t);
-
-impl Signals {
-    fn block() -> Self {
-        // SAFETY: plain libc calls on a local set.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1] {
-                libc::sigaddset(&mut set, sig);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            Self(set)
-        }
-    }
-
-    fn wait(&self) -> i32 {
-        let mut sig = 0;
-        // SAFETY: the set is initialized; sig is a valid out pointer.
-        unsafe { libc::sigwait(&self.0, &mut sig) };
-        sig
-    }
-}
-
-/// Wakes the main thread when the worker ends, also by panic.
-struct WakeMain;
-
-impl Drop for WakeMain {
-    fn drop(&mut self) {
-        // SAFETY: plain syscall to our own process.
-        unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) };
-    }
 }
 
 #[cfg(test)]
@@ -671,18 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_rates_and_layers_parse() {
-        assert_eq!(parse_size("300MiB"), Ok(300 * MIB));
-        assert_eq!(parse_size("20mb"), Ok(20_000_000));
-        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("3 parsecs").is_err());
-        assert_eq!(parse_rate("100mbit"), Ok(100));
-        assert_eq!(parse_rate("1gbit"), Ok(1000));
-        assert_eq!(parse_rate("250"), Ok(250));
-        assert!(parse_rate("0mbit").is_err());
-        assert!(parse_rate("fast").is_err());
+    fn layer_sizes_split_the_image() {
         assert_eq!(layer_sizes(300 * MIB, 4).unwrap(), vec![75 * MIB; 4]);
         assert_eq!(layer_sizes(10, 3).unwrap(), vec![3, 3, 4]);
         assert!(layer_sizes(2, 3).is_err());
