@@ -135,8 +135,8 @@ pub struct AgentArgs {
     /// Limit on blob bytes read from origin registries, bytes/s (0 = none).
     #[arg(long, env = "DAMSELFLY_ORIGIN_RATE", default_value = "0", value_parser = size::parse_size)]
     pub origin_rate: u64,
-    /// Run as a seed peer: no steering; fetch from the origin at once what
-    /// no peer holds; serve the swarm and preheat requests.
+    /// Run as a seed peer: no steering; a large cache that serves the swarm
+    /// and preheat requests (and fetches from the origin what no node has).
     #[arg(long, env = "DAMSELFLY_SEED")]
     pub seed: bool,
     /// OpenTelemetry collector (OTLP/gRPC, e.g. http://jaeger:4317); traces are off without it.
