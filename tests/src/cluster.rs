@@ -4,7 +4,7 @@
 use std::{
     fs,
     net::{SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -58,11 +58,21 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(tb: &Testbed, infra: usize) -> anyhow::Result<Self> {
+        Self::start_with(tb, infra, &[], &[])
+    }
+
+    /// [`Cluster::start`] with extra tracker flags and environment variables.
+    pub fn start_with(
+        tb: &Testbed,
+        infra: usize,
+        tracker_flags: &[&str],
+        tracker_env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let ca = TestCa::new("dfly cluster CA")?;
         let ca_pem = tb.dir.join("cluster-ca.crt");
         fs::write(&ca_pem, ca.pem())?;
         Ok(Self {
-            tracker: start_tracker(tb, infra)?,
+            tracker: start_tracker_with(tb, infra, tracker_flags, tracker_env)?,
             tracker_addr: tb.node(infra).addr4(7400),
             ca,
             ca_pem,
@@ -72,21 +82,33 @@ impl Cluster {
     /// The flags that join the agent of node `node` to the swarm, with a peer
     /// certificate from the cluster CA.
     pub fn agent_flags(&self, tb: &Testbed, node: usize) -> anyhow::Result<Vec<String>> {
-        let (crt, key) = self
-            .ca
-            .issue(&["damselfly-peer"])?
-            .write(&tb.dir, &format!("peer-n{node}"))?;
-        Ok(vec![
-            "--tracker".into(),
-            self.tracker_addr.to_string(),
-            "--cluster-ca".into(),
-            self.ca_pem.display().to_string(),
-            "--cluster-cert".into(),
-            crt.display().to_string(),
-            "--cluster-key".into(),
-            key.display().to_string(),
-            "--node-name".into(),
-            format!("n{node}"),
-        ])
+        peer_flags(tb, &self.ca, &self.ca_pem, self.tracker_addr, node)
     }
+}
+
+/// The flags that join node `node`'s agent to the swarm of `tracker`,
+/// trusting the CA in `ca_pem`, with a peer certificate from `issuer` (the
+/// cluster CA, or another one to play an outsider).
+pub fn peer_flags(
+    tb: &Testbed,
+    issuer: &TestCa,
+    ca_pem: &Path,
+    tracker: SocketAddr,
+    node: usize,
+) -> anyhow::Result<Vec<String>> {
+    let (crt, key) = issuer
+        .issue(&["damselfly-peer"])?
+        .write(&tb.dir, &format!("peer-n{node}"))?;
+    Ok(vec![
+        "--tracker".into(),
+        tracker.to_string(),
+        "--cluster-ca".into(),
+        ca_pem.display().to_string(),
+        "--cluster-cert".into(),
+        crt.display().to_string(),
+        "--cluster-key".into(),
+        key.display().to_string(),
+        "--node-name".into(),
+        format!("n{node}"),
+    ])
 }

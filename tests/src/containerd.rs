@@ -19,6 +19,8 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
+    agent::Agent,
+    pki::TestCa,
     testbed::{Node, Proc, Testbed},
     tools,
 };
@@ -52,6 +54,15 @@ impl Containerd {
     /// Returns once it answers on its socket.
     pub fn start(tb: &Testbed, node: &Node, ca_bundle: &Path) -> anyhow::Result<Self> {
         Self::start_with(tb, node, ca_bundle, None)
+    }
+
+    /// [`Containerd::start`] in `agent`'s node, trusting `public_ca` (the
+    /// origin's issuer) and that agent's node CA, nothing else.
+    pub fn start_for(tb: &Testbed, agent: &Agent, public_ca: &TestCa) -> anyhow::Result<Self> {
+        let node_ca = fs::read_to_string(agent.state_dir.join("ca/ca.crt"))?;
+        let bundle = tb.dir.join(format!("bundle-n{}.pem", agent.node.index));
+        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
+        Self::start(tb, &agent.node, &bundle)
     }
 
     /// [`Containerd::start`], optionally pulling through `mirror`.

@@ -48,10 +48,7 @@ impl Bed {
         let seed = Agent::start(&tb, tb.node(1), &strs(&flags)).unwrap();
 
         let agent = Agent::start(&tb, tb.node(2), &strs(&common(2))).unwrap();
-        let node_ca = fs::read_to_string(tb.dir.join("state-n2/ca/ca.crt")).unwrap();
-        let bundle = tb.dir.join("bundle-n2.pem");
-        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
-        let containerd = Containerd::start(&tb, tb.node(2), &bundle).unwrap();
+        let containerd = Containerd::start_for(&tb, &agent, &public_ca).unwrap();
         Self {
             seed,
             agent,

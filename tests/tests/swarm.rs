@@ -1,14 +1,15 @@
 //! End-to-end: nodes share blobs through the tracker and QUIC, with real
 //! containerd, a real registry and the real kernel steering.
 
-use std::{
-    fs,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use damselfly_testbed::{
-    Agent, Proc, Testbed, cluster::start_tracker, containerd::Containerd, image::Image,
-    origin::Origin, pki::TestCa,
+    Agent, Proc, Testbed,
+    cluster::{Cluster, peer_flags, start_tracker},
+    containerd::Containerd,
+    image::Image,
+    origin::Origin,
+    pki::TestCa,
 };
 
 const REGISTRY: &str = "registry.dfly.test";
@@ -46,53 +47,34 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
     let public_ca = TestCa::new("dfly test public CA").unwrap();
     let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
 
-    let tracker_addr = tb.node(infra).addr4(7400);
-    let tracker = start_tracker(&tb, infra).unwrap();
-
-    // The cluster PKI the Helm chart would create: one CA, a peer cert per node.
-    let cluster = TestCa::new("dfly cluster CA").unwrap();
-    let cluster_ca = tb.dir.join("cluster-ca.crt");
-    fs::write(&cluster_ca, cluster.pem()).unwrap();
+    let cluster = Cluster::start(&tb, infra).unwrap();
     let outsider = TestCa::new("not the cluster CA").unwrap();
     let mut agents = Vec::new();
     let mut containerds = Vec::new();
     for i in 1..=pulling {
         let opts = opts(i);
-        let issuer = if opts.outsider { &outsider } else { &cluster };
-        let (crt, key) = issuer
-            .issue(&["damselfly-peer"])
-            .unwrap()
-            .write(&tb.dir, &format!("peer-n{i}"))
-            .unwrap();
+        let issuer = if opts.outsider {
+            &outsider
+        } else {
+            &cluster.ca
+        };
         let mut flags: Vec<String> = vec![
             "--registry".into(),
             REGISTRY.into(),
             "--upstream-ca".into(),
             origin.ca_pem.display().to_string(),
-            "--tracker".into(),
-            tracker_addr.to_string(),
-            "--cluster-ca".into(),
-            cluster_ca.display().to_string(),
-            "--cluster-cert".into(),
-            crt.display().to_string(),
-            "--cluster-key".into(),
-            key.display().to_string(),
-            "--node-name".into(),
-            format!("n{i}"),
         ];
+        flags.extend(peer_flags(&tb, issuer, &cluster.ca_pem, cluster.tracker_addr, i).unwrap());
         flags.extend(opts.flags);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start_with_env(&tb, tb.node(i), &flags, &opts.env).unwrap();
-        let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
-        let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
-        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
-        containerds.push(Containerd::start(&tb, tb.node(i), &bundle).unwrap());
+        containerds.push(Containerd::start_for(&tb, &agent, &public_ca).unwrap());
         agents.push(agent);
     }
     Swarm {
         containerds,
         agents,
-        tracker,
+        tracker: cluster.tracker,
         origin,
         tb,
     }

@@ -3,12 +3,12 @@
 //! containerd pulls an image from a real registry, the second node from the
 //! first over the swarm.
 
-use std::{collections::HashMap, fs, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use damselfly_testbed::{
     Agent, Testbed,
     agent::damselfly_bin,
-    cluster::start_tracker_with,
+    cluster::Cluster,
     containerd::Containerd,
     image::Image,
     origin::Origin,
@@ -55,48 +55,28 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
     let endpoint = collector.endpoint();
     let public_ca = TestCa::new("dfly test public CA").unwrap();
     let origin = Origin::start(&tb, infra, REGISTRY, &public_ca, None).unwrap();
-    let tracker_addr = tb.node(infra).addr4(7400);
-    let _tracker =
-        start_tracker_with(&tb, infra, &["--otlp-endpoint", &endpoint], &[FAST_EXPORT]).unwrap();
-
-    let cluster = TestCa::new("dfly cluster CA").unwrap();
-    let cluster_ca = tb.dir.join("cluster-ca.crt");
-    fs::write(&cluster_ca, cluster.pem()).unwrap();
+    let cluster =
+        Cluster::start_with(&tb, infra, &["--otlp-endpoint", &endpoint], &[FAST_EXPORT]).unwrap();
     let agent_flags = |i: usize| -> Vec<String> {
-        let (crt, key) = cluster
-            .issue(&["damselfly-peer"])
-            .unwrap()
-            .write(&tb.dir, &format!("peer-n{i}"))
-            .unwrap();
-        vec![
+        let mut flags: Vec<String> = vec![
             "--registry".into(),
             REGISTRY.into(),
             "--upstream-ca".into(),
             origin.ca_pem.display().to_string(),
-            "--tracker".into(),
-            tracker_addr.to_string(),
-            "--cluster-ca".into(),
-            cluster_ca.display().to_string(),
-            "--cluster-cert".into(),
-            crt.display().to_string(),
-            "--cluster-key".into(),
-            key.display().to_string(),
-            "--node-name".into(),
-            format!("n{i}"),
             "--otlp-endpoint".into(),
             endpoint.clone(),
-        ]
+        ];
+        flags.extend(cluster.agent_flags(&tb, i).unwrap());
+        flags
     };
     let mut agents = Vec::new();
     let mut containerds = Vec::new();
     for i in 1..=2 {
         let flags = agent_flags(i);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        agents.push(Agent::start_with_env(&tb, tb.node(i), &flags, &[FAST_EXPORT]).unwrap());
-        let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt"))).unwrap();
-        let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
-        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem())).unwrap();
-        containerds.push(Containerd::start(&tb, tb.node(i), &bundle).unwrap());
+        let agent = Agent::start_with_env(&tb, tb.node(i), &flags, &[FAST_EXPORT]).unwrap();
+        containerds.push(Containerd::start_for(&tb, &agent, &public_ca).unwrap());
+        agents.push(agent);
     }
 
     // 9 MB is three 4 MiB pieces: several piece spans for one blob.

@@ -19,10 +19,10 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use damselfly_testbed::{
-    Agent, Containerd, Image, Node, Origin, Proc, Testbed,
+    Agent, Containerd, Image, Node, Origin, Testbed,
     agent::{damselfly_bin, metric_value},
     bench::{parse_rate, parse_size},
-    cluster::start_tracker,
+    cluster::Cluster as Swarm,
     pki::TestCa,
     signals,
     testbed::{BPFFS_ROOT, cgroup2_root},
@@ -146,7 +146,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 struct Cluster {
     containerds: Vec<Containerd>,
     agents: Vec<Agent>,
-    _tracker: Proc,
+    _swarm: Swarm,
     origin: Origin,
     origin_rate: u32,
     tb: Testbed,
@@ -159,47 +159,29 @@ impl Cluster {
         let public_ca = TestCa::new("dfly demo public CA")?;
         let origin = Origin::start(&tb, n + 1, REGISTRY, &public_ca, None)?;
         infra.shape(&tb.hub, origin_rate)?;
-        let tracker = start_tracker(&tb, infra.index)?;
 
         // The cluster PKI the Helm chart would make: one CA, a peer certificate per node.
-        let cluster = TestCa::new("dfly demo cluster CA")?;
-        let cluster_ca = tb.dir.join("cluster-ca.crt");
-        fs::write(&cluster_ca, cluster.pem())?;
+        let swarm = Swarm::start(&tb, infra.index)?;
         let mut agents = Vec::new();
         let mut containerds = Vec::new();
         for i in 1..=n {
-            let node = tb.node(i);
-            let (crt, key) = cluster
-                .issue(&["damselfly-peer"])?
-                .write(&tb.dir, &format!("peer-n{i}"))?;
-            let flags = [
+            let mut flags = vec![
                 "--registry".to_string(),
                 REGISTRY.into(),
                 "--upstream-ca".into(),
                 origin.ca_pem.display().to_string(),
-                "--tracker".into(),
-                infra.addr4(7400).to_string(),
-                "--cluster-ca".into(),
-                cluster_ca.display().to_string(),
-                "--cluster-cert".into(),
-                crt.display().to_string(),
-                "--cluster-key".into(),
-                key.display().to_string(),
-                "--node-name".into(),
-                format!("n{i}"),
             ];
+            flags.extend(swarm.agent_flags(&tb, i)?);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-            agents.push(Agent::start(&tb, node, &flags)?);
+            let agent = Agent::start(&tb, tb.node(i), &flags)?;
             // containerd trusts the origin's CA and this node's agent CA, nothing else.
-            let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt")))?;
-            let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
-            fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
-            containerds.push(Containerd::start(&tb, node, &bundle)?);
+            containerds.push(Containerd::start_for(&tb, &agent, &public_ca)?);
+            agents.push(agent);
         }
         Ok(Self {
             containerds,
             agents,
-            _tracker: tracker,
+            _swarm: swarm,
             origin,
             origin_rate,
             tb,

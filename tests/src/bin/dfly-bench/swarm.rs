@@ -298,12 +298,9 @@ impl Bed {
                     seed = Some(Agent::start(&tb, tb.node(infra), &strs(&flags))?);
                 }
                 for i in 1..=n {
-                    agents.push(Agent::start(&tb, tb.node(i), &strs(&common(i)?))?);
-                    // containerd trusts the public CA and its own node's agent CA.
-                    let node_ca = fs::read_to_string(tb.dir.join(format!("state-n{i}/ca/ca.crt")))?;
-                    let bundle = tb.dir.join(format!("bundle-n{i}.pem"));
-                    fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
-                    containerds.push(Containerd::start(&tb, tb.node(i), &bundle)?);
+                    let agent = Agent::start(&tb, tb.node(i), &strs(&common(i)?))?;
+                    containerds.push(Containerd::start_for(&tb, &agent, &public_ca)?);
+                    agents.push(agent);
                 }
                 cluster = Some(cl);
             }
