@@ -324,40 +324,30 @@ fn manifests(check: bool) -> anyhow::Result<()> {
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
-    if !is_root() {
-        bail!(
-            "the bench needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask bench`"
-        );
-    }
-    // Release: a debug agent's hashing and QUIC would be what is measured.
-    run(&mut cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "damselfly",
-        "-p",
-        "damselfly-testbed",
-        "--bins",
-    ]))?;
-    let mut cmd = Command::new(root().join("target/release/dfly-bench"));
-    // `--out` defaults to target/bench of the workspace, wherever xtask was started.
-    cmd.args(args).current_dir(root());
-    eprintln!("+ {cmd:?}");
-    // Become the bench, as `demo` does: Ctrl-C then reaches it directly and
-    // the shell comes back only after it has removed its testbed.
-    let err = cmd.exec();
-    Err(err).context("starting dfly-bench")
+    require_root("the bench", "bench")?;
+    become_harness("dfly-bench", args)
 }
 
 fn demo(args: &[String]) -> anyhow::Result<()> {
+    require_root("the demo", "demo")?;
+    setup()?;
+    become_harness("dfly-demo", args)
+}
+
+fn require_root(what: &str, cmd: &str) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
-            "the demo needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask demo`"
+            "{what} needs root (network namespaces, cgroups, eBPF): run `sudo cargo xtask {cmd}`"
         );
     }
-    setup()?;
-    // Release: the agent hashes every piece, which a debug build does slowly
-    // enough to show up in the pull times.
+    Ok(())
+}
+
+/// Builds the harness binaries in release and replaces this process with
+/// `bin` (run in the workspace root, so its default output paths land there).
+fn become_harness(bin: &str, args: &[String]) -> anyhow::Result<()> {
+    // Release: a debug agent's hashing and QUIC would be what is measured,
+    // slowly enough to show up in the pull times.
     run(&mut cargo(&[
         "build",
         "--release",
@@ -367,14 +357,14 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
         "damselfly-testbed",
         "--bins",
     ]))?;
-    let mut cmd = Command::new(root().join("target/release/dfly-demo"));
-    cmd.args(args);
+    let mut cmd = Command::new(root().join("target/release").join(bin));
+    cmd.args(args).current_dir(root());
     eprintln!("+ {cmd:?}");
-    // Become the demo rather than wait for it: Ctrl-C reaches the whole
-    // process group, and a waiting xtask would exit at once, giving the shell
-    // back while the demo still tears its cluster down.
+    // Become it rather than wait for it: Ctrl-C reaches the whole process
+    // group, and a waiting xtask would exit at once, giving the shell back
+    // while the harness still tears its testbed down.
     let err = cmd.exec();
-    Err(err).context("starting dfly-demo")
+    Err(err).context(format!("starting {bin}"))
 }
 
 fn lint() -> anyhow::Result<()> {
