@@ -68,11 +68,10 @@ pub struct Fetch {
     pub bytes: SourceBytes,
 }
 
-/// What came of it: the writer back (to commit) if every piece is held, the
-/// hash of every piece, and the progress to finish.
+/// What came of it: the writer back (to commit) if every piece is held, and
+/// the progress to finish.
 pub struct Outcome {
     pub writer: Option<BlobWriter>,
-    pub hashes: Vec<Option<[u8; 32]>>,
     pub progress: Option<Progress>,
     /// Every piece matched its hash but the blob failed its digest: the hash
     /// list was poisoned. The client got an error instead of the last piece.
@@ -109,7 +108,7 @@ impl Fetch {
                 let _ = client
                     .send(Err(format!("damselfly: scheduler: {e}").into()))
                     .await;
-                return self.outcome(None, hashes);
+                return self.outcome(None);
             }
         };
         let mut peers = PeerTable::default();
@@ -179,7 +178,7 @@ impl Fetch {
                         let Some(r) =
                             on_writer(&mut writer, move |w| w.write_piece(piece, &copy)).await
                         else {
-                            return self.outcome(None, hashes);
+                            return self.outcome(None);
                         };
                         match r {
                             Ok(sum) => {
@@ -214,7 +213,7 @@ impl Fetch {
                         // Held from before (resume): read it back, verified.
                         let i = next;
                         let Some(r) = on_writer(&mut writer, move |w| w.read_piece(i)).await else {
-                            return self.outcome(None, hashes);
+                            return self.outcome(None);
                         };
                         match r {
                             Ok(d) => {
@@ -226,7 +225,7 @@ impl Fetch {
                                 let _ = client
                                     .send(Err(format!("damselfly: resumed piece: {e}").into()))
                                     .await;
-                                return self.outcome(None, hashes);
+                                return self.outcome(None);
                             }
                         }
                     }
@@ -243,7 +242,7 @@ impl Fetch {
                     for (_, t) in running.drain() {
                         t.abort();
                     }
-                    let mut outcome = self.outcome(None, hashes);
+                    let mut outcome = self.outcome(None);
                     outcome.poisoned = true;
                     return outcome;
                 }
@@ -264,7 +263,7 @@ impl Fetch {
                 for (_, t) in running.drain() {
                     t.abort();
                 }
-                return self.outcome(None, hashes);
+                return self.outcome(None);
             }
 
             let wake = sched
@@ -326,13 +325,12 @@ impl Fetch {
             }
         }
         tally.record(&Span::current());
-        self.outcome(writer, hashes)
+        self.outcome(writer)
     }
 
-    fn outcome(&mut self, writer: Option<BlobWriter>, hashes: Vec<Option<[u8; 32]>>) -> Outcome {
+    fn outcome(&mut self, writer: Option<BlobWriter>) -> Outcome {
         Outcome {
             writer,
-            hashes,
             progress: self.progress.take(),
             poisoned: false,
         }
