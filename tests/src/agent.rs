@@ -2,7 +2,7 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -53,6 +53,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Started from this mount namespace instead of the test's (see [`Node::command_from`]).
+    mnt_ns: Option<PathBuf>,
     log: PathBuf,
     starts: u32,
 }
@@ -69,6 +71,27 @@ impl Agent {
         node: &Node,
         extra: &[&str],
         env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::launch(tb, node, extra, env, None)
+    }
+
+    /// [`Agent::start`] in a mount namespace made from `mnt_ns` (`/proc/PID/ns/mnt`),
+    /// as a container runtime would start the agent's pod.
+    pub fn start_from_mount_ns(
+        tb: &Testbed,
+        node: &Node,
+        extra: &[&str],
+        mnt_ns: &Path,
+    ) -> anyhow::Result<Self> {
+        Self::launch(tb, node, extra, &[], Some(mnt_ns.to_path_buf()))
+    }
+
+    fn launch(
+        tb: &Testbed,
+        node: &Node,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        mnt_ns: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
         let state = tb.dir.join(format!("state-n{}", node.index));
         let mut args: Vec<String> = vec![
@@ -87,26 +110,18 @@ impl Agent {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let mut cmd = node.command(damselfly_bin()?)?;
-        cmd.args(&args)
-            .envs(env.iter().cloned())
-            .env(
-                "DAMSELFLY_LOG",
-                std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .env_remove("RUST_BACKTRACE");
-        let proc = node.spawn(cmd, &log.with_extension("0.log"))?;
         let mut agent = Self {
-            proc,
+            proc: Proc::none(log.with_extension("0.log")),
             node: node.clone(),
             admin,
             state_dir: state,
             args,
             env,
+            mnt_ns,
             log,
-            starts: 1,
+            starts: 0,
         };
-        agent.wait_ready()?;
+        agent.restart()?;
         Ok(agent)
     }
 
@@ -129,7 +144,9 @@ impl Agent {
     /// Start again with the same flags (after [`Agent::kill`] or [`Agent::terminate`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill();
-        let mut cmd = self.node.command(damselfly_bin()?)?;
+        let mut cmd = self
+            .node
+            .command_from(damselfly_bin()?, self.mnt_ns.as_deref())?;
         cmd.args(&self.args)
             .envs(self.env.iter().cloned())
             .env(

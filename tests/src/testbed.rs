@@ -170,8 +170,25 @@ impl Node {
     /// cgroup, and its /etc/hosts. /sys stays the host's (unlike `ip netns
     /// exec`), so an agent started this way sees the real cgroup tree and bpffs.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+        self.command_from(program, None)
+    }
+
+    /// [`Node::command`] in a new mount namespace made from the one `mnt_ns`
+    /// names (`/proc/PID/ns/mnt`) instead of ours, as a container runtime
+    /// makes a container's: what propagates between the two is what that
+    /// namespace's mounts say (a shared /sys/fs/bpf there is a hostPath with
+    /// `mountPropagation: Bidirectional`). With `None`, ours, everything made
+    /// a slave so nothing mounted in the node reaches us.
+    pub fn command_from(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        mnt_ns: Option<&Path>,
+    ) -> anyhow::Result<Command> {
         let netns = fs::File::open(Path::new(NETNS_DIR).join(&self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
+        let mnt_ns = mnt_ns
+            .map(|p| fs::File::open(p).with_context(|| format!("opening {}", p.display())))
+            .transpose()?;
         let procs = CString::new(
             self.cgroup
                 .join("cgroup.procs")
@@ -194,15 +211,21 @@ impl Node {
                 if !ok {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+                let entered = match &mnt_ns {
+                    Some(ns) => libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) == 0,
+                    None => true,
+                };
+                if !entered
+                    || libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0
                     || libc::unshare(libc::CLONE_NEWNS) != 0
-                    || libc::mount(
-                        std::ptr::null(),
-                        root.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_SLAVE | libc::MS_REC,
-                        std::ptr::null(),
-                    ) != 0
+                    || (mnt_ns.is_none()
+                        && libc::mount(
+                            std::ptr::null(),
+                            root.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_SLAVE | libc::MS_REC,
+                            std::ptr::null(),
+                        ) != 0)
                     || libc::mount(
                         hosts.as_ptr(),
                         etc_hosts.as_ptr(),
@@ -309,6 +332,19 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// A child started elsewhere, writing to `log`.
+    pub fn new(child: Child, log: PathBuf) -> Self {
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Not started yet: a placeholder whose log may not exist.
+    pub fn none(log: PathBuf) -> Self {
+        Proc { child: None, log }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }
@@ -373,6 +409,39 @@ fn preflight() -> anyhow::Result<()> {
         );
     }
     cgroup2_root()?;
+    ensure_bpffs()
+}
+
+/// The nodes' agents pin under /sys/fs/bpf, where the tests and bpftool look
+/// for them. Each agent runs in a mount namespace of its own (a slave of
+/// ours), so a bpffs it mounted there would stay invisible to us: mount it
+/// here first, as systemd does at boot on most distributions and as
+/// `cargo xtask setup` does on the host. The agent's own mounting is tested
+/// on its own (tests/bpffs.rs).
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounted = fs::read_to_string("/proc/self/mounts")?.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
+    });
+    if !mounted {
+        let bpf = CString::new("bpf")?;
+        let dir = CString::new("/sys/fs/bpf")?;
+        // SAFETY: NUL-terminated strings; no data argument.
+        if unsafe {
+            libc::mount(
+                bpf.as_ptr(),
+                dir.as_ptr(),
+                bpf.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error())
+                .context("the testbed needs bpffs at /sys/fs/bpf and could not mount it");
+        }
+        eprintln!("testbed: mounted bpffs at /sys/fs/bpf (it was not mounted)");
+    }
     Ok(())
 }
 

@@ -109,7 +109,13 @@ impl Steering {
         rules: Rules,
         listeners: Listeners,
     ) -> Result<Self, SteerError> {
-        mounts::ensure_bpffs().map_err(SteerError::Bpffs)?;
+        match mounts::ensure_bpffs().map_err(SteerError::Bpffs)? {
+            mounts::Bpffs::Present => {}
+            mounts::Bpffs::Mounted(here) if here.foreign_ns() && !here.propagates => {
+                tracing::warn!("{}", here.explain())
+            }
+            mounts::Bpffs::Mounted(here) => tracing::info!("{}", here.explain()),
+        }
         let pin_dir = Path::new(BPFFS_ROOT).join(instance);
         remove_pins(&pin_dir).map_err(|source| SteerError::PinDir {
             path: pin_dir.clone(),

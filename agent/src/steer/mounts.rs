@@ -42,20 +42,75 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Mount bpffs at /sys/fs/bpf unless it already is.
-pub fn ensure_bpffs() -> io::Result<()> {
-    let mounts = fs::read_to_string("/proc/mounts")?;
-    let mounted = mounts.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        f.next();
-        f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf")
-    });
-    if mounted {
-        return Ok(());
+/// Where every agent pins its maps, and where `bpftool` and a restarted
+/// agent look for them.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// What [`ensure_bpffs`] found or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bpffs {
+    /// Already mounted (systemd mounts it at boot on most distributions).
+    Present,
+    /// Not mounted in this mount namespace, so we mounted it.
+    Mounted(MountedHere),
+}
+
+/// A bpffs we mounted ourselves, and whether anyone outside this mount
+/// namespace will see the pins in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountedHere {
+    /// Our mount namespace (`mnt:[…]`) and PID 1's, as `/proc/*/ns/mnt` name them.
+    pub ns: Option<String>,
+    pub init_ns: Option<String>,
+    /// The new mount is in a shared peer group (`shared:N` in mountinfo):
+    /// the host sees it when /sys/fs/bpf is a hostPath with
+    /// `mountPropagation: Bidirectional`.
+    pub propagates: bool,
+}
+
+impl MountedHere {
+    /// PID 1 lives in another mount namespace: a container, a test harness.
+    pub fn foreign_ns(&self) -> bool {
+        self.ns.is_none() || self.ns != self.init_ns
     }
-    fs::create_dir_all("/sys/fs/bpf")?;
+
+    /// One sentence for the log: where the pins went, and what to do if
+    /// nobody else can see them.
+    pub fn explain(&self) -> String {
+        let ns = self.ns.as_deref().unwrap_or("unknown");
+        let init = self.init_ns.as_deref().unwrap_or("unknown");
+        if !self.foreign_ns() {
+            return format!(
+                "bpffs was not mounted at {BPFFS}: mounted it in the host's mount namespace ({ns}), as systemd would at boot"
+            );
+        }
+        if self.propagates {
+            format!(
+                "bpffs was not mounted at {BPFFS}: mounted it in this mount namespace ({ns}), which is not PID 1's ({init}); \
+                 {BPFFS} is a shared mount, so the mount and the pins propagate to its peers (the host's, with mountPropagation: Bidirectional)"
+            )
+        } else {
+            format!(
+                "bpffs was not mounted at {BPFFS}: mounted it in this mount namespace ({ns}), which is not PID 1's ({init}), \
+                 and {BPFFS} does not propagate out of it: bpftool and agents in other mount namespaces will not see the pins. \
+                 Mount bpffs on the host (`mount -t bpf bpf {BPFFS}`, as systemd does) or give the agent {BPFFS} \
+                 as a hostPath with mountPropagation: Bidirectional"
+            )
+        }
+    }
+}
+
+/// Mount bpffs at /sys/fs/bpf unless it already is, and say what that means
+/// for whoever looks for the pins.
+pub fn ensure_bpffs() -> io::Result<Bpffs> {
+    if mountinfo_entry(&fs::read_to_string("/proc/self/mountinfo")?, BPFFS)
+        .is_some_and(|m| m.fstype == "bpf")
+    {
+        return Ok(Bpffs::Present);
+    }
+    fs::create_dir_all(BPFFS)?;
     let src = CString::new("bpf").expect("no NUL");
-    let dst = CString::new("/sys/fs/bpf").expect("no NUL");
+    let dst = CString::new(BPFFS).expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
     let rc = unsafe {
         libc::mount(
@@ -66,11 +121,44 @@ pub fn ensure_bpffs() -> io::Result<()> {
             std::ptr::null(),
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
+    let propagates = mountinfo_entry(&fs::read_to_string("/proc/self/mountinfo")?, BPFFS)
+        .is_some_and(|m| m.shared);
+    let ns_of = |pid: &str| {
+        fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .ok()
+            .map(|p| p.display().to_string())
+    };
+    Ok(Bpffs::Mounted(MountedHere {
+        ns: ns_of("self"),
+        init_ns: ns_of("1"),
+        propagates,
+    }))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct MountEntry {
+    fstype: String,
+    shared: bool,
+}
+
+/// The topmost mount at `dir` in a `/proc/PID/mountinfo` text (mounts
+/// stack; the last line for a mount point is the one in effect).
+fn mountinfo_entry(mountinfo: &str, dir: &str) -> Option<MountEntry> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+            let (head, tail) = line.split_once(" - ")?;
+            let mut f = head.split_whitespace();
+            let point = f.nth(4)?;
+            let shared = f.skip(1).any(|o| o.starts_with("shared:"));
+            let fstype = tail.split_whitespace().next()?.to_string();
+            (unescape(point) == dir).then_some(MountEntry { fstype, shared })
+        })
+        .last()
 }
 
 #[cfg(test)]
@@ -90,6 +178,56 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(find_mount("proc /proc proc rw 0 0\n", "cgroup2"), None);
+    }
+
+    #[test]
+    fn topmost_mount_and_its_propagation_from_mountinfo() {
+        let info = "23 27 0:22 / /sys rw,relatime shared:7 - sysfs sysfs rw\n\
+                    40 23 0:22 /fs/bpf /sys/fs/bpf rw shared:9 - sysfs sysfs rw\n\
+                    41 40 0:50 / /sys/fs/bpf rw,relatime shared:12 - bpf bpf rw\n\
+                    42 27 0:51 / /mnt/with\\040space rw master:3 - tmpfs t rw\n";
+        assert_eq!(
+            mountinfo_entry(info, "/sys/fs/bpf"),
+            Some(MountEntry {
+                fstype: "bpf".into(),
+                shared: true
+            })
+        );
+        assert_eq!(
+            mountinfo_entry(info, "/mnt/with space"),
+            Some(MountEntry {
+                fstype: "tmpfs".into(),
+                shared: false
+            })
+        );
+        assert_eq!(mountinfo_entry(info, "/sys/fs/cgroup"), None);
+        // A private copy of /sys with no bpffs: the dir exists but is not bpf.
+        let private = "23 27 0:22 / /sys rw,relatime - sysfs sysfs rw\n";
+        assert_eq!(mountinfo_entry(private, "/sys/fs/bpf"), None);
+    }
+
+    #[test]
+    fn a_mount_nobody_else_sees_says_how_to_fix_it() {
+        let here = MountedHere {
+            ns: Some("mnt:[4026532700]".into()),
+            init_ns: Some("mnt:[4026531841]".into()),
+            propagates: false,
+        };
+        let msg = here.explain();
+        assert!(msg.contains("mnt:[4026532700]") && msg.contains("mnt:[4026531841]"));
+        assert!(msg.contains("will not see the pins"), "{msg}");
+        assert!(msg.contains("Bidirectional"), "{msg}");
+        let shared = MountedHere {
+            propagates: true,
+            ..here.clone()
+        };
+        assert!(shared.explain().contains("propagate to its peers"));
+        let host = MountedHere {
+            init_ns: here.ns.clone(),
+            ..here
+        };
+        assert!(!host.foreign_ns());
+        assert!(host.explain().contains("host's mount namespace"));
     }
 
     #[test]
