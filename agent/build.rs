@@ -40,6 +40,14 @@ fn main() -> anyhow::Result<()> {
             cmd.env_remove(key.as_ref());
         }
     }
+    // BTF for the maps (bpftool prints them by field name) and the programs.
+    // bpf-linker makes it from full debug info, which every crate in the
+    // object needs: aya-ebpf's memcpy without it gets a FUNC with a dangling
+    // type and the kernel rejects the whole BTF.
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     let status = cmd.status().context(
         "running `rustup run nightly cargo build` for agent-ebpf (run `cargo xtask setup` first)",
     )?;

@@ -3,10 +3,14 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, lpm_trie::Key, lpm_trie::LpmTrie},
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{
+    debug,
+    macro_support::{Level, level_enabled},
 };
 use damselfly_common::{
     AF_INET, AF_INET6, COMM_LEN, Config, Counters, MAX_COMMS, MAX_PORTS, OrigDst, SockKey,
@@ -17,28 +21,52 @@ const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// Live steered connections we can track at once, per node.
-const MAX_CONNS: u32 = 65536;
+const MAX_CONNS: usize = 65536;
 
-#[map]
-static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+// BTF-defined maps: bpftool prints their keys and values by field name.
+#[btf_map]
+static CONFIG: Array<Config, 1> = Array::new();
 /// Destination port (host order) -> counter slot.
-#[map]
-static PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_PORTS, 0);
+#[btf_map]
+static PORTS: HashMap<u16, u32, { MAX_PORTS as usize }> = HashMap::new();
 /// Allowed process names (`comm`, NUL padded).
-#[map]
-static COMMS: HashMap<[u8; COMM_LEN], u8> = HashMap::with_max_entries(MAX_COMMS, 0);
-#[map]
-static EXCLUDE4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(256, 0);
-#[map]
-static EXCLUDE6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(256, 0);
-#[map]
-static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(MAX_PORTS, 0);
+#[btf_map]
+static COMMS: HashMap<[u8; COMM_LEN], u8, { MAX_COMMS as usize }> = HashMap::new();
+#[btf_map]
+static EXCLUDE4: LpmTrie<[u8; 4], u8, 256> = LpmTrie::new();
+#[btf_map]
+static EXCLUDE6: LpmTrie<[u8; 16], u8, 256> = LpmTrie::new();
+#[btf_map]
+static COUNTERS: PerCpuArray<Counters, { MAX_PORTS as usize }> = PerCpuArray::new();
 /// Socket cookie -> original destination; lives as long as the client may call getpeername.
-#[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+#[btf_map]
+static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst, MAX_CONNS> = LruHashMap::new();
 /// Client's local endpoint -> original destination; what the agent looks up on accept.
-#[map]
-static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst> = LruHashMap::with_max_entries(MAX_CONNS, 0);
+#[btf_map]
+static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst, MAX_CONNS> = LruHashMap::new();
+
+/// Why a connect to a steered port was left alone (counted as passed).
+#[derive(Clone, Copy)]
+enum Pass {
+    Loopback,
+    Excluded,
+    NoListener,
+    Process,
+    TableFull,
+}
+
+impl Pass {
+    #[inline(always)]
+    fn reason(self) -> &'static str {
+        match self {
+            Pass::Loopback => "loopback",
+            Pass::Excluded => "excluded destination",
+            Pass::NoListener => "no listener of this family",
+            Pass::Process => "process not in the steer list",
+            Pass::TableFull => "connection table full",
+        }
+    }
+}
 
 #[cgroup_sock_addr(connect4)]
 pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
@@ -47,25 +75,38 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let dst = sa.user_ip4;
+    let port = port_of(sa);
     let first = dst.to_ne_bytes();
-    let excluded =
-        first[0] == 127 || EXCLUDE4.get(Key::new(32, first)).is_some() || cfg.listen4_port == 0;
-    if excluded || !comm_allowed() {
-        count(slot, false);
-        return ALLOW;
-    }
     let orig = OrigDst {
         family: AF_INET,
         addr: [dst, 0, 0, 0],
-        port: port_of(sa),
+        port,
         _pad: 0,
     };
-    if remember(&ctx, &orig) {
-        sa.user_ip4 = cfg.listen4_addr;
-        sa.user_port = u32::from(cfg.listen4_port.to_be());
-        count(slot, true);
+    let decision = if first[0] == 127 {
+        Err(Pass::Loopback)
+    } else if EXCLUDE4.get(&Key::new(32, first)).is_some() {
+        Err(Pass::Excluded)
+    } else if cfg.listen4_port == 0 {
+        Err(Pass::NoListener)
+    } else if !comm_allowed() {
+        Err(Pass::Process)
+    } else if !remember(&ctx, &orig) {
+        Err(Pass::TableFull)
     } else {
-        count(slot, false);
+        Ok(())
+    };
+    match decision {
+        Ok(()) => {
+            sa.user_ip4 = cfg.listen4_addr;
+            sa.user_port = u32::from(cfg.listen4_port.to_be());
+            count(slot, true);
+            log4(&ctx, None, dst, port);
+        }
+        Err(why) => {
+            count(slot, false);
+            log4(&ctx, Some(why), dst, port);
+        }
     }
     ALLOW
 }
@@ -77,25 +118,37 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let dst = read_ip6(sa);
-    let excluded = is_loopback6(&dst)
-        || EXCLUDE6.get(Key::new(128, words_to_bytes(&dst))).is_some()
-        || cfg.listen6_port == 0;
-    if excluded || !comm_allowed() {
-        count(slot, false);
-        return ALLOW;
-    }
+    let port = port_of(sa);
     let orig = OrigDst {
         family: AF_INET6,
         addr: dst,
-        port: port_of(sa),
+        port,
         _pad: 0,
     };
-    if remember(&ctx, &orig) {
-        write_ip6(sa, &cfg.listen6_addr);
-        sa.user_port = u32::from(cfg.listen6_port.to_be());
-        count(slot, true);
+    let decision = if is_loopback6(&dst) {
+        Err(Pass::Loopback)
+    } else if EXCLUDE6.get(&Key::new(128, words_to_bytes(&dst))).is_some() {
+        Err(Pass::Excluded)
+    } else if cfg.listen6_port == 0 {
+        Err(Pass::NoListener)
+    } else if !comm_allowed() {
+        Err(Pass::Process)
+    } else if !remember(&ctx, &orig) {
+        Err(Pass::TableFull)
     } else {
-        count(slot, false);
+        Ok(())
+    };
+    match decision {
+        Ok(()) => {
+            write_ip6(sa, &cfg.listen6_addr);
+            sa.user_port = u32::from(cfg.listen6_port.to_be());
+            count(slot, true);
+            log6(&ctx, None, &dst, port);
+        }
+        Err(why) => {
+            count(slot, false);
+            log6(&ctx, Some(why), &dst, port);
+        }
     }
     ALLOW
 }
@@ -157,7 +210,7 @@ pub fn damselfly_sops(ctx: SockOpsContext) -> u32 {
         port: port as u16,
         _pad: 0,
     };
-    let _ = ORIG_BY_ADDR.insert(&key, orig, u64::from(BPF_ANY));
+    let _ = ORIG_BY_ADDR.insert(key, orig, u64::from(BPF_ANY));
     0
 }
 
@@ -174,7 +227,7 @@ fn steerable(sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
     if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
         return None;
     }
-    let slot = *unsafe { PORTS.get(&port_of(sa)) }?;
+    let slot = *unsafe { PORTS.get(port_of(sa)) }?;
     Some((cfg, slot))
 }
 
@@ -211,23 +264,106 @@ fn port_of(sa: &bpf_sock_addr) -> u16 {
 #[inline(always)]
 fn comm_allowed() -> bool {
     match bpf_get_current_comm() {
-        Ok(comm) => unsafe { COMMS.get(&comm) }.is_some(),
+        Ok(comm) => unsafe { COMMS.get(comm) }.is_some(),
         Err(_) => false,
     }
+}
+
+// The steering decision in the agent's log (aya-log, debug level). Logging
+// is off unless the agent's log shows debug for `damselfly::kernel`: the
+// agent writes the level into .rodata before loading, so with logging off the
+// verifier proves `level_enabled` false and drops these calls entirely, comm
+// lookup included; connect() costs what it did without them.
+
+#[inline(always)]
+fn log4<C: EbpfContext>(ctx: &C, why: Option<Pass>, dst: u32, port: u16) {
+    if !level_enabled(Level::Debug) {
+        return;
+    }
+    let (comm, len) = printable_comm();
+    let comm = unsafe { core::str::from_utf8_unchecked(&comm[..len]) };
+    match why {
+        None => debug!(
+            ctx,
+            "steered: {} (pid {}) to {:i}:{}",
+            comm,
+            ctx.tgid(),
+            u32::from_be(dst),
+            port
+        ),
+        Some(why) => debug!(
+            ctx,
+            "not steered ({}): {} (pid {}) to {:i}:{}",
+            why.reason(),
+            comm,
+            ctx.tgid(),
+            u32::from_be(dst),
+            port
+        ),
+    }
+}
+
+#[inline(always)]
+fn log6<C: EbpfContext>(ctx: &C, why: Option<Pass>, dst: &[u32; 4], port: u16) {
+    if !level_enabled(Level::Debug) {
+        return;
+    }
+    let (comm, len) = printable_comm();
+    let comm = unsafe { core::str::from_utf8_unchecked(&comm[..len]) };
+    let dst = words_to_bytes(dst);
+    match why {
+        None => debug!(
+            ctx,
+            "steered: {} (pid {}) to [{:i}]:{}",
+            comm,
+            ctx.tgid(),
+            dst,
+            port
+        ),
+        Some(why) => debug!(
+            ctx,
+            "not steered ({}): {} (pid {}) to [{:i}]:{}",
+            why.reason(),
+            comm,
+            ctx.tgid(),
+            dst,
+            port
+        ),
+    }
+}
+
+/// The task's name up to its NUL, printable ASCII only: a task names itself,
+/// and the log's reader wants UTF-8, so anything else becomes `?`.
+#[inline(always)]
+fn printable_comm() -> ([u8; COMM_LEN], usize) {
+    let mut comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let mut len = COMM_LEN;
+    let mut i = 0;
+    while i < COMM_LEN {
+        let c = comm[i];
+        if c == 0 && len == COMM_LEN {
+            len = i;
+        }
+        if !(0x20..0x7f).contains(&c) {
+            comm[i] = b'?';
+        }
+        i += 1;
+    }
+    (comm, len)
 }
 
 #[inline(always)]
 fn remember<C: EbpfContext>(ctx: &C, orig: &OrigDst) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ORIG_BY_COOKIE
-        .insert(&cookie, orig, u64::from(BPF_ANY))
+        .insert(cookie, orig, u64::from(BPF_ANY))
         .is_ok()
 }
 
 #[inline(always)]
 fn original_of<C: EbpfContext>(ctx: &C) -> Option<OrigDst> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    unsafe { ORIG_BY_COOKIE.get(&cookie) }.copied()
+    unsafe { ORIG_BY_COOKIE.get(cookie) }.copied()
 }
 
 #[inline(always)]

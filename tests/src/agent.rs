@@ -147,12 +147,13 @@ impl Agent {
         let mut cmd = self
             .node
             .command_from(damselfly_bin()?, self.mnt_ns.as_deref())?;
+        // The test's own env (e.g. DAMSELFLY_LOG) wins over the default level.
         cmd.args(&self.args)
-            .envs(self.env.iter().cloned())
             .env(
                 "DAMSELFLY_LOG",
                 std::env::var("DFLY_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().cloned())
             .env_remove("RUST_BACKTRACE");
         self.proc = self.node.spawn(
             cmd,

@@ -29,6 +29,10 @@ struct Bed {
 /// Node 1: client + agent (with `flags`). Node 2: origin on :80, :443 (TLS,
 /// cert for origin.dfly.test from a test CA), :8080 and [v6]:80.
 fn bed(flags: &[&str]) -> Bed {
+    bed_with_env(flags, &[])
+}
+
+fn bed_with_env(flags: &[&str], env: &[(&str, &str)]) -> Bed {
     let tb = Testbed::new(2).expect("testbed");
     let srv = tb.node(2).clone();
     let ca = TestCa::new("dfly test public CA").unwrap();
@@ -48,7 +52,7 @@ fn bed(flags: &[&str]) -> Bed {
         Some((crt, key)),
     )
     .unwrap();
-    let agent = Agent::start(&tb, tb.node(1), flags).unwrap();
+    let agent = Agent::start_with_env(&tb, tb.node(1), flags, env).unwrap();
     Bed {
         agent,
         _server: server,
@@ -166,6 +170,72 @@ fn other_processes_other_ports_excluded_and_loopback_are_not_steered() {
         b.agent.log_text()
     );
     assert_eq!(b.agent.steered(80).unwrap(), 0.0);
+}
+
+#[test]
+fn kernel_logs_each_steering_decision_only_when_asked() {
+    // Off by default: not a line from the kernel at the default level.
+    let quiet = bed(&[]);
+    let srv = quiet.tb.node(2).addr4(80);
+    let r = get(&quiet, "ctr", &format!("http://{srv}/bytes/1000"));
+    assert_eq!((r.error, r.status), (None, 200));
+    assert!(
+        !quiet.agent.log_text().contains("damselfly::kernel"),
+        "{}",
+        quiet.agent.log_text()
+    );
+    drop(quiet);
+
+    let b = bed_with_env(
+        &["--steer-exclude", "10.213.0.99/32,fd00:213::c/128"],
+        &[("DAMSELFLY_LOG", "info,damselfly::kernel=debug")],
+    );
+    let srv = b.tb.node(2);
+    for (comm, url) in [
+        ("ctr", format!("http://{}/bytes/1000", srv.addr4(80))),
+        ("curl", format!("http://{}/bytes/1000", srv.addr4(80))),
+        ("ctr", format!("http://[{}]/bytes/1000", srv.ip6)),
+    ] {
+        let r = get(&b, comm, &url);
+        assert_eq!((r.error, r.status), (None, 200), "{comm} {url}");
+    }
+    let expected = [
+        format!("steered: ctr (pid {{}}) to {}", srv.addr4(80)),
+        format!(
+            "not steered (process not in the steer list): curl (pid {{}}) to {}",
+            srv.addr4(80)
+        ),
+        format!(
+            "not steered (excluded destination): ctr (pid {{}}) to [{}]:80",
+            srv.ip6
+        ),
+    ];
+    // The reader forwards records as the ring buffer wakes it: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = b.agent.log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("damselfly::kernel"))
+            .collect();
+        let found = expected.iter().all(|e| {
+            let (head, tail) = e.split_once("{}").unwrap();
+            lines.iter().any(|l| {
+                l.split_once(head)
+                    .and_then(|(_, rest)| rest.split_once(tail))
+                    .is_some_and(|(pid, _)| pid.parse::<u32>().is_ok())
+            })
+        });
+        if found {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {expected:#?} in the kernel's lines:\n{}",
+            lines.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -305,32 +375,41 @@ fn bpftool_shows_named_programs_attachments_and_pinned_counters() {
     }
 
     // The pinned per-CPU counters: slot 1 is port 80 (--steer-ports 443,80).
-    // Without BTF bpftool prints raw bytes: `struct Counters { steered: u64, passed: u64 }`.
-    let pin = PathBuf::from(BPFFS_ROOT)
-        .join(&b.agent.node.name)
-        .join("counters");
-    let dump = bpftool(&["-j", "map", "dump", "pinned", &pin.display().to_string()]);
-    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
-    let bytes = |j: &serde_json::Value| -> Vec<u8> {
-        j.as_array()
-            .unwrap()
-            .iter()
-            .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-            .collect()
+    // The object carries BTF, so bpftool prints every field by its name.
+    let dump = |map: &str| -> serde_json::Value {
+        let pin = PathBuf::from(BPFFS_ROOT).join(&b.agent.node.name).join(map);
+        let out = bpftool(&["-j", "map", "dump", "pinned", &pin.display().to_string()]);
+        serde_json::from_str(&out).unwrap()
     };
-    let slot = v
+    let counters = dump("counters");
+    let slot = counters
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| bytes(&e["key"]) == [1, 0, 0, 0])
-        .unwrap_or_else(|| panic!("no slot 1 in {dump}"));
+        .map(|e| &e["formatted"])
+        .find(|f| f["key"] == 1)
+        .unwrap_or_else(|| panic!("no formatted slot 1 in {counters}"));
     let (mut steered, mut passed) = (0, 0);
     for cpu in slot["values"].as_array().unwrap() {
-        let b = bytes(&cpu["value"]);
-        steered += u64::from_le_bytes(b[0..8].try_into().unwrap());
-        passed += u64::from_le_bytes(b[8..16].try_into().unwrap());
+        steered += cpu["value"]["steered"].as_u64().unwrap();
+        passed += cpu["value"]["passed"].as_u64().unwrap();
     }
-    assert_eq!((steered, passed), (1, 0), "{dump}");
+    assert_eq!((steered, passed), (1, 0), "{counters}");
+    let config = &dump("config")[0]["formatted"]["value"];
+    assert_eq!(config["agent_tgid"], b.agent.proc.pid(), "{config}");
+    assert_eq!(config["listen4_port"], 7403, "{config}");
+    let ports = dump("ports");
+    let mut by_port: Vec<(u64, u64)> = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let f = &e["formatted"];
+            (f["key"].as_u64().unwrap(), f["value"].as_u64().unwrap())
+        })
+        .collect();
+    by_port.sort();
+    assert_eq!(by_port, [(80, 1), (443, 0)], "{ports}");
 
     // `damselfly status` in the node prints the same.
     let node = b.tb.node(1);

@@ -5,6 +5,7 @@
 //! would not want to): when the agent exits for any reason the kernel drops
 //! them and stops steering at once. That is the fail-open guarantee.
 
+mod klog;
 pub mod mounts;
 pub mod rules;
 
@@ -64,6 +65,8 @@ pub enum SteerError {
     },
     #[error("the kernel object has no {0}")]
     Missing(&'static str),
+    #[error("reading the kernel programs' log: {0}")]
+    KernelLog(String),
 }
 
 /// Where steered connects are sent: the agent's own listeners. A family
@@ -98,6 +101,8 @@ pub struct Steering {
     pub attached: Vec<AttachedProgram>,
     orig_by_addr: Mutex<HashMap<MapData, SockKey, OrigDst>>,
     counters: PerCpuArray<MapData, Counters>,
+    /// Forwards the programs' aya-log records while the log shows `damselfly::kernel` at debug.
+    log_reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Steering {
@@ -130,8 +135,22 @@ impl Steering {
             source,
         })?;
 
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        let kernel_log = tracing::enabled!(target: klog::TARGET, tracing::Level::DEBUG);
+        let level = if kernel_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)?;
         configure(&mut ebpf, &rules, listeners)?;
+        // Logging off still creates the ring buffer; nobody needs to read it.
+        let log_reader = if kernel_log {
+            Some(klog::spawn_reader(&mut ebpf)?)
+        } else {
+            None
+        };
         for name in maps::ALL {
             let map = ebpf.map(name).ok_or(SteerError::Missing(name))?;
             map.pin(pin_dir.join(name.to_ascii_lowercase()))
@@ -184,6 +203,7 @@ impl Steering {
             attached,
             orig_by_addr: Mutex::new(orig_by_addr),
             counters,
+            log_reader,
         })
     }
 
@@ -223,6 +243,9 @@ impl Steering {
     /// Detach (by dropping the links) and remove this instance's pins.
     pub fn shutdown(&self) -> std::io::Result<()> {
         drop(self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take());
+        if let Some(reader) = &self.log_reader {
+            reader.abort();
+        }
         remove_pins(&self.pin_dir)?;
         // The shared root goes too once the last instance is gone.
         let _ = fs::remove_dir(BPFFS_ROOT);

@@ -147,18 +147,15 @@ struct MountEntry {
 /// The topmost mount at `dir` in a `/proc/PID/mountinfo` text (mounts
 /// stack; the last line for a mount point is the one in effect).
 fn mountinfo_entry(mountinfo: &str, dir: &str) -> Option<MountEntry> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-            let (head, tail) = line.split_once(" - ")?;
-            let mut f = head.split_whitespace();
-            let point = f.nth(4)?;
-            let shared = f.skip(1).any(|o| o.starts_with("shared:"));
-            let fstype = tail.split_whitespace().next()?.to_string();
-            (unescape(point) == dir).then_some(MountEntry { fstype, shared })
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+        let (head, tail) = line.split_once(" - ")?;
+        let mut f = head.split_whitespace();
+        let point = f.nth(4)?;
+        let shared = f.skip(1).any(|o| o.starts_with("shared:"));
+        let fstype = tail.split_whitespace().next()?.to_string();
+        (unescape(point) == dir).then_some(MountEntry { fstype, shared })
+    })
 }
 
 #[cfg(test)]

@@ -220,44 +220,51 @@ fn wait_for(mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
 
 fn connect_costs(tb: &Testbed, client: &Node, srv: &Node, n: u32) -> anyhow::Result<()> {
     let _stats = BpfStats::enable()?;
-    // The allow-list holds a name no scenario below uses except the steered one.
-    let agent = Agent::start(tb, client, &["--steer-comm", "dfly-steered"])?;
-    let conn4 = prog_id(&agent, "damselfly_conn4")?;
-    for (label, comm, port) in [
-        ("connect4 cost, port not in the set", "dfly-other", 8080),
-        (
-            "connect4 cost, steered port, process not allowed",
-            "dfly-other",
-            80,
-        ),
-        // Two runs per connect: the client's, steered, and the agent's own upstream connect, passed early.
-        (
-            "connect4 cost, steered connect (+ the agent's upstream connect)",
-            "dfly-steered",
-            80,
-        ),
-    ] {
-        let before = prog_stats(conn4)?;
-        let mut cmd = client.command(probe_bin()?)?;
-        cmd.args([
-            "--comm",
-            comm,
-            "connect",
-            &srv.addr4(port).to_string(),
-            "--count",
-            &n.to_string(),
-        ]);
-        let out = cmd.output()?;
-        if !out.status.success() {
-            bail!(
-                "connect loop failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+    // Logging off is the default; on, every decision is written to the ring
+    // buffer (and, here, to the agent's log).
+    for (log, env) in [("off", "info"), ("on", "info,damselfly::kernel=debug")] {
+        // The allow-list holds a name no scenario below uses except the steered one.
+        let agent = Agent::start_with_env(
+            tb,
+            client,
+            &["--steer-comm", "dfly-steered"],
+            &[("DAMSELFLY_LOG", env)],
+        )?;
+        let conn4 = prog_id(&agent, "damselfly_conn4")?;
+        for (label, comm, port) in [
+            ("port not in the set", "dfly-other", 8080),
+            ("steered port, process not allowed", "dfly-other", 80),
+            // Two runs per connect: the client's, steered, and the agent's own upstream connect, passed early.
+            (
+                "steered connect (+ the agent's upstream connect)",
+                "dfly-steered",
+                80,
+            ),
+        ] {
+            let before = prog_stats(conn4)?;
+            let mut cmd = client.command(probe_bin()?)?;
+            cmd.args([
+                "--comm",
+                comm,
+                "connect",
+                &srv.addr4(port).to_string(),
+                "--count",
+                &n.to_string(),
+            ]);
+            let out = cmd.output()?;
+            if !out.status.success() {
+                bail!(
+                    "connect loop failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let after = prog_stats(conn4)?;
+            let runs = after.1 - before.1;
+            let ns = (after.0 - before.0) as f64 / runs.max(1) as f64;
+            println!(
+                "| connect4 cost, {label}, kernel log {log} | {ns:.0} ns per run ({runs} runs) |"
             );
         }
-        let after = prog_stats(conn4)?;
-        let runs = after.1 - before.1;
-        let ns = (after.0 - before.0) as f64 / runs.max(1) as f64;
-        println!("| {label} | {ns:.0} ns per run ({runs} runs) |");
     }
     Ok(())
 }
