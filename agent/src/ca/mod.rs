@@ -412,14 +412,25 @@ impl NodeCa {
 /// of each (absent: `None`). Every write is a rename of a new file, so a
 /// replacement always changes the inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp([Option<(u64, u64, i64, i64, u64)>; 3]);
+struct Stamp([Option<FileId>; 3]);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    len: u64,
+}
 
 impl CaFiles {
     fn stamp(&self) -> Stamp {
         Stamp([self.cert(), self.key(), self.constraints()].map(|p| {
-            fs::metadata(p)
-                .ok()
-                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+            fs::metadata(p).ok().map(|m| FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                len: m.len(),
+            })
         }))
     }
 }
