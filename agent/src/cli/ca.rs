@@ -40,21 +40,28 @@ pub struct CaArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the node CA certificate (PEM) on stdout. Changes nothing: fails
-    /// if there is no CA yet (the agent creates it on its first start, or
-    /// `rotate` does), and warns if its constraints differ from --registry.
+    /// Print the node CA certificate (PEM) on stdout; changes nothing.
+    ///
+    /// Fails if there is no CA yet (the agent creates it on its first start,
+    /// or `rotate` does). Warns on stderr if --registry would change its
+    /// constraints, or if the agent would replace it on its next start.
     Show,
-    /// Add the node CA to the host's trust store. While an agent runs on
-    /// --state-dir, the CA it signs with, unchanged (warning if --registry
-    /// differs). Otherwise the CA as the agent's next start will find it:
-    /// created if there is none, re-created if --registry changed its
-    /// constraints, so give the agent's list.
+    /// Add the node CA to the host's trust store; never changes a CA that a
+    /// running agent signs with.
+    ///
+    /// While an agent runs on --state-dir: its CA, unchanged (with a warning
+    /// if --registry differs). Otherwise it first prepares the CA as the
+    /// agent's next start will, as the chart's init container does: creates
+    /// it if there is none, re-creates it if --registry changed its
+    /// constraints (so give the agent's list).
     Install(InstallArgs),
     /// Remove the node CA from the host's trust store.
     Uninstall(HostArgs),
-    /// Replace the node CA with a new key and certificate. A running agent
-    /// switches to it within seconds; while one runs, --registry must be its
-    /// list.
+    /// Replace the node CA with a new key and certificate; a running agent
+    /// switches to it within seconds.
+    ///
+    /// While an agent runs, --registry must be its list: the agent cannot
+    /// switch to a CA with other constraints.
     Rotate,
 }
 
