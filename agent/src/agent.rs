@@ -15,6 +15,7 @@ use crate::{
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor},
+    pki::ClusterPki,
     registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
@@ -32,6 +33,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.seed && (args.tracker.is_empty() || args.splice_only) {
         bail!("--seed serves the swarm: it needs --tracker, and cannot be --splice-only");
     }
+    // Checked before anything is attached: a bad certificate would otherwise
+    // only show as every peer handshake failing, and pulls quietly going to
+    // the origin.
+    let pki = if args.tracker.is_empty() || args.splice_only {
+        None
+    } else {
+        Some(args.cluster.load("--tracker")?)
+    };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
 
@@ -52,7 +61,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let parts = if args.splice_only {
         None
     } else {
-        Some(GatewayParts::open(&args, &mut metrics)?)
+        Some(GatewayParts::open(&args, pki.as_ref(), &mut metrics)?)
     };
     let metrics = Arc::new(metrics);
     let gateway = parts.map(|p| p.into_gateway(metrics.clone()));
@@ -137,7 +146,11 @@ struct GatewayParts {
 }
 
 impl GatewayParts {
-    fn open(args: &AgentArgs, metrics: &mut Metrics) -> anyhow::Result<Self> {
+    fn open(
+        args: &AgentArgs,
+        pki: Option<&ClusterPki>,
+        metrics: &mut Metrics,
+    ) -> anyhow::Result<Self> {
         let hosts = RegistryHosts::new(&args.registries)?;
         let ca = NodeCa::load_or_create(&args.state_dir, &hosts).context("node CA")?;
         match ca.origin() {
@@ -168,8 +181,8 @@ impl GatewayParts {
                 None
             }
         };
-        let swarm = match (&store, args.tracker.is_empty()) {
-            (Some(store), false) => Some(start_swarm(args, store, metrics)?),
+        let swarm = match (&store, pki) {
+            (Some(store), Some(pki)) => Some(start_swarm(args, pki, store, metrics)?),
             _ => None,
         };
         Ok(Self {
@@ -197,17 +210,11 @@ impl GatewayParts {
 /// Serve our pieces over QUIC, register with the tracker, announce what we hold.
 fn start_swarm(
     args: &AgentArgs,
+    pki: &ClusterPki,
     store: &Store,
     metrics: &mut Metrics,
 ) -> anyhow::Result<Arc<Swarm>> {
-    let (Some(ca), Some(cert), Some(key)) =
-        (&args.cluster_ca, &args.cluster_cert, &args.cluster_key)
-    else {
-        bail!(
-            "--tracker needs --cluster-ca, --cluster-cert and --cluster-key (peers authenticate each other)"
-        );
-    };
-    let tls = PeerTls::from_pem_files(ca, cert, key).context("cluster certificates")?;
+    let tls = PeerTls::new(pki).context("cluster certificates")?;
     let mut server_cfg = ServerConfig::new(args.peer_listen);
     server_cfg.max_upload_peers = Some(args.max_upload_peers);
     server_cfg.rate = (args.upload_rate > 0).then(|| Arc::new(RateLimiter::new(args.upload_rate)));

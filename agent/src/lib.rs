@@ -6,6 +6,7 @@ pub mod ca;
 pub mod cli;
 pub mod intercept;
 pub mod oci;
+pub mod pki;
 pub mod registry;
 pub mod steer;
 pub mod store;

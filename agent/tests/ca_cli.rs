@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output},
 };
 
-use damselfly::testing::TempDir;
+use damselfly::{ca::NodeCa, registry::RegistryHosts, testing::TempDir};
 
 /// A host root that looks like Debian.
 fn debian_root() -> TempDir {
@@ -51,9 +51,35 @@ fn ok(out: Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+fn failed(out: Output) -> String {
+    assert!(!out.status.success(), "expected a failure: {out:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// (inode, mtime) of each CA file: what a change would alter.
+fn stamps(state: &Path) -> Vec<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    ["ca.crt", "ca.key", "constraints.txt"]
+        .iter()
+        .map(|f| {
+            let m = fs::metadata(state.join("ca").join(f)).unwrap();
+            (m.ino(), m.mtime(), m.mtime_nsec())
+        })
+        .collect()
+}
+
 #[test]
-fn show_creates_once_and_prints_the_same_pem() {
+fn show_prints_what_is_there_and_changes_nothing() {
     let state = TempDir::new("ca");
+    let err = failed(ca(&state.0, &["show"], "false"));
+    assert!(
+        err.contains("no node CA") && err.contains("first start") && err.contains("ca rotate"),
+        "{err}"
+    );
+    assert!(!state.join("ca").exists(), "show created something");
+
+    ok(ca(&state.0, &["rotate"], "false"));
+    let before = stamps(&state.0);
     let first = ok(ca(&state.0, &["show"], "false"));
     assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
     assert!(!first.contains("PRIVATE"));
@@ -63,6 +89,21 @@ fn show_creates_once_and_prints_the_same_pem() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+
+    // Another registry list than the CA's: the same PEM, a warning, no change.
+    let out = ca(
+        &state.0,
+        &["show", "--registry", "registry.dfly.test"],
+        "false",
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(ok(out), first);
+    assert!(
+        err.contains("warning") && err.contains("registry.dfly.test") && err.contains("--registry"),
+        "{err}"
+    );
+    assert!(!err.contains("re-created"), "{err}");
+    assert_eq!(stamps(&state.0), before);
 }
 
 #[test]
@@ -173,6 +214,7 @@ fn rotate_then_install_replaces_the_trusted_ca() {
         "{out}"
     );
     assert!(out.contains("install"), "{out}");
+    assert!(out.contains("no restart"), "{out}");
     let new = ok(ca(&state.0, &["show"], "false"));
     assert_ne!(new, old);
 
@@ -185,7 +227,7 @@ fn rotate_then_install_replaces_the_trusted_ca() {
 fn registries_from_env_shape_the_constraints() {
     let state = TempDir::new("ca");
     let out = Command::new(env!("CARGO_BIN_EXE_damselfly"))
-        .args(["ca", "show", "--state-dir"])
+        .args(["ca", "rotate", "--state-dir"])
         .arg(&state.0)
         .env("DAMSELFLY_REGISTRY", "registry.dfly.test,*.corp.example")
         .output()
@@ -196,4 +238,43 @@ fn registries_from_env_shape_the_constraints() {
     assert!(lines.contains(&"registry.dfly.test"), "{constraints}");
     assert!(lines.contains(&"corp.example"), "{constraints}");
     assert!(lines.contains(&"ghcr.io"), "{constraints}");
+}
+
+/// This test process plays the running agent: it holds the node CA the way
+/// `damselfly agent` does.
+#[test]
+fn under_a_running_agent_install_and_rotate_keep_its_constraints() {
+    let state = TempDir::new("ca");
+    let root = debian_root();
+    let host = ["--host-root", root.0.to_str().unwrap()];
+    let agent = NodeCa::load_or_create(&state.0, &RegistryHosts::new(&[]).unwrap()).unwrap();
+    let before = stamps(&state.0);
+
+    let other = ["--registry", "registry.dfly.test"];
+    let out = ca(
+        &state.0,
+        &[&["install"][..], &host, &other].concat(),
+        "false",
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        err.contains("the running agent signs with") && err.contains("registry.dfly.test"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join(ANCHOR)).unwrap(),
+        agent.cert_pem()
+    );
+    assert_eq!(stamps(&state.0), before);
+
+    let err = failed(ca(&state.0, &[&["rotate"][..], &other].concat(), "false"));
+    assert!(
+        err.contains("an agent signs with the node CA") && err.contains("--registry"),
+        "{err}"
+    );
+    assert_eq!(stamps(&state.0), before);
+    // Its own list rotates; the agent picks that up.
+    ok(ca(&state.0, &["rotate"], "false"));
+    assert_ne!(stamps(&state.0), before);
 }

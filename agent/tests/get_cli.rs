@@ -1,9 +1,11 @@
-//! The built binary's errors for `agent --seed`, `get` and `preheat` that
-//! need no network (the testbed's e2e tests cover the rest).
+//! The built binary's errors for `agent` (`--seed`, bad cluster
+//! certificates), `get` and `preheat` that need no network (the testbed's
+//! e2e tests cover the rest).
 
 use std::process::{Command, Output};
 
 use damselfly::testing::TempDir;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 fn damselfly(home: &TempDir, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_damselfly"))
@@ -13,6 +15,9 @@ fn damselfly(home: &TempDir, args: &[&str]) -> Output {
         .env_remove("DAMSELFLY_CREDS")
         .env_remove("DAMSELFLY_AGENT")
         .env_remove("DAMSELFLY_SEED_ADMIN")
+        .env_remove("DAMSELFLY_CLUSTER_CA")
+        .env_remove("DAMSELFLY_CLUSTER_CERT")
+        .env_remove("DAMSELFLY_CLUSTER_KEY")
         .output()
         .expect("running damselfly")
 }
@@ -38,6 +43,69 @@ fn a_seed_needs_a_tracker() {
         ],
     ));
     assert!(err.contains("--seed") && err.contains("--tracker"), "{err}");
+}
+
+/// A node certificate without SAN `damselfly-peer` stops the agent before
+/// it creates its state dir or touches eBPF: `--steer-ports 0` would fail
+/// the steering rules (before any program is loaded) if the check came later.
+#[test]
+fn an_agent_with_a_bad_cluster_certificate_refuses_to_start() {
+    let dir = TempDir::new("pkicli");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name.push(DnType::CommonName, "cluster");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["node-a".into(), "node-a.local".into()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_pem, crt, key_pem) = (
+        dir.join("ca.crt"),
+        dir.join("bad.crt"),
+        dir.join("node.key"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&crt, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let state = dir.join("state");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let args = [
+        "agent",
+        "--instance",
+        "dfly-pki-cli-test",
+        "--state-dir",
+        &path(&state),
+        "--steer-ports",
+        "0",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--tracker",
+        "127.0.0.1:1",
+        "--cluster-ca",
+        &path(&ca_pem),
+        "--cluster-cert",
+        &path(&crt),
+        "--cluster-key",
+        &path(&key_pem),
+    ];
+    let err = failure(&damselfly(&dir, &args));
+    assert!(
+        err.contains(&format!(
+            "--cluster-cert {}: no subjectAltName DNS:damselfly-peer (has: node-a, \
+             node-a.local); the swarm's peers verify that name",
+            crt.display()
+        )),
+        "{err}"
+    );
+    assert!(!state.exists(), "nothing was set up");
+
+    // Without the key, the message names what is missing.
+    let err = failure(&damselfly(&dir, &args[..args.len() - 2]));
+    assert!(err.contains("missing: --cluster-key"), "{err}");
 }
 
 #[test]

@@ -35,7 +35,9 @@ fn swarm(pulling: usize) -> Swarm {
 /// How one pulling node differs from the rest.
 #[derive(Default)]
 struct NodeOpts {
-    /// Its peer certificate comes from a CA that is not the cluster's.
+    /// Its CA and peer certificate are not the cluster's. (A certificate
+    /// that does not chain to its own `--cluster-ca` stops the agent at
+    /// startup, so the outsider is consistent, just in another cluster.)
     outsider: bool,
     env: Vec<(&'static str, &'static str)>,
     flags: Vec<String>,
@@ -49,14 +51,16 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
 
     let cluster = Cluster::start(&tb, infra).unwrap();
     let outsider = TestCa::new("not the cluster CA").unwrap();
+    let outsider_pem = tb.dir.join("outsider-ca.crt");
+    std::fs::write(&outsider_pem, outsider.pem()).unwrap();
     let mut agents = Vec::new();
     let mut containerds = Vec::new();
     for i in 1..=pulling {
         let opts = opts(i);
-        let issuer = if opts.outsider {
-            &outsider
+        let (issuer, ca_pem) = if opts.outsider {
+            (&outsider, &outsider_pem)
         } else {
-            &cluster.ca
+            (&cluster.ca, &cluster.ca_pem)
         };
         let mut flags: Vec<String> = vec![
             "--registry".into(),
@@ -64,7 +68,7 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
             "--upstream-ca".into(),
             origin.ca_pem.display().to_string(),
         ];
-        flags.extend(peer_flags(&tb, issuer, &cluster.ca_pem, cluster.tracker_addr, i).unwrap());
+        flags.extend(peer_flags(&tb, issuer, ca_pem, cluster.tracker_addr, i).unwrap());
         flags.extend(opts.flags);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let agent = Agent::start_with_env(&tb, tb.node(i), &flags, &opts.env).unwrap();
@@ -233,8 +237,9 @@ fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
         "damselfly_peer_bytes_total{direction=\"out\"}",
     );
 
-    // Node 2's certificate is not from the cluster CA: node 1 refuses it, and
-    // the pull still succeeds, from the origin.
+    // Node 2's certificate is not from the cluster CA: node 1 refuses it (and
+    // node 2 does not trust node 1's), and the pull still succeeds, from the
+    // origin.
     s.containerds[1].ctr_pull(&img.reference, None).unwrap();
     assert_eq!(
         m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}"),

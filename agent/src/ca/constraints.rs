@@ -47,6 +47,21 @@ pub fn subtree_for(pattern: &str) -> Result<String, Unconstrainable> {
     Ok(after_wildcard.join("."))
 }
 
+/// How `given` subtrees differ from `stored` ones, for messages: e.g.
+/// `adds ["r.example.com"]; drops ["quay.io"]`.
+pub fn difference(stored: &[String], given: &[String]) -> String {
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|x| !b.contains(x)).cloned().collect()
+    };
+    let (added, dropped) = (only(given, stored), only(stored, given));
+    match (added.is_empty(), dropped.is_empty()) {
+        (false, true) => format!("adds {added:?}"),
+        (true, false) => format!("drops {dropped:?}"),
+        (false, false) => format!("adds {added:?}; drops {dropped:?}"),
+        (true, true) => "changes nothing".into(),
+    }
+}
+
 /// Is `name` strictly below `parent` (at a label boundary)?
 fn is_below(name: &str, parent: &str) -> bool {
     name.len() > parent.len()
@@ -116,5 +131,21 @@ mod tests {
             ["registry.dfly.test"]
         );
         assert!(permitted_dns_subtrees(&["ghcr.io", "registry.*"]).is_err());
+    }
+
+    #[test]
+    fn differences_name_what_is_added_and_dropped() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let stored = v(&["a.io", "b.io"]);
+        assert_eq!(
+            difference(&stored, &v(&["a.io", "b.io", "c.io"])),
+            r#"adds ["c.io"]"#
+        );
+        assert_eq!(difference(&stored, &v(&["a.io"])), r#"drops ["b.io"]"#);
+        assert_eq!(
+            difference(&stored, &v(&["a.io", "c.io"])),
+            r#"adds ["c.io"]; drops ["b.io"]"#
+        );
+        assert_eq!(difference(&stored, &stored), "changes nothing");
     }
 }

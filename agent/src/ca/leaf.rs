@@ -1,4 +1,6 @@
-//! Leaf certificates per SNI, minted on demand and cached by name.
+//! Leaf certificates per SNI, minted on demand and cached by name, signed by
+//! whichever CA is on disk now: a replaced CA (`damselfly ca rotate`) takes
+//! over within [`LeafPolicy::recheck`], without restarting the agent.
 
 use std::{
     collections::HashMap,
@@ -12,7 +14,7 @@ use rustls::{
 };
 use time::{Duration, OffsetDateTime};
 
-use super::Issuer;
+use super::{Issuer, Watch};
 use crate::registry::RegistryHosts;
 
 /// What "now" is; replaceable so tests can walk a leaf towards expiry.
@@ -28,6 +30,9 @@ pub struct LeafPolicy {
     /// Leaves kept in memory. Wildcard patterns admit unboundedly many names,
     /// so the cache is bounded; past it, the entry due soonest is dropped.
     pub max_cached: usize,
+    /// How often a handshake looks at the CA files for a replacement (a
+    /// few `stat`s; the files are read only when they changed).
+    pub recheck: Duration,
     pub clock: Clock,
 }
 
@@ -37,6 +42,7 @@ impl Default for LeafPolicy {
             lifetime: Duration::hours(24),
             backdate: Duration::minutes(5),
             max_cached: 1024,
+            recheck: Duration::seconds(2),
             clock: Arc::new(OffsetDateTime::now_utc),
         }
     }
@@ -48,6 +54,7 @@ impl fmt::Debug for LeafPolicy {
             .field("lifetime", &self.lifetime)
             .field("backdate", &self.backdate)
             .field("max_cached", &self.max_cached)
+            .field("recheck", &self.recheck)
             .finish_non_exhaustive()
     }
 }
@@ -63,15 +70,23 @@ struct Cached {
 /// leaf signed by the node CA (chain: leaf, CA) and everything else with
 /// `None`, which fails the handshake.
 pub struct LeafResolver {
-    issuer: Arc<Issuer>,
     registries: RegistryHosts,
     policy: LeafPolicy,
-    cache: Mutex<HashMap<String, Cached>>,
+    state: Mutex<State>,
+}
+
+/// One lock for all of it: a replaced CA and the leaves it invalidates
+/// change together.
+struct State {
+    issuer: Arc<Issuer>,
+    watch: Watch,
+    next_check: OffsetDateTime,
+    cache: HashMap<String, Cached>,
 }
 
 impl fmt::Debug for LeafResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cached = self.cache.lock().map(|c| c.len()).unwrap_or(0);
+        let cached = self.cached();
         f.debug_struct("LeafResolver")
             .field("registries", &self.registries.patterns())
             .field("policy", &self.policy)
@@ -81,12 +96,22 @@ impl fmt::Debug for LeafResolver {
 }
 
 impl LeafResolver {
-    pub(crate) fn new(issuer: Arc<Issuer>, registries: RegistryHosts, policy: LeafPolicy) -> Self {
+    pub(crate) fn new(
+        issuer: Arc<Issuer>,
+        watch: Watch,
+        registries: RegistryHosts,
+        policy: LeafPolicy,
+    ) -> Self {
+        let next_check = (policy.clock)() + policy.recheck;
         Self {
-            issuer,
             registries,
             policy,
-            cache: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                issuer,
+                watch,
+                next_check,
+                cache: HashMap::new(),
+            }),
         }
     }
 
@@ -101,17 +126,23 @@ impl LeafResolver {
         let now = (self.policy.clock)();
         // Minting under the lock is fine: it is a P-256 key and one signature,
         // and it keeps concurrent handshakes for one name from minting twice.
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if now >= state.next_check {
+            state.next_check = now + self.policy.recheck;
+            if let Some(issuer) = state.watch.replaced() {
+                state.issuer = Arc::new(issuer);
+                // Their chains end in the old CA, which clients stop trusting.
+                state.cache.clear();
+            }
+        }
+        let State { issuer, cache, .. } = &mut *state;
         if let Some(c) = cache.get(&name)
             && now < c.renew_at
         {
             return Some(c.key.clone());
         }
         let not_after = now + self.policy.lifetime;
-        let key = match self
-            .issuer
-            .mint(&name, now - self.policy.backdate, not_after)
-        {
+        let key = match issuer.mint(&name, now - self.policy.backdate, not_after) {
             Ok(k) => Arc::new(k),
             Err(e) => {
                 tracing::error!(%name, error = %e, "minting a leaf certificate");
@@ -142,7 +173,7 @@ impl LeafResolver {
 
     /// Leaves currently cached.
     pub fn cached(&self) -> usize {
-        self.cache.lock().map(|c| c.len()).unwrap_or(0)
+        self.state.lock().map(|s| s.cache.len()).unwrap_or(0)
     }
 }
 

@@ -10,11 +10,24 @@
 //!   ca.key                   0600  its PKCS#8 private key (PEM); never logged or served
 //!   constraints.txt          0644  the permitted DNS subtrees baked into ca.crt, one a line
 //!   .lock                          serialises create/rotate between processes
+//!   .agent                         held (shared flock) by an agent signing with this CA
 //! ```
 //!
 //! Each file is written to a temporary name (the key created 0600 from the
 //! start) and renamed into place. A set torn by a crash (key and certificate
 //! that do not match, a missing file) is re-created on the next start.
+//!
+//! # Who changes it
+//!
+//! The agent, on start ([`NodeCa::load_or_create`]), and `damselfly ca
+//! rotate` ([`NodeCa::rotate`]); `ca install` too, but only while no agent
+//! signs with it ([`NodeCa::for_install`]). `ca show` only reads
+//! ([`NodeCa::stored`]). A running agent's resolver looks at the files every
+//! [`LeafPolicy::recheck`] and switches to a CA that replaced them, dropping
+//! its cached leaves, so a rotation needs no restart. For that to work, the
+//! replacement must carry the agent's constraints: while the `.agent` lease
+//! is held, `rotate` refuses a registry list that would change them, and
+//! `install` installs the stored CA as it is.
 //!
 //! # Name constraints
 //!
@@ -41,8 +54,8 @@
 //! parent to constrain to and is refused.
 //!
 //! When the registry list changes between starts (a new `--registry`), the
-//! stored constraints no longer match: the CA is re-created with a warning,
-//! and the new certificate must be installed on the host again.
+//! stored constraints no longer match: the agent re-creates the CA with a
+//! warning, and the new certificate must be installed on the host again.
 
 pub mod constraints;
 mod der;
@@ -53,7 +66,9 @@ use std::{
     fmt,
     fs::{self, File, OpenOptions},
     io::{self, Write as _},
-    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    os::unix::fs::{
+        DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+    },
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -101,6 +116,24 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("loading a signing key: {0}")]
     SigningKey(#[from] rustls::Error),
+    #[error(
+        "no node CA in {}: the agent creates it on its first start (or `damselfly ca rotate` \
+         does)",
+        .0.display()
+    )]
+    NoCa(PathBuf),
+    #[error(
+        "an agent signs with the node CA in {}, and the registry list given here changes its \
+         constraints ({}): the agent could not switch to such a CA. Give the agent's --registry \
+         list (or stop the agent: it re-creates the CA for its own list when it starts)",
+        dir.display(),
+        constraints::difference(stored, given)
+    )]
+    InUse {
+        dir: PathBuf,
+        stored: Vec<String>,
+        given: Vec<String>,
+    },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CaError + 'a {
@@ -151,8 +184,12 @@ pub struct NodeCa {
     issuer: Arc<Issuer>,
     registries: RegistryHosts,
     permitted: Vec<String>,
-    cert_path: PathBuf,
+    files: CaFiles,
     origin: CaOrigin,
+    /// The files as loaded, so a resolver notices when they are replaced.
+    stamp: Stamp,
+    /// Marks the CA as signing in this process (see [`Lease`]).
+    lease: Option<Arc<Lease>>,
 }
 
 /// What signs leaves: the CA key and an rcgen view of the CA certificate.
@@ -170,22 +207,63 @@ pub(crate) struct Issuer {
 impl fmt::Debug for NodeCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeCa")
-            .field("cert_path", &self.cert_path)
+            .field("cert_path", &self.files.cert())
             .field("permitted", &self.permitted)
             .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
 
+/// The CA on disk as it is, for `damselfly ca show` (and `install` while an
+/// agent signs with it): reading it changes nothing.
+#[derive(Debug, Clone)]
+pub struct StoredCa {
+    pub cert_pem: String,
+    pub cert_path: PathBuf,
+    /// The permitted DNS subtrees recorded with it (constraints.txt).
+    pub permitted: Vec<String>,
+    /// What is wrong with the stored set, if anything: an agent replaces such
+    /// a CA when it next starts.
+    pub problem: Option<String>,
+}
+
+/// What `damselfly ca install` should trust.
+#[derive(Debug)]
+pub enum ForInstall {
+    /// No agent signs with this state dir's CA: it was loaded, created or
+    /// replaced for the given registry list exactly as the agent's next
+    /// start would (the chart's init container runs just before it).
+    Prepared(NodeCa),
+    /// An agent signs with the stored CA: that one, unchanged, whatever the
+    /// given registry list says.
+    InUse(StoredCa),
+}
+
 impl NodeCa {
-    /// The CA under `<state_dir>/ca`, created if there is none (or if the one
-    /// there was made for a different registry list).
+    /// The agent's CA under `<state_dir>/ca`, created if there is none, and
+    /// replaced if the one there was made for a different registry list or
+    /// is unusable. Holds the [`Lease`] while this value or a resolver made
+    /// from it lives, so `damselfly ca` commands know an agent signs with it.
     pub fn load_or_create(state_dir: &Path, registries: &RegistryHosts) -> Result<Self, CaError> {
         let files = CaFiles::new(state_dir);
         let permitted = permitted_dns_subtrees(registries.patterns())?;
         let _lock = DirLock::take(&files.dir)?;
+        let lease = Lease::hold(&files)?;
+        let mut ca = Self::load_or_create_locked(files, registries, permitted)?;
+        ca.lease = Some(Arc::new(lease));
+        Ok(ca)
+    }
+
+    fn load_or_create_locked(
+        files: CaFiles,
+        registries: &RegistryHosts,
+        permitted: Vec<String>,
+    ) -> Result<Self, CaError> {
         let (issuer, origin) = match load(&files, &permitted)? {
-            Stored::Valid(issuer) => (*issuer, CaOrigin::Loaded),
+            Stored::Valid(issuer) => {
+                tighten_key_mode(&files.key())?;
+                (*issuer, CaOrigin::Loaded)
+            }
             Stored::Missing => {
                 tracing::info!(dir = %files.dir.display(), ?permitted, "creating the node CA");
                 (create(&files, &permitted)?, CaOrigin::Created)
@@ -205,29 +283,72 @@ impl NodeCa {
             issuer: Arc::new(issuer),
             registries: registries.clone(),
             permitted,
-            cert_path: files.cert(),
+            stamp: files.stamp(),
+            files,
             origin,
+            lease: None,
         })
     }
 
-    /// A new key and certificate, replacing the stored ones.
+    /// A new key and certificate, replacing the stored ones. A running agent
+    /// switches to them within [`LeafPolicy::recheck`]; so that it can, a
+    /// registry list whose constraints differ from those of the CA an agent
+    /// signs with is refused ([`CaError::InUse`]).
     pub fn rotate(state_dir: &Path, registries: &RegistryHosts) -> Result<Self, CaError> {
         let files = CaFiles::new(state_dir);
         let permitted = permitted_dns_subtrees(registries.patterns())?;
         let _lock = DirLock::take(&files.dir)?;
+        if Lease::held(&files)?
+            && let Some(stored) = read_stored(&files)?
+            && stored.permitted != permitted
+        {
+            return Err(CaError::InUse {
+                dir: files.dir.clone(),
+                stored: stored.permitted,
+                given: permitted,
+            });
+        }
         let issuer = create(&files, &permitted)?;
-        tracing::warn!(
-            dir = %files.dir.display(),
-            "rotated the node CA: install it again (damselfly ca install) and restart the \
-             container runtime and the agent"
-        );
+        tracing::info!(dir = %files.dir.display(), "rotated the node CA");
         Ok(Self {
             issuer: Arc::new(issuer),
             registries: registries.clone(),
             permitted,
-            cert_path: files.cert(),
+            stamp: files.stamp(),
+            files,
             origin: CaOrigin::Replaced("rotated".into()),
+            lease: None,
         })
+    }
+
+    /// The stored CA, read without creating, replacing or re-moding
+    /// anything; [`CaError::NoCa`] if there is none.
+    pub fn stored(state_dir: &Path) -> Result<StoredCa, CaError> {
+        let files = CaFiles::new(state_dir);
+        // Shared, so a rotation is not read half-written; absent, nothing
+        // ever wrote here.
+        let _lock = DirLock::shared(&files.dir)?;
+        read_stored(&files)?.ok_or(CaError::NoCa(files.dir))
+    }
+
+    /// What `damselfly ca install` trusts: with no agent signing, the CA
+    /// prepared for `registries` as the agent would; with one, the stored
+    /// CA as it is (replacing it would leave the host trusting a CA the
+    /// running agent does not sign with).
+    pub fn for_install(
+        state_dir: &Path,
+        registries: &RegistryHosts,
+    ) -> Result<ForInstall, CaError> {
+        let files = CaFiles::new(state_dir);
+        let permitted = permitted_dns_subtrees(registries.patterns())?;
+        let _lock = DirLock::take(&files.dir)?;
+        if Lease::held(&files)? {
+            let dir = files.dir.clone();
+            return Ok(ForInstall::InUse(
+                read_stored(&files)?.ok_or(CaError::NoCa(dir))?,
+            ));
+        }
+        Self::load_or_create_locked(files, registries, permitted).map(ForInstall::Prepared)
     }
 
     /// The CA certificate, PEM.
@@ -240,8 +361,8 @@ impl NodeCa {
     }
 
     /// `<state-dir>/ca/ca.crt`.
-    pub fn cert_path(&self) -> &Path {
-        &self.cert_path
+    pub fn cert_path(&self) -> PathBuf {
+        self.files.cert()
     }
 
     /// The permitted DNS subtrees in the certificate's name constraints.
@@ -255,18 +376,25 @@ impl NodeCa {
 
     /// A certificate resolver for `rustls::ServerConfig::with_cert_resolver`
     /// that mints leaves for the registry list this CA was made for (and
-    /// nothing else), with the default [`LeafPolicy`].
+    /// nothing else), with the default [`LeafPolicy`]. It switches to a CA
+    /// that replaces this one on disk (`damselfly ca rotate`).
     pub fn resolver(&self) -> LeafResolver {
-        LeafResolver::new(
-            self.issuer.clone(),
-            self.registries.clone(),
-            LeafPolicy::default(),
-        )
+        self.resolver_with(LeafPolicy::default())
     }
 
-    /// [`Self::resolver`] with a chosen leaf lifetime and clock.
+    /// [`Self::resolver`] with a chosen leaf lifetime, recheck and clock.
     pub fn resolver_with(&self, policy: LeafPolicy) -> LeafResolver {
-        LeafResolver::new(self.issuer.clone(), self.registries.clone(), policy)
+        LeafResolver::new(
+            self.issuer.clone(),
+            Watch {
+                files: self.files.clone(),
+                permitted: self.permitted.clone(),
+                stamp: self.stamp.clone(),
+                _lease: self.lease.clone(),
+            },
+            self.registries.clone(),
+            policy,
+        )
     }
 
     /// Mint a leaf for any name, bypassing the registry check: only for tests
@@ -278,6 +406,171 @@ impl NodeCa {
             .mint(name, now - Duration::minutes(5), now + Duration::hours(1))
             .unwrap()
     }
+}
+
+/// Identity of the CA files when last loaded: device, inode, mtime and size
+/// of each (absent: `None`). Every write is a rename of a new file, so a
+/// replacement always changes the inode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp([Option<FileId>; 3]);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    len: u64,
+}
+
+impl CaFiles {
+    fn stamp(&self) -> Stamp {
+        Stamp([self.cert(), self.key(), self.constraints()].map(|p| {
+            fs::metadata(p).ok().map(|m| FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+                mtime: (m.mtime(), m.mtime_nsec()),
+                len: m.len(),
+            })
+        }))
+    }
+}
+
+/// What a resolver needs to notice that the CA was replaced on disk and to
+/// load the new one.
+pub(crate) struct Watch {
+    files: CaFiles,
+    permitted: Vec<String>,
+    stamp: Stamp,
+    _lease: Option<Arc<Lease>>,
+}
+
+impl Watch {
+    /// The CA that replaced the loaded one on disk, if the files changed
+    /// since the last call and hold a usable CA for the same constraints.
+    /// A replacement that cannot be used is logged once and ignored: the
+    /// old key keeps signing.
+    pub(crate) fn replaced(&mut self) -> Option<Issuer> {
+        if self.files.stamp() == self.stamp {
+            return None;
+        }
+        let dir = self.files.dir.display().to_string();
+        let _lock = match DirLock::shared(&self.files.dir) {
+            Ok(lock) => lock,
+            Err(e) => {
+                tracing::error!(%dir, error = %e, "the node CA changed on disk but could not be locked to read it");
+                return None;
+            }
+        };
+        self.stamp = self.files.stamp();
+        match load(&self.files, &self.permitted) {
+            Ok(Stored::Valid(issuer)) => {
+                tracing::warn!(
+                    %dir,
+                    "the node CA was replaced on disk: new leaves are signed by it; the host must \
+                     trust it (damselfly ca install, then restart the container runtime)"
+                );
+                Some(*issuer)
+            }
+            Ok(Stored::Missing) => {
+                tracing::error!(
+                    %dir,
+                    "the node CA files are gone: still signing with the CA loaded before; \
+                     restart the agent to create a new one"
+                );
+                None
+            }
+            Ok(Stored::Stale(why)) => {
+                tracing::error!(
+                    %dir,
+                    %why,
+                    "the node CA changed on disk but cannot be used: still signing with the CA \
+                     loaded before, which hosts trusting the new files reject; run `damselfly ca \
+                     rotate` with the agent's --registry list, or restart the agent (it replaces \
+                     an unusable CA)"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::error!(%dir, error = %e, "reading the replaced node CA; still signing with the CA loaded before");
+                None
+            }
+        }
+    }
+}
+
+/// A shared `flock` on `<ca dir>/.agent`, held by every process that signs
+/// leaves with the CA (the agent), for as long as it does. `damselfly ca`
+/// commands test for it to avoid changing the CA's constraints under it.
+pub(crate) struct Lease {
+    _file: File,
+}
+
+impl Lease {
+    fn path(files: &CaFiles) -> PathBuf {
+        files.dir.join(".agent")
+    }
+
+    fn open(files: &CaFiles) -> Result<File, CaError> {
+        let path = Self::path(files);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("opening", &path))
+    }
+
+    fn hold(files: &CaFiles) -> Result<Self, CaError> {
+        let file = Self::open(files)?;
+        flock(&file, libc::LOCK_SH).map_err(io_err("locking", &Self::path(files)))?;
+        Ok(Self { _file: file })
+    }
+
+    /// Does some process (this one included) hold the lease now?
+    fn held(files: &CaFiles) -> Result<bool, CaError> {
+        let file = Self::open(files)?;
+        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(io_err("locking", &Self::path(files))(e)),
+        }
+    }
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    // SAFETY: flock on a descriptor we own; released when it is closed.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(file), op) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The stored certificate and constraints (`None` without a ca.crt), and
+/// what [`load`] would find wrong with the set.
+fn read_stored(files: &CaFiles) -> Result<Option<StoredCa>, CaError> {
+    let Some(cert_pem) = read_optional(&files.cert())? else {
+        return Ok(None);
+    };
+    let permitted: Vec<String> = read_optional(&files.constraints())?
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    let problem = match load(files, &permitted)? {
+        Stored::Valid(_) => None,
+        Stored::Stale(why) => Some(why),
+        Stored::Missing => Some("incomplete set of CA files".into()),
+    };
+    Ok(Some(StoredCa {
+        cert_pem,
+        cert_path: files.cert(),
+        permitted,
+        problem,
+    }))
 }
 
 impl Issuer {
@@ -458,7 +751,6 @@ fn load(files: &CaFiles, permitted: &[String]) -> Result<Stored, CaError> {
             "the stored CA does not verify a leaf for {name}: {e}"
         )));
     }
-    tighten_key_mode(&key)?;
     Ok(Stored::Valid(Box::new(issuer)))
 }
 
@@ -531,8 +823,9 @@ fn write_atomic(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<()
     Ok(())
 }
 
-/// An exclusive `flock` on `<ca dir>/.lock`, so an agent and a `damselfly ca`
-/// command starting together do not both create a CA.
+/// A `flock` on `<ca dir>/.lock`: exclusive to create or replace the CA, so
+/// an agent and a `damselfly ca` command starting together do not both
+/// create one; shared to read it, so a replacement is not read half-written.
 struct DirLock {
     _file: File,
 }
@@ -552,12 +845,21 @@ impl DirLock {
             .mode(0o600)
             .open(&path)
             .map_err(io_err("opening", &path))?;
-        // SAFETY: flock on a descriptor we own; released when it is closed.
-        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(io_err("locking", &path)(io::Error::last_os_error()));
-        }
+        flock(&f, libc::LOCK_EX).map_err(io_err("locking", &path))?;
         Ok(Self { _file: f })
+    }
+
+    /// Creates nothing: `None` if there is no lock file (then no CA was
+    /// ever written here).
+    fn shared(dir: &Path) -> Result<Option<Self>, CaError> {
+        let path = dir.join(".lock");
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening", &path)(e)),
+        };
+        flock(&f, libc::LOCK_SH).map_err(io_err("locking", &path))?;
+        Ok(Some(Self { _file: f }))
     }
 }
 

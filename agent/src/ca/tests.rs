@@ -16,7 +16,7 @@ use rustls::{
 };
 use x509_parser::{extensions::GeneralName, parse_x509_certificate};
 
-use super::*;
+use super::{leaf::Clock, *};
 
 use crate::testing::TempDir as StateDir;
 
@@ -352,4 +352,166 @@ fn a_ca_close_to_expiry_is_replaced() {
         NodeCa::load_or_create(&dir.0, &r).unwrap().origin(),
         &CaOrigin::Loaded
     );
+}
+
+/// A clock that starts now and moves when told to (seconds).
+fn manual_clock() -> (Clock, impl Fn(i64)) {
+    let base = OffsetDateTime::now_utc();
+    let offset = Arc::new(AtomicI64::new(0));
+    let read = offset.clone();
+    let clock: Clock = Arc::new(move || base + Duration::seconds(read.load(Ordering::Relaxed)));
+    (clock, move |secs| offset.store(secs, Ordering::Relaxed))
+}
+
+#[test]
+fn a_rotation_on_disk_reaches_the_running_resolver() {
+    let dir = StateDir::new("ca");
+    let r = registries(&[]);
+    let old = NodeCa::load_or_create(&dir.0, &r).unwrap();
+    let (clock, at) = manual_clock();
+    let resolver = Arc::new(old.resolver_with(LeafPolicy {
+        clock,
+        ..LeafPolicy::default()
+    }));
+    let first = resolver.leaf_for("ghcr.io").unwrap();
+    assert_eq!(&first.cert[1], old.cert_der());
+    resolver.leaf_for("quay.io").unwrap();
+
+    let new = NodeCa::rotate(&dir.0, &r).unwrap();
+    at(1);
+    assert!(
+        Arc::ptr_eq(&first, &resolver.leaf_for("ghcr.io").unwrap()),
+        "the files are looked at every 2 s, not on every handshake"
+    );
+    at(3);
+    let leaf = resolver.leaf_for("ghcr.io").unwrap();
+    assert_eq!(&leaf.cert[1], new.cert_der());
+    assert_eq!(resolver.cached(), 1, "leaves of the old CA are dropped");
+    handshake(&new, resolver.clone(), "ghcr.io").unwrap();
+    assert!(handshake(&old, resolver.clone(), "ghcr.io").is_err());
+}
+
+#[test]
+fn an_unusable_replacement_keeps_the_old_ca_signing() {
+    let dir = StateDir::new("ca");
+    let r = registries(&[]);
+    let ca = NodeCa::load_or_create(&dir.0, &r).unwrap();
+    let resolver = Arc::new(ca.resolver_with(LeafPolicy {
+        recheck: Duration::ZERO,
+        ..LeafPolicy::default()
+    }));
+    let first = resolver.leaf_for("ghcr.io").unwrap();
+
+    // Someone writes a certificate that does not belong to the key.
+    let other = StateDir::new("ca");
+    let stranger = NodeCa::load_or_create(&other.0, &r).unwrap();
+    fs::write(dir.0.join("ca/ca.crt"), stranger.cert_pem()).unwrap();
+    assert!(Arc::ptr_eq(&first, &resolver.leaf_for("ghcr.io").unwrap()));
+    handshake(&ca, resolver.clone(), "quay.io").unwrap();
+
+    // A proper rotation after it is picked up.
+    let new = NodeCa::rotate(&dir.0, &r).unwrap();
+    handshake(&new, resolver.clone(), "ghcr.io").unwrap();
+}
+
+#[test]
+fn while_an_agent_signs_its_constraints_stay() {
+    let dir = StateDir::new("ca");
+    let r = registries(&[]);
+    let wider = registries(&["registry.dfly.test"]);
+    let agent = NodeCa::load_or_create(&dir.0, &r).unwrap();
+    let e = NodeCa::rotate(&dir.0, &wider).unwrap_err();
+    assert!(matches!(e, CaError::InUse { .. }), "{e}");
+    assert!(
+        e.to_string().contains("registry.dfly.test") && e.to_string().contains("--registry"),
+        "{e}"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.0.join("ca/ca.crt")).unwrap(),
+        agent.cert_pem()
+    );
+    // The same list rotates: the agent can switch to that.
+    let rotated = NodeCa::rotate(&dir.0, &r).unwrap();
+
+    // The resolver holds the lease as long as it lives, not the NodeCa.
+    let resolver = agent.resolver();
+    drop(agent);
+    assert!(NodeCa::rotate(&dir.0, &wider).is_err());
+    // `install` takes the CA the agent signs with, whatever the list says.
+    let ForInstall::InUse(stored) = NodeCa::for_install(&dir.0, &wider).unwrap() else {
+        panic!("an agent signs with it")
+    };
+    assert_eq!(stored.cert_pem, rotated.cert_pem());
+    assert_eq!(stored.permitted, rotated.permitted_subtrees());
+    assert_eq!(stored.problem, None);
+
+    drop(resolver);
+    let replaced = NodeCa::rotate(&dir.0, &wider).unwrap();
+    assert!(
+        replaced
+            .permitted_subtrees()
+            .contains(&"registry.dfly.test".to_string())
+    );
+}
+
+#[test]
+fn install_without_an_agent_prepares_what_the_agent_will_load() {
+    let dir = StateDir::new("ca");
+    let r = registries(&[]);
+    let ForInstall::Prepared(created) = NodeCa::for_install(&dir.0, &r).unwrap() else {
+        panic!("no agent")
+    };
+    assert_eq!(created.origin(), &CaOrigin::Created);
+    let wider = registries(&["registry.dfly.test"]);
+    let ForInstall::Prepared(replaced) = NodeCa::for_install(&dir.0, &wider).unwrap() else {
+        panic!("no agent")
+    };
+    assert!(matches!(replaced.origin(), CaOrigin::Replaced(why) if why.contains("registry list")));
+    drop((created, replaced));
+    let agent = NodeCa::load_or_create(&dir.0, &wider).unwrap();
+    assert_eq!(agent.origin(), &CaOrigin::Loaded);
+}
+
+#[test]
+fn stored_reads_without_changing_anything() {
+    let dir = StateDir::new("ca");
+    let e = NodeCa::stored(&dir.0).unwrap_err();
+    assert!(matches!(e, CaError::NoCa(_)), "{e}");
+    assert!(
+        e.to_string().contains("first start") && e.to_string().contains("rotate"),
+        "{e}"
+    );
+    assert!(!dir.0.join("ca").exists(), "nothing created");
+
+    let ca = NodeCa::load_or_create(&dir.0, &registries(&["registry.dfly.test"])).unwrap();
+    let key = dir.0.join("ca/ca.key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o640)).unwrap();
+    let files = CaFiles::new(&dir.0);
+    let before = files.stamp();
+    let stored = NodeCa::stored(&dir.0).unwrap();
+    assert_eq!(stored.cert_pem, ca.cert_pem());
+    assert_eq!(stored.cert_path, dir.0.join("ca/ca.crt"));
+    assert_eq!(stored.permitted, ca.permitted_subtrees());
+    assert_eq!(stored.problem, None);
+    assert_eq!(files.stamp(), before);
+    let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "not even the key mode is touched");
+
+    // A torn set is shown as it is, with what is wrong with it.
+    let other = StateDir::new("ca");
+    NodeCa::load_or_create(&other.0, &registries(&[])).unwrap();
+    fs::copy(other.0.join("ca/ca.key"), &key).unwrap();
+    let before = files.stamp();
+    let stored = NodeCa::stored(&dir.0).unwrap();
+    assert_eq!(stored.cert_pem, ca.cert_pem());
+    assert!(
+        stored
+            .problem
+            .as_deref()
+            .unwrap_or("")
+            .contains("do not match"),
+        "{:?}",
+        stored.problem
+    );
+    assert_eq!(files.stamp(), before);
 }

@@ -1,7 +1,10 @@
 //! `damselfly ca show | install | uninstall | rotate`: the node CA from the
-//! command line. `--state-dir` and `--registry` must match the agent's, or
-//! the CA made here carries different constraints than the agent expects
-//! (and the agent would replace it on its next start).
+//! command line. `--state-dir` and `--registry` must match the agent's: the
+//! registry list becomes the CA's name constraints.
+//!
+//! Only the agent (on start) and `rotate` replace the CA; `show` changes
+//! nothing; `install` creates or replaces it only while no agent signs with
+//! it (as the chart's init container does, just before the agent starts).
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +13,9 @@ use clap::{Args, Subcommand};
 
 use crate::{
     ca::{
-        CaOrigin, NodeCa,
+        CaOrigin, ForInstall, NodeCa,
+        constraints::difference,
+        permitted_dns_subtrees,
         trust::{self, Installed, Removed, TrustStore},
     },
     registry::RegistryHosts,
@@ -35,13 +40,28 @@ pub struct CaArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
-    /// Print the node CA certificate (PEM) on stdout, creating the CA if there is none.
+    /// Print the node CA certificate (PEM) on stdout; changes nothing.
+    ///
+    /// Fails if there is no CA yet (the agent creates it on its first start,
+    /// or `rotate` does). Warns on stderr if --registry would change its
+    /// constraints, or if the agent would replace it on its next start.
     Show,
-    /// Add the node CA to the host's trust store.
+    /// Add the node CA to the host's trust store; never changes a CA that a
+    /// running agent signs with.
+    ///
+    /// While an agent runs on --state-dir: its CA, unchanged (with a warning
+    /// if --registry differs). Otherwise it first prepares the CA as the
+    /// agent's next start will, as the chart's init container does: creates
+    /// it if there is none, re-creates it if --registry changed its
+    /// constraints (so give the agent's list).
     Install(InstallArgs),
     /// Remove the node CA from the host's trust store.
     Uninstall(HostArgs),
-    /// Replace the node CA with a new key and certificate.
+    /// Replace the node CA with a new key and certificate; a running agent
+    /// switches to it within seconds.
+    ///
+    /// While an agent runs, --registry must be its list: the agent cannot
+    /// switch to a CA with other constraints.
     Rotate,
 }
 
@@ -71,11 +91,7 @@ pub struct InstallArgs {
 pub fn run(args: CaArgs) -> anyhow::Result<()> {
     let registries = RegistryHosts::new(&args.registry)?;
     match args.command {
-        CaCommand::Show => {
-            let ca = load(&args.state_dir, &registries)?;
-            print!("{}", ca.cert_pem());
-            Ok(())
-        }
+        CaCommand::Show => show(&args.state_dir, &registries),
         CaCommand::Install(install_args) => install(&args.state_dir, &registries, &install_args),
         CaCommand::Uninstall(host) => uninstall(&host),
         CaCommand::Rotate => {
@@ -83,33 +99,66 @@ pub fn run(args: CaArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("rotating the node CA in {}", args.state_dir.display()))?;
             println!("new node CA: {}", ca.cert_path().display());
             println!(
-                "The old CA is gone: install the new one on this host again (damselfly ca install), \
-                 restart the container runtime, and restart the agent."
+                "The old CA is gone. A running agent signs with the new one within seconds (no \
+                 restart); until this host trusts it, pulls through the agent fail TLS: install it \
+                 (damselfly ca install) and restart the container runtime."
             );
             Ok(())
         }
     }
 }
 
-fn load(state_dir: &Path, registries: &RegistryHosts) -> anyhow::Result<NodeCa> {
-    let ca = NodeCa::load_or_create(state_dir, registries)
-        .with_context(|| format!("loading the node CA from {}", state_dir.display()))?;
-    if let CaOrigin::Replaced(why) = ca.origin() {
+fn show(state_dir: &Path, registries: &RegistryHosts) -> anyhow::Result<()> {
+    let stored = NodeCa::stored(state_dir)?;
+    print!("{}", stored.cert_pem);
+    if let Some(problem) = &stored.problem {
         eprintln!(
-            "note: the node CA was re-created ({why}); any host that trusted the old one needs \
-             `damselfly ca install` again"
+            "warning: the agent will replace this CA when it next starts ({problem}); install it \
+             again after that"
         );
     }
-    Ok(ca)
+    let given = permitted_dns_subtrees(registries.patterns())?;
+    if given != stored.permitted {
+        eprintln!(
+            "warning: the registry list given here would change this CA's constraints ({}); \
+             an agent started with it would replace the CA. Give the agent's --registry list.",
+            difference(&stored.permitted, &given)
+        );
+    }
+    Ok(())
 }
-
 fn split_command(cmd: &str) -> Vec<String> {
     cmd.split_whitespace().map(str::to_string).collect()
 }
 
 fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> anyhow::Result<()> {
-    let ca = load(state_dir, registries)?;
+    // First, so that a host we cannot install into leaves the CA alone.
     let store = TrustStore::detect(&args.host.host_root)?;
+    let ca = NodeCa::for_install(state_dir, registries)
+        .with_context(|| format!("the node CA in {}", state_dir.display()))?;
+    let cert_pem = match &ca {
+        ForInstall::Prepared(ca) => {
+            if let CaOrigin::Replaced(why) = ca.origin() {
+                eprintln!(
+                    "note: the node CA was re-created ({why}), as the agent would on its next \
+                     start; hosts that trusted the old one need `damselfly ca install` again"
+                );
+            }
+            ca.cert_pem()
+        }
+        ForInstall::InUse(stored) => {
+            let given = permitted_dns_subtrees(registries.patterns())?;
+            if given != stored.permitted {
+                eprintln!(
+                    "warning: installing the CA the running agent signs with, unchanged; the \
+                     registry list given here would change its constraints ({}): give the \
+                     agent's --registry list",
+                    difference(&stored.permitted, &given)
+                );
+            }
+            &stored.cert_pem
+        }
+    };
     let update = args
         .host
         .update_command
@@ -118,7 +167,7 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
         .unwrap_or_else(|| store.update_command());
     let anchor = store.anchor_path();
     match store
-        .install(ca.cert_pem(), &update)
+        .install(cert_pem, &update)
         .with_context(|| format!("installing the node CA as {}", anchor.display()))?
     {
         Installed::AlreadyTrusted => {

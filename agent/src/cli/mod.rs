@@ -12,6 +12,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::pki::{ClusterFiles, ClusterPki, Part};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "damselfly",
@@ -108,15 +110,8 @@ pub struct AgentArgs {
     /// Address other nodes reach us at [default: the one routing to the tracker].
     #[arg(long, env = "DAMSELFLY_PEER_ADVERTISE")]
     pub peer_advertise: Option<SocketAddr>,
-    /// Cluster CA (PEM) that every peer certificate chains to.
-    #[arg(long, env = "DAMSELFLY_CLUSTER_CA")]
-    pub cluster_ca: Option<PathBuf>,
-    /// This node's peer certificate (PEM, SAN damselfly-peer).
-    #[arg(long, env = "DAMSELFLY_CLUSTER_CERT")]
-    pub cluster_cert: Option<PathBuf>,
-    /// This node's peer key (PEM).
-    #[arg(long, env = "DAMSELFLY_CLUSTER_KEY")]
-    pub cluster_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterPkiArgs,
     /// Node name told to the tracker [default: the host name].
     #[arg(long, env = "DAMSELFLY_NODE_NAME")]
     pub node_name: Option<String>,
@@ -142,6 +137,53 @@ pub struct AgentArgs {
     /// OpenTelemetry collector (OTLP/gRPC, e.g. http://jaeger:4317); traces are off without it.
     #[arg(long, env = "DAMSELFLY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+}
+
+/// The cluster PKI, for every command that authenticates to cluster members.
+/// Checked at startup: a command refuses to start naming the file and the
+/// check that failed (see [`crate::pki`]).
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClusterPkiArgs {
+    /// Cluster CA (PEM) that every peer certificate chains to.
+    #[arg(long, env = "DAMSELFLY_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's peer certificate (PEM; SAN damselfly-peer, serverAuth and
+    /// clientAuth if it has extended key usages), then any intermediates.
+    #[arg(long, env = "DAMSELFLY_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// This node's peer key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "DAMSELFLY_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+}
+
+impl ClusterPkiArgs {
+    /// Reads and checks the three files; `user` says what needs them
+    /// (e.g. "--tracker"), for the message when some are not given.
+    pub fn load(&self, user: &str) -> anyhow::Result<ClusterPki> {
+        let (Some(ca), Some(cert), Some(key)) =
+            (&self.cluster_ca, &self.cluster_cert, &self.cluster_key)
+        else {
+            let missing: Vec<&str> = [
+                (self.cluster_ca.is_none(), Part::Ca),
+                (self.cluster_cert.is_none(), Part::Cert),
+                (self.cluster_key.is_none(), Part::Key),
+            ]
+            .into_iter()
+            .filter(|(missing, _)| *missing)
+            .map(|(_, part)| part.flag())
+            .collect();
+            anyhow::bail!(
+                "{user} needs --cluster-ca, --cluster-cert and --cluster-key (peers authenticate \
+                 each other); missing: {}",
+                missing.join(", ")
+            );
+        };
+        Ok(ClusterPki::load(&ClusterFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        })?)
+    }
 }
 
 #[derive(Debug, Args)]

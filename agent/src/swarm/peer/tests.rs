@@ -18,7 +18,10 @@ use sha2::{Digest as _, Sha256};
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::swarm::rate::RateLimiter;
+use crate::{
+    pki::{ClusterFiles, ClusterPki},
+    swarm::rate::RateLimiter,
+};
 
 const PS: u64 = 64 * 1024;
 
@@ -61,10 +64,17 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 
-    /// Trusts this CA and holds a certificate issued by `issuer`.
+    /// Trusts this CA and holds a certificate issued by `issuer` (unchecked:
+    /// some tests need one from another CA, for peers to refuse).
     fn tls(&self, issuer: &Ca, node: &str) -> PeerTls {
         let (cert, key) = issuer.peer(node);
-        PeerTls::from_pem(self.pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap()
+        let pki =
+            ClusterPki::parse(self.pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
+        PeerTls::new(&pki).unwrap()
+    }
+
+    fn der(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        vec![self.cert.der().clone()]
     }
 }
 
@@ -223,7 +233,7 @@ async fn unauthenticated_peers_get_nothing() {
     });
     let addr = srv.local_addr();
 
-    let anonymous = client(&PeerTls::roots_only(ca.pem().as_bytes()).unwrap());
+    let anonymous = client(&PeerTls::roots_only(&ca.der()).unwrap());
     let e = anonymous.fetch_piece(addr, &fx.digest, 0, PS).await;
     assert!(e.is_err(), "no client certificate: {e:?}");
 
@@ -470,8 +480,8 @@ async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
 
 /// The Helm chart's default PKI comes from Helm's `genCA`/`genSignedCert`:
 /// RSA-2048 keys in PKCS#1 PEM, SAN `damselfly-peer`, server and client
-/// auth. Made here the same way with the openssl CLI, they must carry a
-/// real handshake and a piece.
+/// auth. Made here the same way with the openssl CLI, they must pass the
+/// startup check and carry a real handshake and a piece.
 #[tokio::test]
 async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
     let dir = TempDir::new("rsa");
@@ -502,6 +512,9 @@ async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
         "1",
         "-subj",
         "/CN=damselfly-ca",
+        // genCA's key usages; `req -x509` adds basicConstraints CA:TRUE itself.
+        "-addext",
+        "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
     ]);
     std::fs::write(
         d.join("ext.cnf"),
@@ -557,12 +570,13 @@ async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
     let pkcs1 = std::fs::read_to_string(d.join("a.key")).unwrap();
     assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
     let tls = |node: &str| {
-        PeerTls::from_pem_files(
-            &d.join("ca.crt"),
-            &d.join(format!("{node}.crt")),
-            &d.join(format!("{node}.key")),
-        )
-        .unwrap()
+        let pki = ClusterPki::load(&ClusterFiles {
+            ca: d.join("ca.crt"),
+            cert: d.join(format!("{node}.crt")),
+            key: d.join(format!("{node}.key")),
+        })
+        .unwrap_or_else(|e| panic!("node {node}: {e}"));
+        PeerTls::new(&pki).unwrap()
     };
     let fx = fixture(2 * PS as usize + 10);
     let srv = server(&tls("a"), Arc::new(fx.store.clone()), |_| {});

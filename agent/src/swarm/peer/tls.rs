@@ -17,9 +17,10 @@
 //! name may be added for logs) and, since each peer is both server and
 //! client, the extended key usages serverAuth and clientAuth (or none). The
 //! cluster CA should be used for nothing else: anything it signs may join the
-//! swarm. TLS 1.3 only, as QUIC requires; ALPN [`ALPN`].
+//! swarm. TLS 1.3 only, as QUIC requires; ALPN [`ALPN`]. [`ClusterPki::load`]
+//! checks all of this before the agent starts.
 
-use std::{fs, io, path::Path, sync::Arc};
+use std::sync::Arc;
 
 use quinn::{
     TransportConfig,
@@ -27,27 +28,17 @@ use quinn::{
 };
 use rustls::{
     RootCertStore,
-    crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _},
+    pki_types::{CertificateDer, PrivateKeyDer},
     server::WebPkiClientVerifier,
 };
 
+pub use crate::pki::PEER_SERVER_NAME;
+use crate::pki::{ClusterPki, provider};
+
 pub const ALPN: &[u8] = b"damselfly/1";
-/// The name every peer certificate carries and every client checks.
-pub const PEER_SERVER_NAME: &str = "damselfly-peer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{what}: {reason}")]
-    Pem { what: &'static str, reason: String },
-    #[error("{0}: no certificate in the PEM")]
-    NoCertificate(&'static str),
     #[error(transparent)]
     Rustls(#[from] rustls::Error),
     #[error("cluster CA: {0}")]
@@ -72,32 +63,22 @@ struct Identity {
 }
 
 impl PeerTls {
-    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Self::from_pem(&read(ca)?, &read(cert)?, &read(key)?)
-    }
-
-    /// `cert_pem` is this node's certificate, optionally followed by
-    /// intermediates.
-    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
-        let mut tls = Self::roots_only(ca_pem)?;
-        let chain = certs("cluster certificate", cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
-            what: "cluster key",
-            reason: e.to_string(),
-        })?;
+    /// From the cluster PKI, which [`ClusterPki::load`] has checked.
+    pub fn new(pki: &ClusterPki) -> Result<Self, TlsError> {
+        let mut tls = Self::roots_only(&pki.ca)?;
         tls.identity = Some(Identity {
-            chain,
-            key: Arc::new(key),
+            chain: pki.chain.clone(),
+            key: pki.key.clone(),
         });
         Ok(tls)
     }
 
     /// Trusts the cluster CA but has no certificate of its own: servers
     /// refuse it. For tests of exactly that.
-    pub(crate) fn roots_only(ca_pem: &[u8]) -> Result<Self, TlsError> {
+    pub(crate) fn roots_only(ca: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
-        for c in certs("cluster CA", ca_pem)? {
-            roots.add(c)?;
+        for c in ca {
+            roots.add(c.clone())?;
         }
         Ok(Self {
             roots: Arc::new(roots),
@@ -141,28 +122,4 @@ impl PeerTls {
         config.transport_config(transport);
         Ok(config)
     }
-}
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn certs(what: &'static str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            what,
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate(what));
-    }
-    Ok(certs)
 }
