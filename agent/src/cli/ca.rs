@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use crate::{
     ca::{
         CaOrigin, NodeCa,
-        trust::{self, Installed, Removed, TrustStore},
+        trust::{self, CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
     },
     registry::RegistryHosts,
 };
@@ -37,9 +37,10 @@ pub struct CaArgs {
 pub enum CaCommand {
     /// Print the node CA certificate (PEM) on stdout, creating the CA if there is none.
     Show,
-    /// Add the node CA to the host's trust store.
+    /// Add the node CA to the host's trust store, and to Docker's and
+    /// containers/image's certs.d for every exact registry host.
     Install(InstallArgs),
-    /// Remove the node CA from the host's trust store.
+    /// Remove the node CA from the host's trust store and from certs.d.
     Uninstall(HostArgs),
     /// Replace the node CA with a new key and certificate.
     Rotate,
@@ -117,10 +118,25 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
         .map(split_command)
         .unwrap_or_else(|| store.update_command());
     let anchor = store.anchor_path();
-    match store
+    let trusted = store
         .install(ca.cert_pem(), &update)
-        .with_context(|| format!("installing the node CA as {}", anchor.display()))?
-    {
+        .with_context(|| format!("installing the node CA as {}", anchor.display()))?;
+    let hosts = registries.exact();
+    let change = CertsDirs::new(&args.host.host_root)
+        .install(ca.cert_pem(), &hosts)
+        .with_context(|| certs_d_context("installing the node CA in", &args.host.host_root))?;
+    let removed = match change.removed.len() {
+        0 => String::new(),
+        n => format!(", {n} removed for hosts no longer intercepted"),
+    };
+    println!(
+        "node CA in certs.d for {} registries ({} files written, {} already there{removed}): {}",
+        hosts.len(),
+        change.written.len(),
+        change.unchanged.len(),
+        certs_d_dirs(&args.host.host_root)
+    );
+    match trusted {
         Installed::AlreadyTrusted => {
             println!(
                 "node CA already trusted: {} (nothing to do)",
@@ -143,7 +159,9 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
             );
             println!(
                 "A container runtime that is already running has loaded its roots once at start: \
-                 restart it once to trust the new CA (systemctl restart containerd)."
+                 restart it once to trust the new CA (systemctl restart containerd). Docker \
+                 Engine, Podman and CRI-O read certs.d at every pull and need no restart, \
+                 except for registries certs.d cannot name: Docker Hub in dockerd, wildcards."
             );
             if args.restart_runtime {
                 let restart = args
@@ -177,6 +195,14 @@ fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
         .map(split_command)
         .unwrap_or_else(|| store.update_command());
     let anchor = store.anchor_path();
+    let CertsDirsChange { removed, .. } = CertsDirs::new(&args.host_root)
+        .uninstall()
+        .with_context(|| certs_d_context("removing the node CA from", &args.host_root))?;
+    println!(
+        "node CA removed from certs.d ({} files): {}",
+        removed.len(),
+        certs_d_dirs(&args.host_root)
+    );
     match store
         .uninstall(&update)
         .with_context(|| format!("removing the node CA {}", anchor.display()))?
@@ -192,6 +218,18 @@ fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+fn certs_d_dirs(root: &Path) -> String {
+    CERTS_D
+        .iter()
+        .map(|d| root.join(d).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certs_d_context(action: &str, root: &Path) -> String {
+    format!("{action} {}", certs_d_dirs(root))
 }
 
 #[cfg(test)]
