@@ -23,4 +23,4 @@ pub use agent::Agent;
 pub use containerd::Containerd;
 pub use image::Image;
 pub use origin::Origin;
-pub use testbed::{Node, Proc, Testbed};
+pub use testbed::{Mount, Node, Proc, Testbed};
