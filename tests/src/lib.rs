@@ -18,6 +18,7 @@ pub mod probe;
 pub mod signals;
 pub mod testbed;
 pub mod tools;
+pub mod trust;
 
 pub use agent::Agent;
 pub use containerd::Containerd;
