@@ -51,7 +51,24 @@ pub struct Image {
     pub layout: Layout,
 }
 
+/// What a runtime reports for a pulled reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    /// The image id, `sha256:<config digest>`.
+    pub config_digest: String,
+    /// The digest of the manifest it pulled.
+    pub manifest_digest: String,
+}
+
 impl Image {
+    /// What a runtime that pulled this image reports for it.
+    pub fn pulled(&self) -> Pulled {
+        Pulled {
+            config_digest: self.config_digest.clone(),
+            manifest_digest: self.manifest_digest.clone(),
+        }
+    }
+
     /// Build an image with one layer per entry of `layer_sizes` (each a file
     /// of that many seeded random bytes) and push it to `origin` as
     /// `repo:tag`. The same `seed` and sizes give the same digests.
