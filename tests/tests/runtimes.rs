@@ -103,12 +103,7 @@ fn bed(kinds: [Kind; 2]) -> Bed {
     let cluster = Cluster::start(&tb, 3).unwrap();
     let agents: Vec<Agent> = (1..=2)
         .map(|i| {
-            let mut flags: Vec<String> = vec![
-                "--registry".into(),
-                REGISTRY.into(),
-                "--upstream-ca".into(),
-                origin.ca_pem.display().to_string(),
-            ];
+            let mut flags = origin.agent_flags();
             flags.extend(cluster.agent_flags(&tb, i).unwrap());
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             Agent::start(&tb, tb.node(i), &flags).unwrap()
