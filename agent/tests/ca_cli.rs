@@ -278,3 +278,49 @@ fn under_a_running_agent_install_and_rotate_keep_its_constraints() {
     ok(ca(&state.0, &["rotate"], "false"));
     assert_ne!(stamps(&state.0), before);
 }
+
+#[test]
+fn install_puts_the_ca_in_certs_d_for_exact_hosts_and_uninstall_takes_it_out() {
+    let state = TempDir::new("ca");
+    let root = debian_root();
+    let registries = ["--registry", "registry.dfly.test,*.corp.example"];
+    let host = ["--host-root", root.0.to_str().unwrap()];
+    let out = ok(ca(
+        &state.0,
+        &[&registries[..], &["install"], &host].concat(),
+        "false",
+    ));
+    assert!(out.contains("node CA in certs.d"), "{out}");
+    let pem = ok(ca(
+        &state.0,
+        &[&registries[..], &["show"]].concat(),
+        "false",
+    ));
+    for dir in ["etc/docker/certs.d", "etc/containers/certs.d"] {
+        for host in ["registry.dfly.test", "registry-1.docker.io", "ghcr.io"] {
+            let file = root.join(dir).join(host).join("damselfly-node-ca.crt");
+            assert_eq!(
+                fs::read_to_string(&file).unwrap(),
+                pem,
+                "{}",
+                file.display()
+            );
+        }
+        let names: Vec<String> = fs::read_dir(root.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains('*') || n.contains("corp.example")),
+            "a wildcard has no certs.d directory: {names:?}"
+        );
+    }
+
+    let out = ok(ca(&state.0, &[&["uninstall"][..], &host].concat(), "false"));
+    assert!(out.contains("removed from certs.d"), "{out}");
+    assert!(!root.join("etc/docker").exists());
+    assert!(!root.join("etc/containers").exists());
+    assert!(root.join("etc/debian_version").exists());
+}

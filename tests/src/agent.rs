@@ -163,6 +163,16 @@ impl Agent {
         self.wait_ready()
     }
 
+    /// The `--registry` hosts it was started with (`damselfly ca` needs the
+    /// same list, or it makes a CA with other constraints).
+    pub fn registries(&self) -> Vec<String> {
+        self.args
+            .windows(2)
+            .filter(|w| w[0] == "--registry")
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
     /// Waits until every blob in `digests` ("sha256:<hex>") is committed to
     /// the cache: that happens just after the client has its last byte (the
     /// whole digest is verified first).

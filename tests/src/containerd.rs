@@ -23,6 +23,7 @@ use crate::{
     pki::TestCa,
     testbed::{Node, Proc, Testbed},
     tools,
+    trust::Trust,
 };
 
 /// The containerd namespace CRI (kubelet) uses; `ctr_pull` uses it too.
@@ -59,10 +60,8 @@ impl Containerd {
     /// [`Containerd::start`] in `agent`'s node, trusting `public_ca` (the
     /// origin's issuer) and that agent's node CA, nothing else.
     pub fn start_for(tb: &Testbed, agent: &Agent, public_ca: &TestCa) -> anyhow::Result<Self> {
-        let node_ca = fs::read_to_string(agent.state_dir.join("ca/ca.crt"))?;
-        let bundle = tb.dir.join(format!("bundle-n{}.pem", agent.node.index));
-        fs::write(&bundle, format!("{}\n{node_ca}", public_ca.pem()))?;
-        Self::start(tb, &agent.node, &bundle)
+        let trust = Trust::bundle(tb, agent, public_ca)?;
+        Self::start(tb, &agent.node, trust.roots())
     }
 
     /// [`Containerd::start`], optionally pulling through `mirror`.

@@ -12,7 +12,12 @@ use flate2::{Compression, write::GzEncoder};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{body, origin::Origin, testbed::Testbed, tools};
+use crate::{
+    body,
+    origin::Origin,
+    testbed::{Mount, Testbed},
+    tools,
+};
 
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
@@ -46,7 +51,24 @@ pub struct Image {
     pub layout: Layout,
 }
 
+/// What a runtime reports for a pulled reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pulled {
+    /// The image id, `sha256:<config digest>`.
+    pub config_digest: String,
+    /// The digest of the manifest it pulled.
+    pub manifest_digest: String,
+}
+
 impl Image {
+    /// What a runtime that pulled this image reports for it.
+    pub fn pulled(&self) -> Pulled {
+        Pulled {
+            config_digest: self.config_digest.clone(),
+            manifest_digest: self.manifest_digest.clone(),
+        }
+    }
+
     /// Build an image with one layer per entry of `layer_sizes` (each a file
     /// of that many seeded random bytes) and push it to `origin` as
     /// `repo:tag`. The same `seed` and sizes give the same digests.
@@ -97,7 +119,11 @@ pub fn push(
     let tmp = tb.dir.join("skopeo-tmp");
     fs::create_dir_all(&tmp)?;
     let reference = origin.reference(repo, tag);
-    let mut cmd = origin.node.command(skopeo)?;
+    // containers/image keeps root's blob info cache in
+    // /var/lib/containers/cache: an overlay keeps it off the host.
+    let mut cmd = origin
+        .node
+        .command_with(skopeo, &[Mount::overlay("/var/lib", &tmp)?])?;
     tools::isolate_env(&mut cmd, &origin.ca_pem, &origin.ca_dir);
     cmd.env("TMPDIR", &tmp)
         .args(["--insecure-policy", "copy", "--quiet", "--dest-cert-dir"])

@@ -171,6 +171,17 @@ impl Origin {
         })
     }
 
+    /// The agent flags that make it intercept this registry and trust its CA
+    /// on the way to it: `--registry NAME --upstream-ca CA`.
+    pub fn agent_flags(&self) -> Vec<String> {
+        vec![
+            "--registry".into(),
+            self.name.clone(),
+            "--upstream-ca".into(),
+            self.ca_pem.display().to_string(),
+        ]
+    }
+
     /// `name/repo:tag`.
     pub fn reference(&self, repo: &str, tag: &str) -> String {
         format!("{}/{repo}:{tag}", self.name)

@@ -170,7 +170,17 @@ impl Node {
     /// cgroup, and its /etc/hosts. /sys stays the host's (unlike `ip netns
     /// exec`), so an agent started this way sees the real cgroup tree and bpffs.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
-        self.command_from(program, None)
+        self.command_at(program, None, &[])
+    }
+
+    /// [`Node::command`] with `mounts` made, in order, in the command's
+    /// private mount namespace: they go away with it, and the host never sees them.
+    pub fn command_with(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        mounts: &[Mount],
+    ) -> anyhow::Result<Command> {
+        self.command_at(program, None, mounts)
     }
 
     /// [`Node::command`] in a new mount namespace made from the one `mnt_ns`
@@ -184,6 +194,15 @@ impl Node {
         program: impl AsRef<std::ffi::OsStr>,
         mnt_ns: Option<&Path>,
     ) -> anyhow::Result<Command> {
+        self.command_at(program, mnt_ns, &[])
+    }
+
+    fn command_at(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        mnt_ns: Option<&Path>,
+        mounts: &[Mount],
+    ) -> anyhow::Result<Command> {
         let netns = fs::File::open(Path::new(NETNS_DIR).join(&self.name))
             .with_context(|| format!("opening netns {}", self.name))?;
         let mnt_ns = mnt_ns
@@ -195,8 +214,37 @@ impl Node {
                 .into_os_string()
                 .into_encoded_bytes(),
         )?;
-        let hosts = CString::new(self.hosts.clone().into_os_string().into_encoded_bytes())?;
-        let etc_hosts = CString::new("/etc/hosts")?;
+        let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes());
+        let mut all = vec![RawMount {
+            source: c(&self.hosts)?,
+            target: CString::new("/etc/hosts")?,
+            fstype: None,
+            flags: libc::MS_BIND,
+            data: None,
+        }];
+        for m in mounts {
+            all.push(match m {
+                Mount::Bind { src, dst } => RawMount {
+                    source: c(src)?,
+                    target: c(dst)?,
+                    fstype: None,
+                    flags: libc::MS_BIND,
+                    data: None,
+                },
+                Mount::Overlay { dir, upper, work } => RawMount {
+                    source: CString::new("overlay")?,
+                    target: c(dir)?,
+                    fstype: Some(CString::new("overlay")?),
+                    flags: 0,
+                    data: Some(CString::new(format!(
+                        "lowerdir={},upperdir={},workdir={}",
+                        dir.display(),
+                        upper.display(),
+                        work.display()
+                    ))?),
+                },
+            });
+        }
         let root = CString::new("/")?;
         let mut cmd = Command::new(program);
         // SAFETY: only async-signal-safe syscalls on data prepared before fork.
@@ -226,15 +274,22 @@ impl Node {
                             libc::MS_SLAVE | libc::MS_REC,
                             std::ptr::null(),
                         ) != 0)
-                    || libc::mount(
-                        hosts.as_ptr(),
-                        etc_hosts.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ) != 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                for m in &all {
+                    let opt =
+                        |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+                    if libc::mount(
+                        m.source.as_ptr(),
+                        m.target.as_ptr(),
+                        opt(&m.fstype),
+                        m.flags,
+                        opt(&m.data).cast(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -323,6 +378,46 @@ impl Node {
         };
         Ok((read("tx_bytes")?, read("rx_bytes")?))
     }
+}
+
+/// A mount for [`Node::command_with`].
+#[derive(Clone, Debug)]
+pub enum Mount {
+    /// `src` bound over `dst`, which must exist.
+    Bind { src: PathBuf, dst: PathBuf },
+    /// An overlay over the directory `dir`: the process sees what is there,
+    /// and what it writes there lands in `upper` instead (`work` is
+    /// overlayfs's scratch dir, on the same filesystem as `upper`).
+    Overlay {
+        dir: PathBuf,
+        upper: PathBuf,
+        work: PathBuf,
+    },
+}
+
+impl Mount {
+    /// [`Mount::Overlay`] over `dir`, its upper and work dirs made under
+    /// `scratch`: the process's writes to `dir` (or anything it creates
+    /// below) stay in the test's dir.
+    pub fn overlay(dir: impl Into<PathBuf>, scratch: &Path) -> anyhow::Result<Self> {
+        let dir: PathBuf = dir.into();
+        ensure!(dir.is_dir(), "{} is not a directory", dir.display());
+        let name = dir.to_string_lossy().trim_matches('/').replace('/', "_");
+        let base = scratch.join("overlays").join(name);
+        let (upper, work) = (base.join("upper"), base.join("work"));
+        fs::create_dir_all(&upper)?;
+        fs::create_dir_all(&work)?;
+        Ok(Self::Overlay { dir, upper, work })
+    }
+}
+
+/// A [`Mount`] as mount(2) takes it, built before fork.
+struct RawMount {
+    source: CString,
+    target: CString,
+    fstype: Option<CString>,
+    flags: libc::c_ulong,
+    data: Option<CString>,
 }
 
 /// A process started in a node. Killed (SIGKILL) and reaped when dropped.

@@ -33,12 +33,7 @@ impl Bed {
         let origin = Origin::start(&tb, 3, REGISTRY, &public_ca, Some((USER, PASS))).unwrap();
         let cluster = Cluster::start(&tb, 3).unwrap();
         let common = |node: usize| {
-            let mut f: Vec<String> = vec![
-                "--registry".into(),
-                REGISTRY.into(),
-                "--upstream-ca".into(),
-                origin.ca_pem.display().to_string(),
-            ];
+            let mut f = origin.agent_flags();
             f.extend(cluster.agent_flags(&tb, node).unwrap());
             f
         };

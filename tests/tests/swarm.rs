@@ -62,12 +62,7 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
         } else {
             (&cluster.ca, &cluster.ca_pem)
         };
-        let mut flags: Vec<String> = vec![
-            "--registry".into(),
-            REGISTRY.into(),
-            "--upstream-ca".into(),
-            origin.ca_pem.display().to_string(),
-        ];
+        let mut flags = origin.agent_flags();
         flags.extend(peer_flags(&tb, issuer, ca_pem, cluster.tracker_addr, i).unwrap());
         flags.extend(opts.flags);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();

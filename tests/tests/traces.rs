@@ -58,14 +58,8 @@ fn a_pull_is_traced_blob_by_blob_from_the_origin_and_from_a_peer() {
     let cluster =
         Cluster::start_with(&tb, infra, &["--otlp-endpoint", &endpoint], &[FAST_EXPORT]).unwrap();
     let agent_flags = |i: usize| -> Vec<String> {
-        let mut flags: Vec<String> = vec![
-            "--registry".into(),
-            REGISTRY.into(),
-            "--upstream-ca".into(),
-            origin.ca_pem.display().to_string(),
-            "--otlp-endpoint".into(),
-            endpoint.clone(),
-        ];
+        let mut flags = origin.agent_flags();
+        flags.extend(["--otlp-endpoint".into(), endpoint.clone()]);
         flags.extend(cluster.agent_flags(&tb, i).unwrap());
         flags
     };

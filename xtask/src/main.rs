@@ -85,6 +85,10 @@ const APT_PACKAGES: &[&str] = &[
     "docker-registry",
     "skopeo",
     "busybox-static",
+    // the other runtimes the agent steers by default: Docker Engine (dockerd pulls
+    // itself) and Podman (containers/image, as CRI-O); rootful, so no uidmap
+    "docker.io",
+    "podman",
     // k8s-cri's build script (CRI gRPC client)
     "protobuf-compiler",
     // the bench's plot (plotters' ttf: font-kit finds fonts through fontconfig)

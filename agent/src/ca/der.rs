@@ -1,30 +1,66 @@
-//! Just enough DER to read a certificate's `notAfter`: webpki does not check a
-//! trust anchor's validity, and rcgen (without x509-parser) cannot parse a
-//! certificate, so an expiring CA would otherwise go unnoticed. Only ever fed
-//! the CA's own certificate.
+//! Just enough DER to read a certificate's `notAfter` and subject: webpki does
+//! not check a trust anchor's validity, and rcgen (without x509-parser) cannot
+//! parse a certificate, so an expiring CA would otherwise go unnoticed, and
+//! `ca uninstall` could not tell a node CA it installed from someone else's
+//! file. Fed the CA's own certificate and files found on the host; anything
+//! malformed is `None`.
 
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
 
 const SEQUENCE: u8 = 0x30;
+const SET: u8 = 0x31;
+const OID: u8 = 0x06;
 const VERSION: u8 = 0xa0;
 const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 
+/// `id-at-organizationName` (2.5.4.10), DER contents.
+pub const ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
+/// `id-at-commonName` (2.5.4.3), DER contents.
+pub const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+
 /// `tbsCertificate.validity.notAfter` of a DER X.509 certificate.
 pub fn not_after(cert: &[u8]) -> Option<OffsetDateTime> {
+    let (_, validity, _) = expect(tbs_field(cert, 3)?, SEQUENCE)?;
+    let (_, _not_before, rest) = next(validity)?;
+    let (tag, value, _) = next(rest)?;
+    parse_time(tag, value)
+}
+
+/// The first value of attribute `oid` (DER contents, e.g. [`ORGANIZATION`])
+/// in a DER certificate's subject, if it is text.
+pub fn subject_attribute(cert: &[u8], oid: &[u8]) -> Option<String> {
+    // tbsCertificate.subject: a SEQUENCE of SETs of (type OID, value).
+    let (_, mut rdns, _) = expect(tbs_field(cert, 4)?, SEQUENCE)?;
+    while !rdns.is_empty() {
+        let (_, mut set, rest) = expect(rdns, SET)?;
+        rdns = rest;
+        while !set.is_empty() {
+            let (_, attribute, rest) = expect(set, SEQUENCE)?;
+            set = rest;
+            let (_, ty, value) = expect(attribute, OID)?;
+            if ty == oid {
+                let (_, text, _) = next(value)?;
+                return std::str::from_utf8(text).ok().map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
+/// `tbsCertificate` from its field number `skip` on (after the optional
+/// version): 3 is `validity`, 4 is `subject`.
+fn tbs_field(cert: &[u8], skip: usize) -> Option<&[u8]> {
     let (_, cert, _) = expect(cert, SEQUENCE)?;
     let (_, mut tbs, _) = expect(cert, SEQUENCE)?;
     if tbs.first() == Some(&VERSION) {
         tbs = next(tbs)?.2;
     }
-    // serialNumber, signature, issuer
-    for _ in 0..3 {
+    // serialNumber, signature, issuer, validity, ...
+    for _ in 0..skip {
         tbs = next(tbs)?.2;
     }
-    let (_, validity, _) = expect(tbs, SEQUENCE)?;
-    let (_, _not_before, rest) = next(validity)?;
-    let (tag, value, _) = next(rest)?;
-    parse_time(tag, value)
+    Some(tbs)
 }
 
 /// One TLV: (tag, value, rest). Low tag numbers only, definite lengths.
@@ -107,7 +143,36 @@ mod tests {
     }
 
     #[test]
+    fn reads_subject_attributes() {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["ghcr.io".into()]).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Damselfly");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Damselfly node CA 0a1b");
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(
+            subject_attribute(cert.der(), ORGANIZATION).as_deref(),
+            Some("Damselfly")
+        );
+        assert_eq!(
+            subject_attribute(cert.der(), COMMON_NAME).as_deref(),
+            Some("Damselfly node CA 0a1b")
+        );
+        // Country is not in the subject.
+        assert_eq!(subject_attribute(cert.der(), &[0x55, 0x04, 0x06]), None);
+    }
+
+    #[test]
     fn garbage_is_none() {
+        assert_eq!(subject_attribute(b"", ORGANIZATION), None);
+        assert_eq!(
+            subject_attribute(&[0x30, 0x03, 0x30, 0x01, 0x00], ORGANIZATION),
+            None
+        );
         assert_eq!(not_after(b""), None);
         assert_eq!(not_after(&[0x30, 0x82, 0xff]), None);
         assert_eq!(not_after(&[0x30, 0x03, 0x30, 0x01, 0x00]), None);

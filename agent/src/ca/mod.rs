@@ -94,6 +94,10 @@ pub use leaf::{LeafPolicy, LeafResolver};
 
 use crate::registry::RegistryHosts;
 
+/// The node CA's subject is `O=Damselfly, CN=Damselfly node CA <key tag>`:
+/// what tells it apart from other CAs in a directory it shares with them.
+const CA_ORGANIZATION: &str = "Damselfly";
+const CA_COMMON_NAME: &str = "Damselfly node CA";
 /// How long a node CA is valid. Rotation is by hand (`damselfly ca rotate`).
 const CA_VALIDITY: Duration = Duration::days(3650);
 /// Backdating for clock skew between this node and whatever checks the cert.
@@ -665,7 +669,7 @@ fn ca_params(
     params.distinguished_name = DistinguishedName::new();
     params
         .distinguished_name
-        .push(DnType::OrganizationName, "Damselfly");
+        .push(DnType::OrganizationName, CA_ORGANIZATION);
     // A short key fingerprint tells rotated CAs apart in a trust store listing.
     let raw = key.public_key_raw();
     let tag: String = raw
@@ -676,7 +680,7 @@ fn ca_params(
         .collect();
     params
         .distinguished_name
-        .push(DnType::CommonName, format!("Damselfly node CA {tag}"));
+        .push(DnType::CommonName, format!("{CA_COMMON_NAME} {tag}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.name_constraints = Some(NameConstraints {

@@ -16,7 +16,7 @@ use crate::{
         CaOrigin, ForInstall, NodeCa,
         constraints::difference,
         permitted_dns_subtrees,
-        trust::{self, Installed, Removed, TrustStore},
+        trust::{self, CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
     },
     registry::RegistryHosts,
 };
@@ -46,8 +46,9 @@ pub enum CaCommand {
     /// or `rotate` does). Warns on stderr if --registry would change its
     /// constraints, or if the agent would replace it on its next start.
     Show,
-    /// Add the node CA to the host's trust store; never changes a CA that a
-    /// running agent signs with.
+    /// Add the node CA to the host's trust store, and to Docker's and
+    /// containers/image's certs.d for every exact registry host; never
+    /// changes a CA that a running agent signs with.
     ///
     /// While an agent runs on --state-dir: its CA, unchanged (with a warning
     /// if --registry differs). Otherwise it first prepares the CA as the
@@ -55,7 +56,7 @@ pub enum CaCommand {
     /// it if there is none, re-creates it if --registry changed its
     /// constraints (so give the agent's list).
     Install(InstallArgs),
-    /// Remove the node CA from the host's trust store.
+    /// Remove the node CA from the host's trust store and from certs.d.
     Uninstall(HostArgs),
     /// Replace the node CA with a new key and certificate; a running agent
     /// switches to it within seconds.
@@ -166,10 +167,25 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
         .map(split_command)
         .unwrap_or_else(|| store.update_command());
     let anchor = store.anchor_path();
-    match store
+    let trusted = store
         .install(cert_pem, &update)
-        .with_context(|| format!("installing the node CA as {}", anchor.display()))?
-    {
+        .with_context(|| format!("installing the node CA as {}", anchor.display()))?;
+    let hosts = registries.exact();
+    let change = CertsDirs::new(&args.host.host_root)
+        .install(cert_pem, &hosts)
+        .with_context(|| certs_d_context("installing the node CA in", &args.host.host_root))?;
+    let removed = match change.removed.len() {
+        0 => String::new(),
+        n => format!(", {n} removed for hosts no longer intercepted"),
+    };
+    println!(
+        "node CA in certs.d for {} registries ({} files written, {} already there{removed}): {}",
+        hosts.len(),
+        change.written.len(),
+        change.unchanged.len(),
+        certs_d_dirs(&args.host.host_root)
+    );
+    match trusted {
         Installed::AlreadyTrusted => {
             println!(
                 "node CA already trusted: {} (nothing to do)",
@@ -192,7 +208,9 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
             );
             println!(
                 "A container runtime that is already running has loaded its roots once at start: \
-                 restart it once to trust the new CA (systemctl restart containerd)."
+                 restart it once to trust the new CA (systemctl restart containerd). Docker \
+                 Engine, Podman and CRI-O read certs.d at every pull and need no restart, \
+                 except for registries certs.d cannot name: Docker Hub in dockerd, wildcards."
             );
             if args.restart_runtime {
                 let restart = args
@@ -226,6 +244,14 @@ fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
         .map(split_command)
         .unwrap_or_else(|| store.update_command());
     let anchor = store.anchor_path();
+    let CertsDirsChange { removed, .. } = CertsDirs::new(&args.host_root)
+        .uninstall()
+        .with_context(|| certs_d_context("removing the node CA from", &args.host_root))?;
+    println!(
+        "node CA removed from certs.d ({} files): {}",
+        removed.len(),
+        certs_d_dirs(&args.host_root)
+    );
     match store
         .uninstall(&update)
         .with_context(|| format!("removing the node CA {}", anchor.display()))?
@@ -241,6 +267,18 @@ fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+fn certs_d_dirs(root: &Path) -> String {
+    CERTS_D
+        .iter()
+        .map(|d| root.join(d).display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn certs_d_context(action: &str, root: &Path) -> String {
+    format!("{action} {}", certs_d_dirs(root))
 }
 
 #[cfg(test)]

@@ -53,6 +53,16 @@ impl RegistryHosts {
         &self.patterns
     }
 
+    /// The patterns without a `*`: the hosts a per-registry directory (Docker's
+    /// `certs.d/<host>`) can name.
+    pub fn exact(&self) -> Vec<&str> {
+        self.patterns
+            .iter()
+            .map(String::as_str)
+            .filter(|p| !p.contains('*'))
+            .collect()
+    }
+
     /// Is `host` (an SNI, or a Host header with or without `:port`) a registry?
     pub fn contains(&self, host: &str) -> bool {
         let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
@@ -136,6 +146,9 @@ mod tests {
         assert!(r.contains("registry.dfly.test:5000"));
         assert!(r.contains("hub.corp.example"));
         assert!(!r.contains("corp.example"));
+        let exact = r.exact();
+        assert!(exact.contains(&"registry.dfly.test") && exact.contains(&"ghcr.io"));
+        assert!(!exact.iter().any(|h| h.contains('*')), "{exact:?}");
     }
 
     #[test]

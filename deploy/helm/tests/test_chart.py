@@ -250,6 +250,44 @@ def test_ca_install_init_container(restart):
     assert arg(args, "--state-dir") == "/var/lib/damselfly"
 
 
+def test_ca_install_and_uninstall_as_rendered_cover_docker_and_podman():
+    """The init containers' own command lines, run on a stand-in host root: the node CA
+    lands in the trust store and in Docker's and containers/image's certs.d for every
+    exact registry host, and ca-uninstall.yaml takes it all out again."""
+    objs = objects({"registries": ["r.example.com", "*.mirror.example.com"]})
+    install = container(pod(objs, "DaemonSet", "-agent"), "ca-install", init=True)["args"]
+    uninstall_objs = [d for d in yaml.safe_load_all((ROOT / "deploy/ca-uninstall.yaml").read_text())
+                      if d]
+    uninstall = container(pod(uninstall_objs, "DaemonSet", "-ca-uninstall"), "ca-uninstall",
+                          init=True)["args"]
+    with tempfile.TemporaryDirectory(prefix="dfly-chart-") as tmp:
+        host, state = Path(tmp, "host"), Path(tmp, "state")
+        (host / "etc").mkdir(parents=True)
+        (host / "etc/debian_version").write_text("12\n")
+
+        def run(args):
+            args = [f"--host-root={host}" if a.startswith("--host-root=") else
+                    f"--state-dir={state}" if a.startswith("--state-dir=") else a for a in args]
+            # No update-ca-certificates or systemctl on the stand-in host.
+            env = clean_env() | {"DAMSELFLY_CA_UPDATE_COMMAND": "true",
+                                 "DAMSELFLY_CA_RESTART_COMMAND": "true"}
+            done = subprocess.run([BIN, *args], capture_output=True, text=True, env=env)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        run(install)
+        pem = (state / "ca/ca.crt").read_text()
+        assert (host / "usr/local/share/ca-certificates/damselfly-node-ca.crt").read_text() == pem
+        for certs_d in ("etc/docker/certs.d", "etc/containers/certs.d"):
+            for registry in ("r.example.com", "registry-1.docker.io", "ghcr.io"):
+                assert (host / certs_d / registry / "damselfly-node-ca.crt").read_text() == pem
+            assert not [p for p in (host / certs_d).iterdir() if "*" in p.name]
+
+        run(uninstall)
+        assert not (host / "usr/local/share/ca-certificates/damselfly-node-ca.crt").exists()
+        assert not (host / "etc/docker").exists() and not (host / "etc/containers").exists()
+
+
 @pytest.mark.parametrize("variant,replicas", [("default", 2), ("everything", 3)])
 def test_tracker_statefulset_gives_agents_a_stable_list(rendered, variant, replicas):
     objs = rendered[variant]

@@ -165,12 +165,7 @@ impl Cluster {
         let mut agents = Vec::new();
         let mut containerds = Vec::new();
         for i in 1..=n {
-            let mut flags = vec![
-                "--registry".to_string(),
-                REGISTRY.into(),
-                "--upstream-ca".into(),
-                origin.ca_pem.display().to_string(),
-            ];
+            let mut flags = origin.agent_flags();
             flags.extend(swarm.agent_flags(&tb, i)?);
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let agent = Agent::start(&tb, tb.node(i), &flags)?;

@@ -283,12 +283,7 @@ impl Bed {
             Mode::Damselfly | Mode::DamselflySeed => {
                 let cl = Cluster::start(&tb, infra)?;
                 let common = |node: usize| -> anyhow::Result<Vec<String>> {
-                    let mut f: Vec<String> = vec![
-                        "--registry".into(),
-                        REGISTRY.into(),
-                        "--upstream-ca".into(),
-                        origin.ca_pem.display().to_string(),
-                    ];
+                    let mut f = origin.agent_flags();
                     f.extend(cl.agent_flags(&tb, node)?);
                     Ok(f)
                 };
