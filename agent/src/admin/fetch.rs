@@ -19,7 +19,8 @@ use crate::{
 };
 
 pub const PATH: &str = "/v1/fetch";
-/// `hit` if the blob was complete in this agent's cache when asked, else `miss`.
+/// `hit` if the blob was complete in this agent's cache when asked, else
+/// `miss`; absent unless the origin said yes to the caller.
 pub const CACHE_HEADER: &str = "x-damselfly-cache";
 
 /// Headers of the caller that mean something to the origin; the rest
@@ -77,13 +78,18 @@ impl Fetcher {
         }
         parts.headers = headers;
         let req = Request::from_parts(parts, body);
-        let mut resp = blobs
+        let served = blobs
             .serve(req, &blob.origin(), &blob.repo, &blob.hex)
             .await;
-        resp.headers_mut().insert(
-            CACHE_HEADER,
-            HeaderValue::from_static(if cached { "hit" } else { "miss" }),
-        );
+        let mut resp = served.response;
+        // Whether this node holds a blob is the blob's business too: only
+        // for a caller the origin said yes to.
+        if served.authorized {
+            resp.headers_mut().insert(
+                CACHE_HEADER,
+                HeaderValue::from_static(if cached { "hit" } else { "miss" }),
+            );
+        }
         resp
     }
 }
