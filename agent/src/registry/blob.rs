@@ -80,11 +80,13 @@ enum Authz {
     Unknown,
 }
 
-/// A blob request's response, and whether the origin had said yes to this
-/// client for this blob before any of it was chosen.
+/// A blob request's response and what only a client the origin said yes to
+/// may learn about how it was served.
 pub struct Served {
     pub response: Response<Body>,
-    pub authorized: bool,
+    /// `None` without the origin's yes; else whether the blob was complete
+    /// in the cache when the yes came.
+    pub cached: Option<bool>,
 }
 
 impl Blobs {
@@ -129,13 +131,13 @@ impl Blobs {
     ) -> Served {
         let trace = BlobTrace::start(req.method(), origin, repo, hex);
         let span = trace.span().clone();
-        let (resp, authorized) = trace
+        let (resp, cached) = trace
             .clone()
             .scope(self.serve_untraced(req, origin, repo, hex).instrument(span))
             .await;
         Served {
             response: trace.respond(resp),
-            authorized,
+            cached,
         }
     }
 
@@ -151,19 +153,19 @@ impl Blobs {
         proxy::forward(&self.upstream, origin, req).await
     }
 
-    /// The response, and whether the origin said yes first. Nothing that
-    /// depends on what this node holds (size, digest headers, timing, the
-    /// swarm) is looked at until it has.
+    /// The response and, if the origin said yes, whether the blob was in the
+    /// cache then. Nothing that depends on what this node holds (the store,
+    /// size, digest headers, timing, the swarm) is looked at before the yes.
     async fn serve_untraced(
         &self,
         req: Request<Incoming>,
         origin: &OriginRef,
         repo: &str,
         hex: &str,
-    ) -> (Response<Body>, bool) {
+    ) -> (Response<Body>, Option<bool>) {
         let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
             self.outcome("passthrough");
-            return (self.carry(origin, req).await, false);
+            return (self.carry(origin, req).await, None);
         };
         if !origin.confirmed().await {
             // A plain HTTP destination the node's resolver does not give for
@@ -174,27 +176,30 @@ impl Blobs {
                 "plain HTTP to an address the node's resolver does not give for this host: carried through, nothing served from the cache"
             );
             self.outcome("passthrough");
-            return (self.carry(origin, req).await, false);
+            return (self.carry(origin, req).await, None);
         }
         let size = match self.authorize(origin, repo, hex, req.headers()).await {
             Authz::Allowed { size } => size,
             Authz::Denied { answer } => {
                 self.outcome("denied");
                 return match answer {
-                    Some(resp) if req.method() == Method::HEAD => (proxy::relay(resp), false),
+                    Some(resp) if req.method() == Method::HEAD => (proxy::relay(resp), None),
                     // The origin answers the GET itself, with its own error
                     // body (or the redirect the client would have followed).
-                    _ => (self.carry(origin, req).await, false),
+                    _ => (self.carry(origin, req).await, None),
                 };
             }
             Authz::Unknown => {
                 self.outcome("passthrough");
-                return (self.carry(origin, req).await, false);
+                return (self.carry(origin, req).await, None);
             }
         };
+        let held = store.get(&digest);
+        let cached = Some(held.is_some());
         (
-            self.serve_allowed(store, digest, size, req, origin).await,
-            true,
+            self.serve_allowed(store, held, digest, size, req, origin)
+                .await,
+            cached,
         )
     }
 
@@ -202,12 +207,13 @@ impl Blobs {
     async fn serve_allowed(
         &self,
         store: &Store,
+        held: Option<BlobReader>,
         digest: Digest,
         size: Option<u64>,
         req: Request<Incoming>,
         origin: &OriginRef,
     ) -> Response<Body> {
-        if let Some(reader) = store.get(&digest) {
+        if let Some(reader) = held {
             self.outcome("hit");
             return self.hit(reader, &digest, req, origin);
         }
