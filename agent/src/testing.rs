@@ -38,3 +38,174 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// Loopback HTTP and HTTPS servers for unit tests that fake an origin at the
+/// HTTP boundary: each records what it was asked and answers by a closure.
+#[cfg(test)]
+pub mod http {
+    use std::{
+        convert::Infallible,
+        net::SocketAddr,
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicUsize, Ordering},
+        },
+    };
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::{HeaderMap, Method, Request, Response, body::Incoming, service::service_fn};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::{net::TcpListener, task::JoinHandle};
+
+    /// One request a [`Server`] was sent.
+    #[derive(Debug, Clone)]
+    pub struct Seen {
+        pub method: Method,
+        /// Path and query.
+        pub target: String,
+        pub headers: HeaderMap,
+    }
+
+    type Answer = dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync;
+
+    pub struct Server {
+        pub addr: SocketAddr,
+        seen: Arc<Mutex<Vec<Seen>>>,
+        accepted: Arc<AtomicUsize>,
+        task: JoinHandle<()>,
+    }
+
+    impl Server {
+        /// Serves on `addr` (port 0 for any), over TLS with `tls`.
+        pub async fn start(
+            addr: SocketAddr,
+            tls: Option<Arc<rustls::ServerConfig>>,
+            answer: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
+        ) -> std::io::Result<Self> {
+            let listener = TcpListener::bind(addr).await?;
+            let addr = listener.local_addr()?;
+            let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+            let answer: Arc<Answer> = Arc::new(answer);
+            let log = seen.clone();
+            let accepted: Arc<AtomicUsize> = Arc::default();
+            let count = accepted.clone();
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let (log, answer, tls) = (log.clone(), answer.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: Request<Incoming>| {
+                            let seen = Seen {
+                                method: req.method().clone(),
+                                target: req
+                                    .uri()
+                                    .path_and_query()
+                                    .map(|p| p.to_string())
+                                    .unwrap_or_default(),
+                                headers: req.headers().clone(),
+                            };
+                            let resp = answer(&seen);
+                            log.lock().unwrap().push(seen);
+                            async move { Ok::<_, Infallible>(resp) }
+                        });
+                        let builder =
+                            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                        match tls {
+                            Some(cfg) => {
+                                let Ok(s) =
+                                    tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                                else {
+                                    return;
+                                };
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                            None => {
+                                let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    });
+                }
+            });
+            Ok(Self {
+                addr,
+                seen,
+                accepted,
+                task,
+            })
+        }
+
+        pub fn seen(&self) -> Vec<Seen> {
+            self.seen.lock().unwrap().clone()
+        }
+
+        /// TCP connections accepted, whether or not a request followed.
+        pub fn connections(&self) -> usize {
+            self.accepted.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    /// A reply with `status`, `headers` and an empty body.
+    pub fn reply(status: u16, headers: &[(&str, String)]) -> Response<Full<Bytes>> {
+        let mut r = Response::builder().status(status);
+        for (k, v) in headers {
+            r = r.header(*k, v);
+        }
+        r.body(Full::new(Bytes::new())).unwrap()
+    }
+
+    /// A throwaway CA: roots that trust it, and server configs for names it signs.
+    pub struct Pki {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    impl Default for Pki {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl Pki {
+        pub fn new() -> Self {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            Self { cert, key }
+        }
+
+        pub fn roots(&self) -> rustls::RootCertStore {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.cert.der().clone()).unwrap();
+            roots
+        }
+
+        /// A server certificate for `names`, as a server config (h2 and http/1.1).
+        pub fn server(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+            let key = KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &self.cert, &self.key)
+                .unwrap();
+            let chain: Vec<CertificateDer<'static>> = vec![cert.der().clone()];
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+            let mut cfg = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap();
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Arc::new(cfg)
+        }
+    }
+}

@@ -3,15 +3,17 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 
 use crate::{
-    probe::GetResult,
+    origin::Origin,
+    probe::{Get, GetResult, Serve},
     testbed::{Node, Proc, Testbed},
+    tools,
 };
 
 /// A built binary of this workspace: `$<ENV>` if set, else next to the test
@@ -42,6 +44,27 @@ pub fn damselfly_bin() -> anyhow::Result<PathBuf> {
 
 pub fn probe_bin() -> anyhow::Result<PathBuf> {
     workspace_bin("dfly-probe", "DFLY_PROBE_BIN")
+}
+
+/// `damselfly ARGS` (a client command: `get`, `preheat`, ...) in `node`,
+/// trusting `origin`'s CA only, with a HOME of its own in the testbed's dir
+/// (no docker config but one a test writes there).
+pub fn damselfly_cli(
+    tb: &Testbed,
+    node: &Node,
+    origin: &Origin,
+    args: &[&str],
+) -> anyhow::Result<Output> {
+    let home = tb.dir.join(format!("home-n{}", node.index));
+    std::fs::create_dir_all(&home)?;
+    let mut cmd = node.command(damselfly_bin()?)?;
+    tools::isolate_env(&mut cmd, &origin.ca_pem, &origin.ca_dir);
+    cmd.env("HOME", &home)
+        .env_remove("DAMSELFLY_CREDS")
+        .env_remove("RUST_BACKTRACE")
+        .args(args)
+        .stdin(Stdio::null());
+    cmd.output().context("running damselfly")
 }
 
 /// A running `damselfly agent` in a node, steering that node's cgroup.
@@ -273,6 +296,18 @@ pub fn start_server(
     https: &[SocketAddr],
     tls: Option<(PathBuf, PathBuf)>,
 ) -> anyhow::Result<Proc> {
+    start_server_as(tb, node, http, https, tls, &Serve::Bytes)
+}
+
+/// [`start_server`] answering as `how` says.
+pub fn start_server_as(
+    tb: &Testbed,
+    node: &Node,
+    http: &[SocketAddr],
+    https: &[SocketAddr],
+    tls: Option<(PathBuf, PathBuf)>,
+    how: &Serve,
+) -> anyhow::Result<Proc> {
     let mut cmd = node.command(probe_bin()?)?;
     cmd.arg("serve");
     let join = |a: &[SocketAddr]| {
@@ -290,9 +325,22 @@ pub fn start_server(
     if let Some((cert, key)) = tls {
         cmd.arg("--cert").arg(cert).arg("--key").arg(key);
     }
-    let log = tb
-        .dir
-        .join(format!("server-n{}-{}.log", node.index, std::process::id()));
+    match how {
+        Serve::Bytes => {}
+        Serve::RedirectHttps => {
+            cmd.arg("--redirect-https");
+        }
+        Serve::Record(file) => {
+            cmd.arg("--record").arg(file);
+        }
+    }
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let log = tb.dir.join(format!(
+        "server-n{}-{}-{}.log",
+        node.index,
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let mut proc = node.spawn(cmd, &log)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !proc.log_text().contains("ready") {
@@ -322,12 +370,28 @@ pub fn probe_get_with(
     ca: Option<&std::path::Path>,
     headers: &[&str],
 ) -> anyhow::Result<GetResult> {
+    let how = Get {
+        headers: headers.iter().map(|h| h.to_string()).collect(),
+        ca: ca.map(std::path::Path::to_path_buf),
+        ..Get::default()
+    };
+    probe_request(node, comm, url, &how)
+}
+
+/// `dfly-probe get URL` in `node` under process name `comm`, the request made as `how` says.
+pub fn probe_request(node: &Node, comm: &str, url: &str, how: &Get) -> anyhow::Result<GetResult> {
     let mut cmd = node.command(probe_bin()?)?;
     cmd.args(["--comm", comm, "get", url]);
-    for h in headers {
+    for h in &how.headers {
         cmd.args(["--header", h]);
     }
-    if let Some(ca) = ca {
+    if let Some(m) = &how.method {
+        cmd.args(["--method", m]);
+    }
+    if let Some(a) = how.connect {
+        cmd.args(["--connect", &a.to_string()]);
+    }
+    if let Some(ca) = &how.ca {
         cmd.arg("--ca").arg(ca);
     }
     let out = cmd

@@ -18,7 +18,9 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::{
+    agent,
     pki::TestCa,
+    probe::Serve,
     testbed::{Node, Proc, Testbed},
     tools,
 };
@@ -180,6 +182,21 @@ impl Origin {
             "--upstream-ca".into(),
             self.ca_pem.display().to_string(),
         ]
+    }
+
+    /// What port 80 of most HTTPS registries and ingresses is: a server on
+    /// the registry's address answering every request with 301 to https on
+    /// the same host and path. Runs until the returned process is dropped.
+    pub fn redirect_port_80(&self, tb: &Testbed) -> anyhow::Result<Proc> {
+        anyhow::ensure!(self.tls, "{} has no https to redirect to", self.name);
+        agent::start_server_as(
+            tb,
+            &self.node,
+            &[SocketAddr::new(self.addr.ip(), 80)],
+            &[],
+            None,
+            &Serve::RedirectHttps,
+        )
     }
 
     /// `name/repo:tag`.

@@ -3,6 +3,10 @@
 //!
 //! Server routes: `GET /bytes/<n>[?seed=<s>]` answers `n` deterministic bytes
 //! (see [`crate::body`]); `GET /peer` answers the client address it sees.
+//! Two other ways to serve (see [`Serve`]): every request redirected to
+//! https on the same host (port 80 of most HTTPS registries and ingresses),
+//! or every connection and request written down and answered 200 (a server
+//! that says yes to anything, which records all it was sent).
 
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
@@ -82,31 +86,56 @@ fn parse_url(url: &str) -> anyhow::Result<Url> {
     })
 }
 
-/// GET `url`, hashing the body as it streams. TLS verifies against `ca` only.
-pub fn get(url: &str, ca: Option<&Path>) -> anyhow::Result<GetResult> {
-    get_with(url, ca, &[])
+/// How `dfly-probe get` makes its request.
+#[derive(Debug, Clone, Default)]
+pub struct Get {
+    /// `GET` unless set (`HEAD`: the body is not read).
+    pub method: Option<String>,
+    /// Extra request headers, `Name: value`.
+    pub headers: Vec<String>,
+    /// Connect here instead of where the URL's host resolves, keeping the
+    /// URL's host as `Host` and SNI (what any process may do).
+    pub connect: Option<SocketAddr>,
+    /// The only roots trusted for https.
+    pub ca: Option<std::path::PathBuf>,
 }
 
-/// [`get`] with extra request headers (`Name: value`).
-pub fn get_with(url: &str, ca: Option<&Path>, extra: &[String]) -> anyhow::Result<GetResult> {
+/// GET `url`, hashing the body as it streams. TLS verifies against `ca` only.
+pub fn get(url: &str, ca: Option<&Path>) -> anyhow::Result<GetResult> {
+    request(
+        url,
+        &Get {
+            ca: ca.map(Path::to_path_buf),
+            ..Get::default()
+        },
+    )
+}
+
+/// One request as `how` says, hashing the body as it streams.
+pub fn request(url: &str, how: &Get) -> anyhow::Result<GetResult> {
     let started = Instant::now();
     let u = parse_url(url)?;
-    let addr = (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {}", u.host))?
-        .next()
-        .context("no address")?;
+    let addr = match how.connect {
+        Some(a) => a,
+        None => (u.host.as_str(), u.port)
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", u.host))?
+            .next()
+            .context("no address")?,
+    };
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
         .with_context(|| format!("connecting to {addr}"))?;
     tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
     let peer = tcp.peer_addr()?.to_string();
-    let extra: String = extra.iter().map(|h| format!("{h}\r\n")).collect();
+    let extra: String = how.headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let method = how.method.as_deref().unwrap_or("GET");
+    let head = method == "HEAD";
     let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dfly-probe\r\nConnection: close\r\n{extra}\r\n",
+        "{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dfly-probe\r\nConnection: close\r\n{extra}\r\n",
         u.path, u.host
     );
     let mut result = if u.tls {
-        let ca = ca.context("https needs --ca")?;
+        let ca = how.ca.as_deref().context("https needs --ca")?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pemfile::certs(&mut BufReader::new(std::fs::File::open(ca)?)) {
             roots.add(cert?)?;
@@ -118,18 +147,19 @@ pub fn get_with(url: &str, ca: Option<&Path>, extra: &[String]) -> anyhow::Resul
         let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
         let mut tls = rustls::StreamOwned::new(conn, tcp);
         tls.write_all(request.as_bytes())?;
-        read_response(BufReader::new(tls))?
+        read_response(BufReader::new(tls), head)?
     } else {
         let mut tcp = tcp;
         tcp.write_all(request.as_bytes())?;
-        read_response(BufReader::new(tcp))?
+        read_response(BufReader::new(tcp), head)?
     };
     result.peer = peer;
     result.millis = started.elapsed().as_millis() as u64;
     Ok(result)
 }
 
-fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
+/// Status, headers and the body's length and sha256 (none after a HEAD).
+fn read_response(mut r: impl BufRead, head: bool) -> anyhow::Result<GetResult> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line
@@ -158,19 +188,23 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut total = 0u64;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            // rustls reports a peer that closed without close_notify; the length check below decides.
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e.into()),
-        };
-        h.update(&buf[..n]);
-        total += n as u64;
+    // A HEAD's Content-Length is the GET's: no body follows.
+    if !head {
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                // rustls reports a peer that closed without close_notify; the length check below decides.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e.into()),
+            };
+            h.update(&buf[..n]);
+            total += n as u64;
+        }
     }
     if let Some(len) = length
         && total != len
+        && !head
     {
         bail!("body truncated: {total} of {len} bytes");
     }
@@ -183,16 +217,90 @@ fn read_response(mut r: impl BufRead) -> anyhow::Result<GetResult> {
     })
 }
 
+/// What `dfly-probe serve` answers.
+#[derive(Debug, Clone, Default)]
+pub enum Serve {
+    /// `/bytes/<n>` and `/peer`.
+    #[default]
+    Bytes,
+    /// Every request: 301 to `https://<Host without port><target>`.
+    RedirectHttps,
+    /// Every connection and request appended to this file as a JSON
+    /// [`Record`] line; every request answered 200.
+    Record(std::path::PathBuf),
+}
+
+/// One line a [`Serve::Record`] server writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    /// The listening address that accepted the connection.
+    pub listener: String,
+    /// The connecting address.
+    pub peer: String,
+    pub tls: bool,
+    /// `None`: the connection was accepted (before any byte of it was read).
+    pub request: Option<Recorded>,
+}
+
+/// A request head as a [`Serve::Record`] server read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Recorded {
+    pub method: String,
+    pub target: String,
+    /// Names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a [`Serve::Record`] server has written so far.
+pub fn records(path: &Path) -> anyhow::Result<Vec<Record>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("record {l:?}")))
+        .collect()
+}
+
 /// Serve plain HTTP on `http` and TLS on `https` (with `tls` = cert and key PEM files) forever.
 pub fn serve(
     http: &[SocketAddr],
     https: &[SocketAddr],
     tls: Option<(&Path, &Path)>,
+    how: &Serve,
 ) -> anyhow::Result<()> {
+    let record = match how {
+        Serve::Record(path) => Some(Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ))),
+        _ => None,
+    };
+    let ctx = |tls| {
+        Arc::new(Listener {
+            how: how.clone(),
+            tls,
+            record: record.clone(),
+        })
+    };
     let mut handles = Vec::new();
     for &addr in http {
         let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        handles.push(std::thread::spawn(move || accept_loop(l, None)));
+        let ctx = ctx(None);
+        handles.push(std::thread::spawn(move || accept_loop(l, ctx)));
     }
     if !https.is_empty() {
         let (cert, key) = tls.context("--https needs --cert and --key")?;
@@ -207,8 +315,8 @@ pub fn serve(
         );
         for &addr in https {
             let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-            let config = config.clone();
-            handles.push(std::thread::spawn(move || accept_loop(l, Some(config))));
+            let ctx = ctx(Some(config.clone()));
+            handles.push(std::thread::spawn(move || accept_loop(l, ctx)));
         }
     }
     println!("ready");
@@ -219,36 +327,116 @@ pub fn serve(
     Ok(())
 }
 
-fn accept_loop(l: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+/// What every connection of one listening socket shares.
+struct Listener {
+    how: Serve,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    record: Option<Arc<std::sync::Mutex<std::fs::File>>>,
+}
+
+impl Listener {
+    fn write(&self, r: &Record) {
+        if let Some(f) = &self.record
+            && let Ok(line) = serde_json::to_string(r)
+        {
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writeln!(f, "{line}");
+            let _ = f.flush();
+        }
+    }
+}
+
+fn accept_loop(l: TcpListener, ctx: Arc<Listener>) {
+    let listener = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     for stream in l.incoming().flatten() {
-        let tls = tls.clone();
+        let (ctx, listener) = (ctx.clone(), listener.clone());
         std::thread::spawn(move || {
             let peer = stream
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            let _ = match tls {
-                Some(cfg) => rustls::ServerConnection::new(cfg)
-                    .map_err(io::Error::other)
-                    .and_then(|c| respond(rustls::StreamOwned::new(c, stream), &peer)),
-                None => respond(stream, &peer),
+            let mut record = Record {
+                listener,
+                peer: peer.clone(),
+                tls: ctx.tls.is_some(),
+                request: None,
             };
+            ctx.write(&record);
+            let served = match &ctx.tls {
+                Some(cfg) => rustls::ServerConnection::new(cfg.clone())
+                    .map_err(io::Error::other)
+                    .and_then(|c| respond(rustls::StreamOwned::new(c, stream), &ctx.how, &peer)),
+                None => respond(stream, &ctx.how, &peer),
+            };
+            if let Ok(Some(req)) = served {
+                record.request = Some(req);
+                ctx.write(&record);
+            }
         });
     }
 }
 
-fn respond<S: Read + Write>(stream: S, peer: &str) -> io::Result<()> {
+/// Answers one request; returns its head.
+fn respond<S: Read + Write>(stream: S, how: &Serve, peer: &str) -> io::Result<Option<Recorded>> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
-    r.read_line(&mut line)?;
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or("/").to_string();
+    let mut headers = Vec::new();
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h.trim_end().is_empty() {
             break;
         }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
     }
+    let req = Recorded {
+        method,
+        target: path.clone(),
+        headers,
+    };
     let mut w = r.into_inner();
+    match how {
+        Serve::Record(_) => {
+            let body = b"recorded\n";
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            if req.method != "HEAD" {
+                w.write_all(body)?;
+            }
+        }
+        Serve::RedirectHttps => {
+            // Without the port: https is on its own default port.
+            let host = strip_port(req.header("host").unwrap_or_default());
+            write!(
+                w,
+                "HTTP/1.1 301 Moved Permanently\r\nLocation: https://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+        }
+        Serve::Bytes => serve_bytes(&mut w, &path, peer)?,
+    }
+    w.flush()?;
+    Ok(Some(req))
+}
+
+/// `host[:port]` or `[v6][:port]` without the port.
+fn strip_port(authority: &str) -> &str {
+    match authority.find(']') {
+        Some(end) if authority.starts_with('[') => &authority[..=end],
+        _ => authority.split(':').next().unwrap_or_default(),
+    }
+}
+
+fn serve_bytes(w: &mut impl Write, path: &str, peer: &str) -> io::Result<()> {
     if path == "/peer" {
         let body = peer.as_bytes();
         write!(
@@ -281,12 +469,11 @@ fn respond<S: Read + Write>(stream: S, peer: &str) -> io::Result<()> {
     } else {
         return not_found(w);
     }
-    w.flush()
+    Ok(())
 }
 
-fn not_found(mut w: impl Write) -> io::Result<()> {
-    w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    w.flush()
+fn not_found(w: &mut impl Write) -> io::Result<()> {
+    w.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
 }
 
 #[cfg(test)]
@@ -309,11 +496,27 @@ mod tests {
         assert!(parse_url("ftp://x").is_err());
     }
 
-    #[test]
-    fn server_and_client_agree_on_loopback() {
+    fn start(how: Serve) -> SocketAddr {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || accept_loop(l, None));
+        let record = match &how {
+            Serve::Record(p) => Some(Arc::new(std::sync::Mutex::new(
+                std::fs::File::create(p).unwrap(),
+            ))),
+            _ => None,
+        };
+        let ctx = Arc::new(Listener {
+            how,
+            tls: None,
+            record,
+        });
+        std::thread::spawn(move || accept_loop(l, ctx));
+        addr
+    }
+
+    #[test]
+    fn server_and_client_agree_on_loopback() {
+        let addr = start(Serve::Bytes);
         let r = get(&format!("http://{addr}/bytes/100000?seed=5"), None).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.bytes, 100_000);
@@ -321,5 +524,66 @@ mod tests {
         assert_eq!(r.peer, addr.to_string());
         let r = get(&format!("http://{addr}/nope"), None).unwrap();
         assert_eq!(r.status, 404);
+    }
+
+    #[test]
+    fn hosts_lose_their_port() {
+        assert_eq!(strip_port("r.io:80"), "r.io");
+        assert_eq!(strip_port("r.io"), "r.io");
+        assert_eq!(strip_port("[fd00::1]:80"), "[fd00::1]");
+        assert_eq!(strip_port("[fd00::1]"), "[fd00::1]");
+    }
+
+    #[test]
+    fn port_80_redirects_to_https_on_the_same_host() {
+        let addr = start(Serve::RedirectHttps);
+        for (host, want) in [
+            ("registry.dfly.test", "https://registry.dfly.test/v2/x"),
+            ("registry.dfly.test:80", "https://registry.dfly.test/v2/x"),
+        ] {
+            let r = request(
+                &format!("http://{host}/v2/x"),
+                &Get {
+                    connect: Some(addr),
+                    ..Get::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(r.status, 301);
+            assert_eq!(r.headers.get("location").map(String::as_str), Some(want));
+        }
+    }
+
+    #[test]
+    fn a_recording_server_writes_down_connections_and_heads() {
+        let file = std::env::temp_dir().join(format!("dfly-{}-probe-record", std::process::id()));
+        let addr = start(Serve::Record(file.clone()));
+        let how = Get {
+            method: Some("HEAD".into()),
+            headers: vec!["Authorization: Basic x".into()],
+            connect: Some(addr),
+            ca: None,
+        };
+        let r = request("http://registry.dfly.test/v2/", &how).unwrap();
+        assert_eq!((r.status, r.bytes), (200, 0));
+        assert_eq!(
+            r.headers.get("content-length").map(String::as_str),
+            Some("9")
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let recs = loop {
+            let recs = records(&file).unwrap();
+            if recs.len() == 2 || Instant::now() > deadline {
+                break recs;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        assert!(recs[0].request.is_none() && !recs[0].tls);
+        let req = recs[1].request.as_ref().unwrap();
+        assert_eq!((req.method.as_str(), req.target.as_str()), ("HEAD", "/v2/"));
+        assert_eq!(req.header("Host"), Some("registry.dfly.test"));
+        assert_eq!(req.header("authorization"), Some("Basic x"));
     }
 }

@@ -5,7 +5,7 @@
 use std::{fs, path::Path, process::Output, time::Duration};
 
 use damselfly_testbed::{
-    Agent, Testbed, agent::damselfly_bin, cluster::Cluster, containerd::Containerd, image::Image,
+    Agent, Testbed, agent::damselfly_cli, cluster::Cluster, containerd::Containerd, image::Image,
     origin::Origin, pki::TestCa, tools,
 };
 use sha2::{Digest, Sha256};
@@ -88,23 +88,9 @@ impl Bed {
         self.cli(2, &args)
     }
 
-    /// `damselfly ARGS` inside node `node`, trusting the origin's CA only, with
-    /// a HOME of its own (no docker config but the one a test writes).
+    /// `damselfly ARGS` inside node `node`, trusting the origin's CA only.
     fn cli(&self, node: usize, args: &[&str]) -> Output {
-        let home = self.tb.dir.join(format!("home-n{node}"));
-        fs::create_dir_all(&home).unwrap();
-        let mut cmd = self
-            .tb
-            .node(node)
-            .command(damselfly_bin().unwrap())
-            .unwrap();
-        tools::isolate_env(&mut cmd, &self.origin.ca_pem, &self.origin.ca_dir);
-        cmd.env("HOME", &home)
-            .env_remove("DAMSELFLY_CREDS")
-            .env_remove("RUST_BACKTRACE")
-            .args(args)
-            .stdin(std::process::Stdio::null());
-        cmd.output().unwrap()
+        damselfly_cli(&self.tb, self.tb.node(node), &self.origin, args).unwrap()
     }
 
     fn creds(&self) -> String {

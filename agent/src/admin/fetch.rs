@@ -14,12 +14,12 @@ use hyper::{
 use crate::{
     oci::{BlobUrl, percent_encode, query_param},
     registry::{RegistryHosts, proxy::error_response, service::RegistryService},
-    store::Digest,
     upstream::Body,
 };
 
 pub const PATH: &str = "/v1/fetch";
-/// `hit` if the blob was complete in this agent's cache when asked, else `miss`.
+/// `hit` if the blob was complete in this agent's cache when the origin said
+/// yes to the caller, else `miss`; absent without that yes.
 pub const CACHE_HEADER: &str = "x-damselfly-cache";
 
 /// Headers of the caller that mean something to the origin; the rest
@@ -60,10 +60,6 @@ impl Fetcher {
             );
         }
         let blobs = &self.service.blobs;
-        let cached = match (&blobs.store, blob.hex.parse::<Digest>()) {
-            (Some(store), Ok(d)) => store.get(&d).is_some(),
-            _ => false,
-        };
         let (mut parts, body) = req.into_parts();
         parts.uri = match blob.path().parse::<Uri>() {
             Ok(u) => u,
@@ -77,13 +73,18 @@ impl Fetcher {
         }
         parts.headers = headers;
         let req = Request::from_parts(parts, body);
-        let mut resp = blobs
+        let served = blobs
             .serve(req, &blob.origin(), &blob.repo, &blob.hex)
             .await;
-        resp.headers_mut().insert(
-            CACHE_HEADER,
-            HeaderValue::from_static(if cached { "hit" } else { "miss" }),
-        );
+        let mut resp = served.response;
+        // Whether this node holds a blob is the blob's business too: only
+        // for a caller the origin said yes to.
+        if let Some(cached) = served.cached {
+            resp.headers_mut().insert(
+                CACHE_HEADER,
+                HeaderValue::from_static(if cached { "hit" } else { "miss" }),
+            );
+        }
         resp
     }
 }

@@ -163,6 +163,9 @@ impl Interceptor {
 
     /// Be the registry for this connection: TLS with a node-CA leaf (or plain
     /// HTTP), then HTTP/2 or HTTP/1.1 requests routed by [`RegistryService`].
+    /// What it asks of the origin goes to `orig` and nowhere else: its name
+    /// and destination are whatever the client chose, so they decide nothing
+    /// for other connections or for the agent's own requests.
     async fn terminate(
         &self,
         gw: &Gateway,
@@ -173,12 +176,7 @@ impl Interceptor {
         host: String,
     ) -> io::Result<()> {
         self.metrics.intercept_connection("terminate");
-        gw.service.upstream().learned.learn(&host, orig.ip());
-        let origin = OriginRef {
-            scheme: if tls { "https" } else { "http" },
-            host,
-            port: orig.port(),
-        };
+        let origin = OriginRef::steered(gw.service.upstream(), tls, &host, orig);
         let stream = Rewind::new(head, client);
         if tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());

@@ -126,11 +126,7 @@ impl Reference {
 
     pub fn origin(&self, scheme: &'static str) -> OriginRef {
         let (host, port) = split_host_port(self.api_host()).unwrap_or((self.api_host(), None));
-        OriginRef {
-            scheme,
-            host: host.to_string(),
-            port: port.unwrap_or(default_port(scheme)),
-        }
+        OriginRef::new(scheme, host, port.unwrap_or(default_port(scheme)))
     }
 }
 
@@ -211,11 +207,7 @@ impl BlobUrl {
     }
 
     pub fn origin(&self) -> OriginRef {
-        OriginRef {
-            scheme: self.scheme,
-            host: self.host.clone(),
-            port: self.port,
-        }
+        OriginRef::new(self.scheme, &self.host, self.port)
     }
 
     /// `/v2/<repo>/blobs/sha256:<hex>`.

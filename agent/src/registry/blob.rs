@@ -23,7 +23,7 @@ use tracing::{Instrument, Span, debug, field, info, info_span, instrument, warn}
 use crate::{
     admin::{metrics::Metrics, trace::SourceBytes},
     registry::{
-        authz::AuthzCache,
+        authz::{AuthzCache, Subject, Verdict},
         proxy::{self, OriginRef},
         range::{self, ByteRange},
         trace::BlobTrace,
@@ -65,14 +65,28 @@ type Poisoned = Arc<Mutex<HashMap<Digest, Instant>>>;
 /// How long a blob whose swarm fetch was poisoned skips the swarm.
 const POISON_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
+#[derive(Debug)]
 enum Authz {
     Allowed {
         size: Option<u64>,
     },
-    /// The origin's refusal, to hand back as is.
-    Denied(Response<Incoming>),
-    /// The origin could not be asked; serve nothing we hold.
+    /// The origin refused (401/403/404). `answer` is its own reply to the
+    /// HEAD, to hand back as is, when no redirect was followed to get it.
+    Denied {
+        answer: Option<Response<Incoming>>,
+    },
+    /// No yes: the origin could not be asked, or answered something that
+    /// is neither a yes nor a refusal. Serve nothing we hold.
     Unknown,
+}
+
+/// A blob request's response and what only a client the origin said yes to
+/// may learn about how it was served.
+pub struct Served {
+    pub response: Response<Body>,
+    /// `None` without the origin's yes; else whether the blob was complete
+    /// in the cache when the yes came.
+    pub cached: Option<bool>,
 }
 
 impl Blobs {
@@ -114,14 +128,17 @@ impl Blobs {
         origin: &OriginRef,
         repo: &str,
         hex: &str,
-    ) -> Response<Body> {
+    ) -> Served {
         let trace = BlobTrace::start(req.method(), origin, repo, hex);
         let span = trace.span().clone();
-        let resp = trace
+        let (resp, cached) = trace
             .clone()
             .scope(self.serve_untraced(req, origin, repo, hex).instrument(span))
             .await;
-        trace.respond(resp)
+        Served {
+            response: trace.respond(resp),
+            cached,
+        }
     }
 
     /// Counts how a blob request is served, in the metrics and its trace.
@@ -130,35 +147,73 @@ impl Blobs {
         BlobTrace::set_outcome(outcome);
     }
 
+    /// The client's request as it came, to where it was going: the answer
+    /// is the origin's own, so it tells nothing of what this node holds.
+    async fn carry(&self, origin: &OriginRef, req: Request<Incoming>) -> Response<Body> {
+        proxy::forward(&self.upstream, origin, req).await
+    }
+
+    /// The response and, if the origin said yes, whether the blob was in the
+    /// cache then. Nothing that depends on what this node holds (the store,
+    /// size, digest headers, timing, the swarm) is looked at before the yes.
     async fn serve_untraced(
         &self,
         req: Request<Incoming>,
         origin: &OriginRef,
         repo: &str,
         hex: &str,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Option<bool>) {
         let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
             self.outcome("passthrough");
-            return proxy::forward(&self.upstream, origin, req).await;
+            return (self.carry(origin, req).await, None);
         };
+        if !origin.confirmed().await {
+            // A plain HTTP destination the node's resolver does not give for
+            // the name it was sent: its yes would be anyone's to give.
+            info!(
+                host = %origin.host,
+                dest = ?origin.steered.as_ref().map(|s| s.dest),
+                "plain HTTP to an address the node's resolver does not give for this host: carried through, nothing served from the cache"
+            );
+            self.outcome("passthrough");
+            return (self.carry(origin, req).await, None);
+        }
         let size = match self.authorize(origin, repo, hex, req.headers()).await {
             Authz::Allowed { size } => size,
-            Authz::Denied(resp) => {
+            Authz::Denied { answer } => {
                 self.outcome("denied");
-                return if req.method() == Method::HEAD {
-                    proxy::relay(resp)
-                } else {
-                    // The origin answers the GET itself, with its own error body.
-                    proxy::forward(&self.upstream, origin, req).await
+                return match answer {
+                    Some(resp) if req.method() == Method::HEAD => (proxy::relay(resp), None),
+                    // The origin answers the GET itself, with its own error
+                    // body (or the redirect the client would have followed).
+                    _ => (self.carry(origin, req).await, None),
                 };
             }
             Authz::Unknown => {
                 self.outcome("passthrough");
-                return proxy::forward(&self.upstream, origin, req).await;
+                return (self.carry(origin, req).await, None);
             }
         };
+        let held = store.get(&digest);
+        let cached = Some(held.is_some());
+        (
+            self.serve_allowed(store, held, digest, size, req, origin)
+                .await,
+            cached,
+        )
+    }
 
-        if let Some(reader) = store.get(&digest) {
+    /// Serves a blob the origin said this client may have.
+    async fn serve_allowed(
+        &self,
+        store: &Store,
+        held: Option<BlobReader>,
+        digest: Digest,
+        size: Option<u64>,
+        req: Request<Incoming>,
+        origin: &OriginRef,
+    ) -> Response<Body> {
+        if let Some(reader) = held {
             self.outcome("hit");
             return self.hit(reader, &digest, req, origin);
         }
@@ -166,7 +221,7 @@ impl Blobs {
         // is the origin's to answer: caching starts with a whole-blob GET.
         if req.method() == Method::HEAD || req.headers().contains_key(header::RANGE) {
             self.outcome("passthrough");
-            return proxy::forward(&self.upstream, origin, req).await;
+            return self.carry(origin, req).await;
         }
 
         // One download per digest on this node: the first request leads, the
@@ -184,7 +239,7 @@ impl Blobs {
                     return self.hit(reader, &digest, req, origin);
                 }
                 self.outcome("passthrough");
-                return proxy::forward(&self.upstream, origin, req).await;
+                return self.carry(origin, req).await;
             }
         };
         self.miss(store, lead, size, req, origin).await
@@ -205,9 +260,12 @@ impl Blobs {
         })
     }
 
-    /// Ask the origin (HEAD, the client's own headers) whether this client
-    /// may read this blob; remember a yes for a minute.
-    #[instrument(name = "authz", skip_all, fields(cached = false, result = field::Empty, status = field::Empty))]
+    /// Ask the origin (HEAD, the client's own headers) whether it would
+    /// serve this client this blob, following redirects as the client's HTTP
+    /// library would (credentials stay on the registry's host: see
+    /// [`crate::upstream::carries_credentials`]); only a final 2xx is a yes.
+    /// A yes is remembered for a minute (see [`AuthzCache`]).
+    #[instrument(name = "authz", skip_all, fields(cached = false, result = field::Empty, status = field::Empty, redirects = field::Empty))]
     async fn authorize(
         &self,
         origin: &OriginRef,
@@ -218,67 +276,77 @@ impl Blobs {
         let auth = headers
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes);
+        let subject = Subject {
+            scheme: origin.scheme,
+            host: &origin.host,
+            port: origin.port,
+            repo,
+            hex,
+        };
+        let span = Span::current();
         if self
             .authz
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_allowed(&origin.host, repo, auth, Instant::now())
+            .is_allowed(&subject, auth, Instant::now())
         {
             self.metrics.authz_check("cached");
-            Span::current().record("cached", true);
-            Span::current().record("result", "allowed");
+            span.record("cached", true);
+            span.record("result", "allowed");
             return Authz::Allowed { size: None };
         }
         let Ok(uri) = origin.uri(&format!("/v2/{repo}/blobs/sha256:{hex}")) else {
             return Authz::Unknown;
         };
-        let mut req = Request::head(uri);
-        if let Some(h) = req.headers_mut() {
-            proxy::copy_headers(headers, h);
-            h.remove(header::RANGE);
-        }
-        let Ok(req) = req.body(crate::upstream::empty()) else {
-            return Authz::Unknown;
-        };
-        let sent = self.upstream.send(req).await;
-        let span = Span::current();
-        if let Ok(resp) = &sent {
-            span.record("status", resp.status().as_u16());
-        }
-        match sent {
-            // A redirect to storage is a yes too: the registry accepted the credential.
-            Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => {
-                self.metrics.authz_check("allowed");
-                span.record("result", "allowed");
-                self.authz.lock().unwrap_or_else(|e| e.into_inner()).allow(
-                    &origin.host,
-                    repo,
-                    auth,
-                    Instant::now(),
-                );
-                let size = resp
-                    .status()
-                    .is_success()
-                    .then(|| content_length(resp.headers()))
-                    .flatten();
-                Authz::Allowed { size }
-            }
-            Ok(resp) if matches!(resp.status().as_u16(), 401 | 403 | 404) => {
-                self.metrics.authz_check("denied");
-                span.record("result", "denied");
-                Authz::Denied(resp)
-            }
-            Ok(resp) => {
-                debug!(status = %resp.status(), "unexpected answer to the authorization HEAD");
-                self.metrics.authz_check("error");
-                span.record("result", "error");
-                Authz::Unknown
-            }
+        let mut ask = HeaderMap::new();
+        proxy::copy_headers(headers, &mut ask);
+        ask.remove(header::RANGE);
+        ask.remove(header::IF_RANGE);
+        let sent = origin
+            .upstream(&self.upstream)
+            .follow(Method::HEAD, uri, &ask)
+            .await;
+        let followed = match sent {
+            Ok(f) => f,
             Err(e) => {
+                // Unreachable, or redirects without end: no yes.
                 debug!(error = %e, "authorization HEAD failed");
                 self.metrics.authz_check("error");
                 span.record("result", "error");
                 span.record("otel.status_code", "ERROR");
+                return Authz::Unknown;
+            }
+        };
+        let status = followed.response.status();
+        span.record("status", status.as_u16());
+        span.record("redirects", followed.redirects);
+        match Verdict::of(status) {
+            Verdict::Yes => {
+                self.metrics.authz_check("allowed");
+                span.record("result", "allowed");
+                self.authz.lock().unwrap_or_else(|e| e.into_inner()).allow(
+                    &subject,
+                    auth,
+                    Instant::now(),
+                );
+                // A storage host's length is its own business: only the
+                // registry's own answer tells the blob's.
+                let size = (followed.redirects == 0)
+                    .then(|| content_length(followed.response.headers()))
+                    .flatten();
+                Authz::Allowed { size }
+            }
+            Verdict::Refused => {
+                self.metrics.authz_check("denied");
+                span.record("result", "denied");
+                Authz::Denied {
+                    answer: (followed.redirects == 0).then_some(followed.response),
+                }
+            }
+            Verdict::No => {
+                debug!(%status, redirects = followed.redirects, "the authorization HEAD ended in neither a yes nor a refusal");
+                self.metrics.authz_check("error");
+                span.record("result", "error");
                 Authz::Unknown
             }
         }
@@ -320,7 +388,7 @@ impl Blobs {
         } else {
             let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
             let ctx = Continuation {
-                upstream: self.upstream.clone(),
+                upstream: origin.upstream(&self.upstream).clone(),
                 rate: self.origin_rate.clone(),
                 store: self.store.clone(),
                 metrics: self.metrics.clone(),
@@ -385,7 +453,7 @@ impl Blobs {
             Err(e) => {
                 info!(%digest, error = %e, "store cannot take this blob; streaming it through");
                 self.outcome("passthrough");
-                return proxy::forward(&self.upstream, origin, req).await;
+                return self.carry(origin, req).await;
             }
         };
         let mut progress = None;
@@ -467,8 +535,8 @@ impl Blobs {
         if let Some(h) = req.headers_mut() {
             proxy::copy_headers(headers, h);
         }
-        let resp = self
-            .upstream
+        let resp = origin
+            .upstream(&self.upstream)
             .send(req.body(crate::upstream::empty()).ok()?)
             .await
             .ok()?;
@@ -501,8 +569,8 @@ impl Blobs {
         if let Some(off) = from {
             headers.insert(header::RANGE, hv(format!("bytes={off}-")));
         }
-        let resp = self
-            .upstream
+        let resp = origin
+            .upstream(&self.upstream)
             .fetch_following(Method::GET, origin.uri(path)?, &headers)
             .await;
         match &resp {
@@ -574,7 +642,11 @@ impl Blobs {
     ) -> Response<Body> {
         self.outcome("miss");
         let digest = lead.digest;
-        let (upstream, origin, path) = (self.upstream.clone(), origin.clone(), path.to_string());
+        let (upstream, origin, path) = (
+            origin.upstream(&self.upstream).clone(),
+            origin.clone(),
+            path.to_string(),
+        );
         let rate = self.origin_rate.clone();
         let range: RangeFetcher = Arc::new(move |start, end| {
             let (upstream, origin, path, headers, rate) = (
@@ -1042,4 +1114,188 @@ fn strip_range(h: &HeaderMap) -> HeaderMap {
 
 fn hv(s: String) -> HeaderValue {
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::testing::http::{Pki, Server, reply};
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    const OTHER_HEX: &str = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+    const ALICE: &str = "Basic YWxpY2U6czNjcmV0";
+
+    fn any_port() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    fn blobs(pki: &Pki) -> Blobs {
+        Blobs::new(
+            Upstream::with_roots(pki.roots()),
+            None,
+            Arc::new(Metrics::new()),
+            None,
+        )
+    }
+
+    /// `registry.test` as a steered connection to `server` names it.
+    fn steered(b: &Blobs, tls: bool, server: &Server) -> OriginRef {
+        OriginRef::steered(&b.upstream, tls, "registry.test", server.addr)
+    }
+
+    fn creds(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.parse().unwrap());
+        }
+        h
+    }
+
+    /// The private registry over TLS: alice may read blob `HEX` of
+    /// `private/app`; nothing else is there.
+    async fn private_registry(pki: &Pki) -> Server {
+        Server::start(any_port(), Some(pki.server(&["registry.test"])), |s| {
+            let authed = s.headers.get("authorization").is_some_and(|a| a == ALICE);
+            match (authed, s.target.as_str()) {
+                (false, _) => reply(401, &[("www-authenticate", "Basic realm=x".into())]),
+                (true, t) if t == format!("/v2/private/app/blobs/sha256:{HEX}") => {
+                    reply(200, &[("content-length", "1234".into())])
+                }
+                (true, _) => reply(404, &[]),
+            }
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Its port 80: a redirect to https for every path.
+    async fn port_80(https: u16) -> Server {
+        Server::start(any_port(), None, move |s| {
+            reply(
+                301,
+                &[(
+                    "location",
+                    format!("https://registry.test:{https}{}", s.target),
+                )],
+            )
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_https_is_followed_and_the_https_answer_decides() {
+        let pki = Pki::new();
+        let registry = private_registry(&pki).await;
+        let http = port_80(registry.addr.port()).await;
+        let b = blobs(&pki);
+        let origin = steered(&b, false, &http);
+
+        let a = b.authorize(&origin, "private/app", HEX, &creds(None)).await;
+        assert!(matches!(a, Authz::Denied { answer: None }), "{a:?}");
+        let a = b
+            .authorize(&origin, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        // A yes, but the length came from elsewhere than the first answer.
+        assert!(matches!(a, Authz::Allowed { size: None }), "{a:?}");
+        assert_eq!(registry.seen().len(), 2);
+
+        // The yes on port 80 is not one on 443: there the origin is asked again.
+        let tls = steered(&b, true, &registry);
+        let a = b.authorize(&tls, "private/app", HEX, &creds(None)).await;
+        assert!(matches!(a, Authz::Denied { answer: Some(_) }), "{a:?}");
+        let a = b
+            .authorize(&tls, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Allowed { size: Some(1234) }), "{a:?}");
+        assert_eq!(registry.seen().len(), 4);
+        // Asked again within the minute: remembered.
+        let a = b
+            .authorize(&tls, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Allowed { size: None }), "{a:?}");
+        assert_eq!(registry.seen().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_yes_for_one_blob_is_not_a_yes_for_another() {
+        let pki = Pki::new();
+        let registry = private_registry(&pki).await;
+        let b = blobs(&pki);
+        let origin = steered(&b, true, &registry);
+        let a = b
+            .authorize(&origin, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Allowed { .. }), "{a:?}");
+        let a = b
+            .authorize(&origin, "private/app", OTHER_HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Denied { .. }), "{a:?}");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_to_storage_that_answers_2xx_is_a_yes() {
+        let pki = Pki::new();
+        let storage = Server::start(any_port(), None, |_| reply(200, &[]))
+            .await
+            .unwrap();
+        let to = format!("http://{}/bucket/{HEX}?sig=1", storage.addr);
+        let registry =
+            Server::start(
+                any_port(),
+                Some(pki.server(&["registry.test"])),
+                move |s| match s.headers.get("authorization") {
+                    Some(a) if a == ALICE => reply(307, &[("location", to.clone())]),
+                    _ => reply(401, &[]),
+                },
+            )
+            .await
+            .unwrap();
+        let b = blobs(&pki);
+        let origin = steered(&b, true, &registry);
+        let a = b
+            .authorize(&origin, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Allowed { size: None }), "{a:?}");
+        assert!(!storage.seen()[0].headers.contains_key("authorization"));
+    }
+
+    #[tokio::test]
+    async fn a_redirect_that_ends_in_neither_yes_nor_refusal_is_no() {
+        let pki = Pki::new();
+        let broken = Server::start(any_port(), None, |_| reply(503, &[]))
+            .await
+            .unwrap();
+        let to = format!("http://{}/bucket", broken.addr);
+        let redirecting =
+            Server::start(any_port(), Some(pki.server(&["registry.test"])), move |s| {
+                if s.target.contains(HEX) {
+                    reply(307, &[("location", to.clone())])
+                } else {
+                    reply(302, &[("location", s.target.clone())])
+                }
+            })
+            .await
+            .unwrap();
+        let b = blobs(&pki);
+        let origin = steered(&b, true, &redirecting);
+        let a = b
+            .authorize(&origin, "private/app", HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Unknown), "{a:?}");
+        // A redirect loop.
+        let a = b
+            .authorize(&origin, "private/app", OTHER_HEX, &creds(Some(ALICE)))
+            .await;
+        assert!(matches!(a, Authz::Unknown), "{a:?}");
+        assert!(
+            b.metrics
+                .encode()
+                .contains("damselfly_authz_checks_total{result=\"error\"} 2"),
+            "{}",
+            b.metrics.encode()
+        );
+    }
 }

@@ -23,7 +23,9 @@ impl RegistryService {
 
     pub async fn handle(&self, req: Request<Incoming>, origin: &OriginRef) -> Response<Body> {
         match route(req.method(), req.uri().path()) {
-            Route::Blob { repo, hex, .. } => self.blobs.serve(req, origin, &repo, &hex).await,
+            Route::Blob { repo, hex, .. } => {
+                self.blobs.serve(req, origin, &repo, &hex).await.response
+            }
             Route::Other => {
                 // Manifests, tags, tokens: in the connection's trace. The
                 // path only: a query may carry a token request's secrets.

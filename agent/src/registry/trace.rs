@@ -296,11 +296,7 @@ mod tests {
     use http_body_util::{BodyExt, Full};
 
     fn origin() -> OriginRef {
-        OriginRef {
-            scheme: "https",
-            host: "reg.io".into(),
-            port: 443,
-        }
+        OriginRef::new("https", "reg.io", 443)
     }
 
     #[test]

@@ -24,6 +24,13 @@ enum Cmd {
         /// Extra request header, `Name: value` (repeatable).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// `GET` or `HEAD`.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Connect to this address instead of the URL's host, which stays
+        /// the `Host` and the SNI.
+        #[arg(long)]
+        connect: Option<SocketAddr>,
     },
     /// Open and close `count` TCP connections to `addr` (connect cost benchmark).
     Connect {
@@ -31,7 +38,7 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         count: u32,
     },
-    /// Serve /bytes/<n> and /peer.
+    /// Serve /bytes/<n> and /peer (or, with --redirect-https or --record, every path).
     Serve {
         #[arg(long, value_delimiter = ',')]
         http: Vec<SocketAddr>,
@@ -41,6 +48,13 @@ enum Cmd {
         cert: Option<PathBuf>,
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Answer every request with 301 to https on the same host and path.
+        #[arg(long, conflicts_with = "record")]
+        redirect_https: bool,
+        /// Write every connection and request head to this file (JSON
+        /// lines) and answer every request 200.
+        #[arg(long)]
+        record: Option<PathBuf>,
     },
 }
 
@@ -52,12 +66,22 @@ fn main() -> anyhow::Result<()> {
         probe::set_comm(comm)?;
     }
     match cli.cmd {
-        Cmd::Get { url, ca, headers } => {
-            let r = probe::get_with(&url, ca.as_deref(), &headers).unwrap_or_else(|e| {
-                probe::GetResult {
-                    error: Some(format!("{e:#}")),
-                    ..Default::default()
-                }
+        Cmd::Get {
+            url,
+            ca,
+            headers,
+            method,
+            connect,
+        } => {
+            let how = probe::Get {
+                method: Some(method),
+                headers,
+                connect,
+                ca,
+            };
+            let r = probe::request(&url, &how).unwrap_or_else(|e| probe::GetResult {
+                error: Some(format!("{e:#}")),
+                ..Default::default()
             });
             println!("{}", serde_json::to_string(&r)?);
             if r.error.is_some() {
@@ -76,9 +100,16 @@ fn main() -> anyhow::Result<()> {
             https,
             cert,
             key,
+            redirect_https,
+            record,
         } => {
             let tls = cert.as_deref().zip(key.as_deref());
-            probe::serve(&http, &https, tls)
+            let how = match (redirect_https, record) {
+                (_, Some(file)) => probe::Serve::Record(file),
+                (true, None) => probe::Serve::RedirectHttps,
+                (false, None) => probe::Serve::Bytes,
+            };
+            probe::serve(&http, &https, tls, &how)
         }
     }
 }
