@@ -89,9 +89,9 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    let decision = if !same_netns(&ctx, cfg) {
-        Err(Pass::OtherNetns)
-    } else if first[0] == 127 {
+    // Cheapest checks first: most connects to a steered port that are not
+    // steered are from processes not in the list.
+    let decision = if first[0] == 127 {
         Err(Pass::Loopback)
     } else if EXCLUDE4.get(&Key::new(32, first)).is_some() {
         Err(Pass::Excluded)
@@ -99,6 +99,8 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         Err(Pass::NoListener)
     } else if !comm_allowed() {
         Err(Pass::Process)
+    } else if !same_netns(&ctx, cfg) {
+        Err(Pass::OtherNetns)
     } else if !remember(&ctx, &orig) {
         Err(Pass::TableFull)
     } else {
@@ -137,9 +139,7 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
     // loopback and exclusions apply to it.
     let mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == 0xffffu32.to_be();
     let v4 = dst[3].to_ne_bytes();
-    let decision = if !same_netns(&ctx, cfg) {
-        Err(Pass::OtherNetns)
-    } else if is_loopback6(&dst) || (mapped && v4[0] == 127) {
+    let decision = if is_loopback6(&dst) || (mapped && v4[0] == 127) {
         Err(Pass::Loopback)
     } else if EXCLUDE6.get(&Key::new(128, words_to_bytes(&dst))).is_some()
         || (mapped && EXCLUDE4.get(&Key::new(32, v4)).is_some())
@@ -149,6 +149,8 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         Err(Pass::NoListener)
     } else if !comm_allowed() {
         Err(Pass::Process)
+    } else if !same_netns(&ctx, cfg) {
+        Err(Pass::OtherNetns)
     } else if !remember(&ctx, &orig) {
         Err(Pass::TableFull)
     } else {
