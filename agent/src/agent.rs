@@ -14,7 +14,7 @@ use crate::{
     admin::{Admin, TlsAcceptor, fetch::Fetcher, metrics::Metrics},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
-    intercept::{Gateway, Interceptor},
+    intercept::{Gateway, Interceptor, drain::Drain},
     pki::ClusterPki,
     registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
@@ -71,11 +71,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut listen = Vec::new();
+    let drain = Drain::default();
     let steering = match steered {
         Some((steering, bound)) => {
             let interceptor = Arc::new(Interceptor {
                 steering: steering.clone(),
                 metrics: metrics.clone(),
+                drain: drain.clone(),
                 gateway,
             });
             listen = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
@@ -120,9 +122,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
     }
+    // Detach first: from here on new connections go straight to their
+    // destinations, and only the ones already here need us.
     if let Some(steering) = steering {
         steering.shutdown().context("removing pins")?;
-        info!("detached; pins removed");
+        info!(
+            in_flight = drain.active(),
+            "detached; pins removed; finishing the connections in flight"
+        );
+    }
+    drain.start();
+    if tokio::time::timeout(args.shutdown_grace, drain.idle())
+        .await
+        .is_err()
+    {
+        warn!(
+            cut = drain.active(),
+            grace = ?args.shutdown_grace,
+            "connections still open at the end of the grace period are cut"
+        );
     }
     Ok(())
 }

@@ -542,3 +542,37 @@ fn a_plain_http_registry_on_port_80_is_intercepted_by_host() {
         img.blob_digests().len() as f64
     );
 }
+
+#[test]
+fn sigterm_during_a_blob_download_detaches_at_once_and_lets_it_finish() {
+    let mut b = bed(None, &[]);
+    let img = Image::build_and_push(&b.tb, &b.origin, "team/big", "v1", &[100 * MB], 31).unwrap();
+    let (digest, size) = img.layers[0].clone();
+    let url = format!("https://{REGISTRY}/v2/team/big/blobs/{digest}");
+    // About 4 s for the layer through the origin's link.
+    b.tb.node(2).shape(&b.tb.hub, 200).unwrap();
+    std::thread::scope(|s| {
+        // One GET and no retry: a response cut by the agent would be an error
+        // here (containerd would quietly resume it from the origin).
+        let get = s.spawn(|| probe_get(b.tb.node(1), "ctr", &url, Some(&b.bundle)).unwrap());
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !get.is_finished(),
+            "the download must still be running when SIGTERM arrives"
+        );
+        b.agent.proc.signal(libc::SIGTERM);
+        let r = get.join().unwrap();
+        assert_eq!((r.error, r.status), (None, 200));
+        assert_eq!(format!("sha256:{}", r.sha256), digest);
+        assert_eq!(r.bytes, size);
+    });
+    let st = b.agent.proc.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "agent exit status {st}");
+    let log = b.agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("finishing the connections in flight"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(!line.contains("in_flight=0"), "{line}");
+    assert!(!log.contains("are cut"), "{log}");
+}

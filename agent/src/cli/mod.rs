@@ -137,6 +137,11 @@ pub struct AgentArgs {
     /// OpenTelemetry collector (OTLP/gRPC, e.g. http://jaeger:4317); traces are off without it.
     #[arg(long, env = "DAMSELFLY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// On SIGTERM/SIGINT: detach at once, then give the connections in flight
+    /// this long to finish before exiting (keep it below the pod's
+    /// terminationGracePeriodSeconds).
+    #[arg(long, env = "DAMSELFLY_SHUTDOWN_GRACE", default_value = "25s", value_parser = tracker::parse_duration)]
+    pub shutdown_grace: std::time::Duration,
 }
 
 /// The cluster PKI, for every command that authenticates to cluster members.

@@ -1,6 +1,7 @@
 //! Accept steered connections, name them from their first bytes, and carry
 //! them on, byte for byte, to where they were going.
 
+pub mod drain;
 pub mod peek;
 pub mod rewind;
 
@@ -24,6 +25,7 @@ use crate::{
     registry::{RegistryHosts, hosts, proxy::OriginRef, service::RegistryService},
     steer::Steering,
 };
+use drain::Drain;
 use peek::{PEEK_LIMIT, Peek};
 use rewind::Rewind;
 
@@ -38,6 +40,8 @@ const SPLICE_BUF: usize = 64 * 1024;
 pub struct Interceptor {
     pub steering: Arc<Steering>,
     pub metrics: Arc<Metrics>,
+    /// Connections carried now, and the signal to finish them (SIGTERM).
+    pub drain: Drain,
     /// Registry hosts are terminated and served; `None` splices everything.
     pub gateway: Option<Gateway>,
 }
@@ -69,6 +73,7 @@ impl Interceptor {
                 }
             };
             let this = self.clone();
+            let tracked = self.drain.track();
             // The requests on a terminated connection have traces of their
             // own (one per blob) that link back to this span.
             let span = info_span!(
@@ -86,6 +91,7 @@ impl Interceptor {
                     if let Err(e) = this.handle(client, peer).await {
                         debug!(%peer, error = %e, "steered connection ended with an error");
                     }
+                    drop(tracked);
                 }
                 .instrument(span),
             );
@@ -181,7 +187,7 @@ impl Interceptor {
         if tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());
             match acceptor.accept(stream).await {
-                Ok(s) => serve_http(s, gw.service.clone(), origin).await,
+                Ok(s) => serve_http(s, gw.service.clone(), origin, &self.drain).await,
                 Err(e) => {
                     // Most likely the client does not trust the node CA yet.
                     warn!(host = %origin.host, error = %e, "TLS handshake with the client failed");
@@ -189,7 +195,7 @@ impl Interceptor {
                 }
             }
         } else {
-            serve_http(stream, gw.service.clone(), origin).await
+            serve_http(stream, gw.service.clone(), origin, &self.drain).await
         }
     }
 
@@ -231,6 +237,7 @@ async fn serve_http<S>(
     stream: S,
     service: Arc<RegistryService>,
     origin: OriginRef,
+    drain: &Drain,
 ) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -243,10 +250,16 @@ where
         async move { Ok::<_, Infallible>(service.handle(req, &origin).await) }
             .instrument(conn.clone())
     });
-    auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .await
-        .map_err(io::Error::other)
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r.map_err(io::Error::other),
+        () = drain.started() => {}
+    }
+    // Stopping: answer what is in flight, take no new request, then close.
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(io::Error::other)
 }
 
 /// Read until the head can be classified, the limit is hit or the client closes.
