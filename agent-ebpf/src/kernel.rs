@@ -87,7 +87,7 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         family: AF_INET,
         addr: [dst, 0, 0, 0],
         port,
-        _pad: 0,
+        ..OrigDst::default()
     };
     // Cheapest checks first: most connects to a steered port that are not
     // steered are from processes not in the list.
@@ -133,7 +133,7 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         family: AF_INET6,
         addr: dst,
         port,
-        _pad: 0,
+        ..OrigDst::default()
     };
     // An IPv4-mapped destination (::ffff:a.b.c.d) is an IPv4 one: the IPv4
     // loopback and exclusions apply to it.
@@ -388,8 +388,13 @@ fn printable_comm() -> ([u8; COMM_LEN], usize) {
     (comm, len)
 }
 
+/// Stores `orig`, with who is connecting, under the socket's cookie.
 #[inline(always)]
 fn remember<C: EbpfContext>(ctx: &C, orig: &OrigDst) -> bool {
+    let mut orig = *orig;
+    orig.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    orig.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    let orig = &orig;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ORIG_BY_COOKIE
         .insert(cookie, orig, u64::from(BPF_ANY))

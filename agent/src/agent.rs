@@ -14,7 +14,7 @@ use crate::{
     admin::{Admin, TlsAcceptor, fetch::Fetcher, metrics::Metrics},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
-    intercept::{Gateway, Interceptor, drain::Drain},
+    intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
     pki::ClusterPki,
     registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
@@ -72,12 +72,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let mut listen = Vec::new();
     let drain = Drain::default();
+    // A client that started before the node CA was written cannot trust it.
+    let ca_written = std::fs::metadata(args.state_dir.join("ca").join("ca.crt"))
+        .and_then(|m| m.modified())
+        .ok();
+    let trust = Arc::new(ClientTrust::new(
+        ca_written,
+        steered.as_ref().is_some_and(|(s, _)| s.sees_global_pids()),
+    ));
     let steering = match steered {
         Some((steering, bound)) => {
             let interceptor = Arc::new(Interceptor {
                 steering: steering.clone(),
                 metrics: metrics.clone(),
                 drain: drain.clone(),
+                trust: trust.clone(),
                 gateway,
             });
             listen = bound.iter().filter_map(|l| l.local_addr().ok()).collect();
@@ -105,6 +114,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         steering: steering.clone(),
         metrics,
         fetch,
+        trust: Some(trust),
     });
     // With a cluster PKI the admin port also speaks mutual TLS: how seeds are
     // preheated from elsewhere in the cluster (see admin's module docs).

@@ -576,3 +576,70 @@ fn sigterm_during_a_blob_download_detaches_at_once_and_lets_it_finish() {
     assert!(!line.contains("in_flight=0"), "{line}");
     assert!(!log.contains("are cut"), "{log}");
 }
+
+#[test]
+fn a_runtime_that_does_not_trust_the_node_ca_still_pulls() {
+    // Both containerds trust the origin's CA only, never the node CA.
+    let tb = Testbed::new(3).expect("testbed");
+    let public_ca = TestCa::new("dfly test public CA").unwrap();
+    let origin = Origin::start(&tb, 2, REGISTRY, &public_ca, None).unwrap();
+    let bundle = tb.dir.join("public-only.pem");
+    fs::write(&bundle, public_ca.pem()).unwrap();
+    let flags = origin.agent_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // Node 1: the runtime was running before the agent made its CA (as on a
+    // node where `ca install` could not restart it): it cannot trust the CA,
+    // and its connections are spliced from the first one.
+    let early = Containerd::start(&tb, tb.node(1), &bundle).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let agent1 = Agent::start(&tb, tb.node(1), &flags).unwrap();
+    // Node 3: started after the CA, refuses our certificate once; from then
+    // on its connections to that registry are spliced.
+    let agent3 = Agent::start(&tb, tb.node(3), &flags).unwrap();
+    let late = Containerd::start(&tb, tb.node(3), &bundle).unwrap();
+
+    let img = Image::build_and_push(&tb, &origin, "team/app", "v1", &[5 * MB, 3 * MB], 41).unwrap();
+    early.cri_pull(&img.reference, None).unwrap();
+    let spliced = |agent: &Agent, mode: &str| {
+        m(
+            agent,
+            &format!("damselfly_intercept_connections_total{{mode=\"{mode}\"}}"),
+        )
+    };
+    assert!(spliced(&agent1, "splice-started-before-ca") >= 1.0);
+    assert_eq!(spliced(&agent1, "tls-refused"), 0.0);
+    assert_eq!(spliced(&agent1, "terminate"), 0.0);
+
+    let mut failures = Vec::new();
+    for _ in 0..2 {
+        match late.cri_pull(&img.reference, None) {
+            Ok(_) => break,
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    assert!(
+        failures.len() <= 1,
+        "more than one failed pull: {failures:#?}"
+    );
+    assert!(
+        failures.len() < 2,
+        "no pull succeeded: {failures:#?}\n{}",
+        agent3.log_text()
+    );
+    assert_eq!(
+        spliced(&agent3, "tls-refused"),
+        1.0,
+        "{}",
+        agent3.log_text()
+    );
+    assert!(spliced(&agent3, "splice-refused-ca") >= 1.0);
+    // Later pulls do not fail at all, and `damselfly status` says why.
+    let img2 = Image::build_and_push(&tb, &origin, "team/app", "v2", &[2 * MB], 42).unwrap();
+    late.cri_pull(&img2.reference, None).unwrap();
+    assert_eq!(spliced(&agent3, "tls-refused"), 1.0);
+    let (_, status) = agent3.node.http_get(agent3.admin, "/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let refused = &status["refused_ca"];
+    assert_eq!(refused[0]["comm"], "containerd", "{status}");
+    assert_eq!(refused[0]["host"], REGISTRY, "{status}");
+}

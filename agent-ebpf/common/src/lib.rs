@@ -73,8 +73,9 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
-/// Where a steered connection was going. Addresses are in network byte order
-/// (as in `struct bpf_sock_addr`); `port` is in host order.
+/// Where a steered connection was going, and who was connecting. Addresses
+/// are in network byte order (as in `struct bpf_sock_addr`); `port` is in
+/// host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -83,6 +84,10 @@ pub struct OrigDst {
     pub addr: [u32; 4],
     pub port: u16,
     pub _pad: u16,
+    /// The connecting process (tgid as the kernel counts them) and its task
+    /// name: whether a client trusts the node CA is a property of the client.
+    pub tgid: u32,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// A TCP endpoint, as the accepting agent sees its peer: the client's local

@@ -27,6 +27,7 @@ pub use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::{
+    intercept::trust::{ClientTrust, Refusal},
     steer::{AttachedProgram, PortCounters, Rules, Steering},
     upstream::Body,
 };
@@ -48,6 +49,10 @@ pub struct Status {
     pub rules: Rules,
     pub counters: Vec<PortCounters>,
     pub intercept: InterceptTotals,
+    /// Clients whose connections are spliced because they refused the node
+    /// CA's certificate: the runtime does not trust the CA (yet).
+    #[serde(default)]
+    pub refused_ca: Vec<Refusal>,
 }
 
 pub struct Admin {
@@ -58,6 +63,7 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// `None` with --splice-only (no cache, no registry client).
     pub fetch: Option<Fetcher>,
+    pub trust: Option<Arc<ClientTrust>>,
 }
 
 impl Admin {
@@ -79,6 +85,7 @@ impl Admin {
                 },
                 counters: Vec::new(),
                 intercept,
+                refused_ca: Vec::new(),
             };
         };
         Status {
@@ -92,6 +99,11 @@ impl Admin {
             rules: s.rules.clone(),
             counters: s.counters(),
             intercept,
+            refused_ca: self
+                .trust
+                .as_ref()
+                .map(|t| t.refusals())
+                .unwrap_or_default(),
         }
     }
 

@@ -79,6 +79,26 @@ pub fn render(s: &Status) -> String {
 
     out.push('\n');
     intercept_table(&mut out, s);
+    if !s.refused_ca.is_empty() {
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "These clients refused the node CA; their connections are spliced to the origin \
+             (`damselfly ca install`, then restart the runtime):"
+        );
+        let rows: Vec<[String; 3]> = s
+            .refused_ca
+            .iter()
+            .map(|r| {
+                [
+                    r.comm.clone(),
+                    r.host.clone(),
+                    format!("{} s ago", r.seconds_ago),
+                ]
+            })
+            .collect();
+        table(&mut out, ["CLIENT", "REGISTRY", "REFUSED"], &rows);
+    }
     out
 }
 
@@ -156,8 +176,17 @@ mod tests {
                 bytes_upstream: 10,
                 bytes_downstream: 99,
             },
+            refused_ca: vec![crate::intercept::trust::Refusal {
+                comm: "containerd".into(),
+                host: "ghcr.io".into(),
+                seconds_ago: 42,
+            }],
         };
         let text = render(&s);
+        assert!(
+            text.contains("refused the node CA") && text.contains("containerd  ghcr.io   42 s ago"),
+            "{text}"
+        );
         assert!(
             text.contains("damselfly_conn4  cgroup/connect4  7"),
             "{text}"

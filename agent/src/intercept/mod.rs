@@ -4,6 +4,7 @@
 pub mod drain;
 pub mod peek;
 pub mod rewind;
+pub mod trust;
 
 use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,11 +24,12 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use crate::{
     admin::metrics::Metrics,
     registry::{RegistryHosts, hosts, proxy::OriginRef, service::RegistryService},
-    steer::Steering,
+    steer::{Client, Steering},
 };
 use drain::Drain;
 use peek::{PEEK_LIMIT, Peek};
 use rewind::Rewind;
+use trust::ClientTrust;
 
 /// How long to wait for a client's first bytes. Registry clients speak first;
 /// after this we splice without a name.
@@ -42,6 +44,8 @@ pub struct Interceptor {
     pub metrics: Arc<Metrics>,
     /// Connections carried now, and the signal to finish them (SIGTERM).
     pub drain: Drain,
+    /// Clients that do not trust the node CA get their connections spliced.
+    pub trust: Arc<ClientTrust>,
     /// Registry hosts are terminated and served; `None` splices everything.
     pub gateway: Option<Gateway>,
 }
@@ -99,17 +103,27 @@ impl Interceptor {
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) -> io::Result<()> {
-        let Some(orig) = self.steering.take_original(peer) else {
+        let Some(original) = self.steering.take_original(peer) else {
             // Not steered by our programs (someone dialled the listener directly).
             warn!(%peer, "connection without an original destination; closing");
             return Ok(());
         };
+        let orig = original.dest;
         let _ = client.set_nodelay(true);
         let mut head = Vec::with_capacity(4096);
         let seen = timeout(PEEK_TIMEOUT, peek_head(&mut client, &mut head))
             .await
             .unwrap_or(Peek::Other);
-        let plan = self.plan(&seen);
+        let mut plan = self.plan(&seen);
+        let mut splice_as = "splice";
+        if let Plan::Terminate { tls: true, host } = &plan
+            && let Some(why) = self.trust.check(&original.client, host)
+        {
+            // Our certificate would be refused: the origin's own, spliced.
+            debug!(client = ?original.client, %host, ?why, "client does not trust the node CA: splicing");
+            splice_as = why.label();
+            plan = Plan::Splice;
+        }
         let span = Span::current();
         span.record("dest", field::display(orig));
         span.record("proto", seen.protocol());
@@ -130,7 +144,7 @@ impl Interceptor {
         );
         if let (Plan::Terminate { tls, host }, Some(gw)) = (plan, &self.gateway) {
             return self
-                .terminate(gw, client, Bytes::from(head), orig, tls, host)
+                .terminate(gw, client, Bytes::from(head), &original, tls, host)
                 .await;
         }
 
@@ -146,7 +160,7 @@ impl Interceptor {
             }
         };
         let _ = upstream.set_nodelay(true);
-        self.metrics.intercept_connection("splice");
+        self.metrics.intercept_connection(splice_as);
         self.splice(client, upstream, &head).await
     }
 
@@ -177,26 +191,41 @@ impl Interceptor {
         gw: &Gateway,
         client: TcpStream,
         head: Bytes,
-        orig: SocketAddr,
+        original: &crate::steer::Original,
         tls: bool,
         host: String,
     ) -> io::Result<()> {
         self.metrics.intercept_connection("terminate");
-        let origin = OriginRef::steered(gw.service.upstream(), tls, &host, orig);
+        let origin = OriginRef::steered(gw.service.upstream(), tls, &host, original.dest);
         let stream = Rewind::new(head, client);
         if tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());
             match acceptor.accept(stream).await {
                 Ok(s) => serve_http(s, gw.service.clone(), origin, &self.drain).await,
                 Err(e) => {
-                    // Most likely the client does not trust the node CA yet.
-                    warn!(host = %origin.host, error = %e, "TLS handshake with the client failed");
+                    if trust::is_refusal(&e) {
+                        self.refused(&original.client, &origin.host);
+                    } else {
+                        warn!(host = %origin.host, error = %e, "TLS handshake with the client failed");
+                    }
                     Err(e)
                 }
             }
         } else {
             serve_http(stream, gw.service.clone(), origin, &self.drain).await
         }
+    }
+
+    /// The client answered our certificate with an alert: it does not trust
+    /// the node CA. Its retry, and its next connections to `host`, are spliced.
+    fn refused(&self, client: &Client, host: &str) {
+        warn!(
+            comm = %client.comm, pid = client.tgid, %host,
+            "the client refused the node CA's certificate: splicing its connections to this host \
+             (install the CA with `damselfly ca install` and restart the runtime)"
+        );
+        self.trust.refused(client, host);
+        self.metrics.intercept_connection("tls-refused");
     }
 
     async fn splice(

@@ -71,6 +71,33 @@ pub enum SteerError {
     KernelLog(String),
 }
 
+/// A steered connection as the kernel saw it being made.
+#[derive(Debug, Clone)]
+pub struct Original {
+    /// Where the client was connecting.
+    pub dest: SocketAddr,
+    pub client: Client,
+}
+
+/// The process that made a steered connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Client {
+    /// Thread-group id in the initial pid namespace.
+    pub tgid: u32,
+    /// The connecting thread's name (`comm`), as the steer list matched it.
+    pub comm: String,
+}
+
+impl Client {
+    fn from_kernel(tgid: u32, comm: &[u8]) -> Self {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        Self {
+            tgid,
+            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+        }
+    }
+}
+
 /// Where steered connects are sent: the agent's own listeners. A family
 /// without a listener is not steered.
 #[derive(Debug, Clone, Copy, Default)]
@@ -105,6 +132,8 @@ pub struct Steering {
     counters: PerCpuArray<MapData, Counters>,
     /// Forwards the programs' aya-log records while the log shows `damselfly::kernel` at debug.
     log_reader: Option<tokio::task::JoinHandle<()>>,
+    /// This process as the kernel counts tgids (`u32::MAX`: unknown).
+    agent_tgid: u32,
 }
 
 impl Steering {
@@ -197,7 +226,7 @@ impl Steering {
         }
 
         // Nothing is steered until the kernel knows who the agent is.
-        identify_agent(&mut ebpf, &probe, rules.ports[0])?;
+        let agent_tgid = identify_agent(&mut ebpf, &probe, rules.ports[0])?;
         let orig_by_addr = take_map(&mut ebpf, maps::ORIG_BY_ADDR, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS, PerCpuArray::try_from)?;
         Ok(Self {
@@ -209,18 +238,28 @@ impl Steering {
             orig_by_addr: Mutex::new(orig_by_addr),
             counters,
             log_reader,
+            agent_tgid,
         })
     }
 
     /// The destination a steered connection was headed for, found by the
     /// client's endpoint (our accepted socket's peer). The entry is consumed:
     /// a later unrelated connection from a reused port must not match it.
-    pub fn take_original(&self, client: SocketAddr) -> Option<SocketAddr> {
+    pub fn take_original(&self, client: SocketAddr) -> Option<Original> {
         let key = sock_key(client);
         let mut map = self.orig_by_addr.lock().unwrap_or_else(|e| e.into_inner());
         let orig = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        orig_to_socket_addr(&orig)
+        Some(Original {
+            dest: orig_to_socket_addr(&orig)?,
+            client: Client::from_kernel(orig.tgid, &orig.comm),
+        })
+    }
+
+    /// Whether the tgids the kernel reports name entries of our `/proc`:
+    /// only if we live in the initial pid namespace (`hostPID`).
+    pub fn sees_global_pids(&self) -> bool {
+        self.agent_tgid == std::process::id()
     }
 
     /// Connect counters per steered port, summed over CPUs.
@@ -320,7 +359,7 @@ fn sockopt_u64(fd: &std::os::fd::OwnedFd, opt: libc::c_int) -> std::io::Result<u
 /// hook has run) lets the kernel record the agent's tgid in the config. If it
 /// did not, the agent is outside the cgroup it steers and the programs never
 /// see its connects: no tgid has to be excluded.
-fn identify_agent(ebpf: &mut Ebpf, probe: &Probe, port: u16) -> Result<(), SteerError> {
+fn identify_agent(ebpf: &mut Ebpf, probe: &Probe, port: u16) -> Result<u32, SteerError> {
     use std::os::fd::AsRawFd;
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
@@ -352,7 +391,7 @@ fn identify_agent(ebpf: &mut Ebpf, probe: &Probe, port: u16) -> Result<(), Steer
     } else {
         tracing::debug!(tgid = config.agent_tgid, "the kernel knows the agent");
     }
-    Ok(())
+    Ok(config.agent_tgid)
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, SteerError>
@@ -524,7 +563,7 @@ mod tests {
                 family: k.family,
                 addr: k.addr,
                 port: k.port,
-                _pad: 0,
+                ..OrigDst::default()
             };
             assert_eq!(orig_to_socket_addr(&orig), Some(addr));
         }
