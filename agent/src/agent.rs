@@ -249,7 +249,8 @@ fn start_swarm(
         me,
         crate::tracker::server::DEFAULT_HEARTBEAT,
         crate::tracker::tls::client_config(pki).context("cluster certificates")?,
-    )?;
+    )?
+    .with_metrics(metrics.tracker_hook());
     let swarm = Arc::new(Swarm {
         tracker,
         peers: peers.clone(),

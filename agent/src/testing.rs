@@ -110,9 +110,13 @@ impl TestCa {
         fs::write(&ca, self.pem()).expect("writing the CA");
         fs::write(&crt, cert).expect("writing a certificate");
         fs::write(&k, key).expect("writing a key");
-        [("--cluster-ca", ca), ("--cluster-cert", crt), ("--cluster-key", k)]
-            .into_iter()
-            .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
-            .collect()
+        [
+            ("--cluster-ca", ca),
+            ("--cluster-cert", crt),
+            ("--cluster-key", k),
+        ]
+        .into_iter()
+        .flat_map(|(f, p)| [f.to_string(), p.display().to_string()])
+        .collect()
     }
 }

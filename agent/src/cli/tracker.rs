@@ -26,6 +26,14 @@ pub struct TrackerArgs {
         default_value_t = crate::tracker::server::DEFAULT_MAX_CONNECTIONS
     )]
     pub max_connections: usize,
+    /// Requests handled at once; more are refused. For tests.
+    #[arg(
+        long,
+        env = "DAMSELFLY_TRACKER_MAX_IN_FLIGHT",
+        default_value_t = crate::tracker::server::MAX_IN_FLIGHT,
+        hide = true
+    )]
+    pub max_in_flight: usize,
     /// Heartbeat interval peers are told to keep (leases last 1.5x). For tests.
     #[arg(
         long,

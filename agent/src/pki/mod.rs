@@ -600,7 +600,8 @@ pub fn node_identity(cert: &CertificateDer<'_>) -> Option<String> {
     let mut names: Vec<String> = san_names(&cert)
         .into_iter()
         .filter(|n| {
-            !n.eq_ignore_ascii_case(PEER_SERVER_NAME) && !n.eq_ignore_ascii_case(TRACKER_SERVER_NAME)
+            !n.eq_ignore_ascii_case(PEER_SERVER_NAME)
+                && !n.eq_ignore_ascii_case(TRACKER_SERVER_NAME)
         })
         .collect();
     names.sort();

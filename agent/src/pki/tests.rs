@@ -64,7 +64,13 @@ fn check(ca: &str, cert: &str, key: &str) -> Result<ClusterPki, Problem> {
 }
 
 fn check_at(ca: &str, cert: &str, key: &str, now: UnixTime) -> Result<ClusterPki, Problem> {
-    ClusterPki::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes(), Role::Peer, now)
+    ClusterPki::from_pem(
+        ca.as_bytes(),
+        cert.as_bytes(),
+        key.as_bytes(),
+        Role::Peer,
+        now,
+    )
 }
 
 /// The problem `tweak` causes in the node certificate.
@@ -283,7 +289,9 @@ fn files_are_named_in_the_message() {
         "{e}"
     );
     std::fs::write(&files.key, key).unwrap();
-    let e = ClusterPki::load(&files, Role::Peer).unwrap_err().to_string();
+    let e = ClusterPki::load(&files, Role::Peer)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!(
@@ -332,7 +340,11 @@ fn the_tracker_needs_its_own_name_and_server_auth_only() {
         tracker(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]),
     )
     .unwrap_err();
-    assert_problem(&p, Part::Cert, &["lacks serverAuth", "the tracker is a TLS server"]);
+    assert_problem(
+        &p,
+        Part::Cert,
+        &["lacks serverAuth", "the tracker is a TLS server"],
+    );
 }
 
 #[test]

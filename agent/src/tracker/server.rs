@@ -67,6 +67,9 @@ pub const CONNECTION_WINDOW: u32 = 64 * 1024;
 pub const MAX_STREAMS: u32 = 32;
 /// For a request to arrive whole and be handled.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most one open connection costs besides its requests: `C` in the
+/// module doc's bound.
+pub const CONNECTION_COST: u64 = 256 * 1024;
 
 /// How a tracker serves: its lease interval and limits.
 #[derive(Debug, Clone)]
@@ -78,6 +81,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The most the tracker's RSS can be with these limits, given `base`,
+    /// the RSS of the process at rest (see the module doc).
+    pub fn memory_bound(&self, base: u64) -> u64 {
+        base + self.limits.max_bytes
+            + (self.max_in_flight as u64) * 2 * self.limits.max_message() as u64
+            + self.max_connections as u64 * CONNECTION_COST
+    }
+
     pub fn new(heartbeat: Duration) -> Self {
         Self {
             heartbeat,
@@ -158,10 +169,7 @@ pub async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(
-            incoming(listener, tls, cfg.max_connections),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming(listener, tls, cfg.max_connections), shutdown)
         .await;
     sweeper.abort();
     result
@@ -182,7 +190,7 @@ pub async fn run(args: crate::cli::tracker::TrackerArgs) -> anyhow::Result<()> {
         heartbeat: args.heartbeat,
         limits: Limits::with_max_bytes(args.max_state),
         max_connections: args.max_connections,
-        max_in_flight: MAX_IN_FLIGHT,
+        max_in_flight: args.max_in_flight,
     };
     let listener = TcpListener::bind(args.listen)
         .await
@@ -192,6 +200,7 @@ pub async fn run(args: crate::cli::tracker::TrackerArgs) -> anyhow::Result<()> {
         heartbeat = ?cfg.heartbeat,
         max_state = cfg.limits.max_bytes,
         max_connections = cfg.max_connections,
+        memory_bound = cfg.memory_bound(10 << 20),
         "tracker listening (TLS)"
     );
     let mut term = signal(SignalKind::terminate())?;

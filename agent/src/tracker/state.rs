@@ -210,9 +210,7 @@ pub enum StateError {
     TooManyDigests { id: String, max: usize },
     #[error("{digest} already has {max} holders, the most one blob may")]
     TooManyHolders { digest: Digest, max: usize },
-    #[error(
-        "{what} needs {needed} more bytes of tracker state: {used} of {max} in use{whose}"
-    )]
+    #[error("{what} needs {needed} more bytes of tracker state: {used} of {max} in use{whose}")]
     OutOfMemory {
         what: &'static str,
         needed: u64,
@@ -252,7 +250,9 @@ impl PeerInfo {
 
     fn heap(&self) -> u64 {
         // The id is kept twice: as the map key and in the record.
-        (2 * self.id.capacity() + self.quic_addr.capacity() + self.node.capacity()
+        (2 * self.id.capacity()
+            + self.quic_addr.capacity()
+            + self.node.capacity()
             + self.zone.capacity()) as u64
     }
 }
@@ -931,13 +931,26 @@ mod tests {
             s.register(&by(id), info(id, zone), load, t0).unwrap();
         }
         let all: Vec<u64> = (0..10).collect();
-        s.announce(&by("far-full"), "far-full", ann(&all, vec![]), t0).unwrap();
-        s.announce(&by("near-few"), "near-few", ann(&[1], vec![]), t0).unwrap();
-        s.announce(&by("near-many-busy"), "near-many-busy", ann(&[1, 2, 3], vec![]), t0)
+        s.announce(&by("far-full"), "far-full", ann(&all, vec![]), t0)
             .unwrap();
-        s.announce(&by("near-many-idle"), "near-many-idle", ann(&[4, 5, 6], vec![]), t0)
+        s.announce(&by("near-few"), "near-few", ann(&[1], vec![]), t0)
             .unwrap();
-        s.announce(&by("far-few"), "far-few", ann(&[9], vec![]), t0).unwrap();
+        s.announce(
+            &by("near-many-busy"),
+            "near-many-busy",
+            ann(&[1, 2, 3], vec![]),
+            t0,
+        )
+        .unwrap();
+        s.announce(
+            &by("near-many-idle"),
+            "near-many-idle",
+            ann(&[4, 5, 6], vec![]),
+            t0,
+        )
+        .unwrap();
+        s.announce(&by("far-few"), "far-few", ann(&[9], vec![]), t0)
+            .unwrap();
 
         let f = s.find(&digest(), "asker", "a", 0, t0).unwrap();
         assert_eq!(
@@ -988,13 +1001,18 @@ mod tests {
         let mut s = State::new(HB);
         s.register(&by("me"), info("me", "a"), 0, t0).unwrap();
         s.register(&by("other"), info("other", "a"), 0, t0).unwrap();
-        s.register(&by("starting"), info("starting", "a"), 0, t0).unwrap();
-        s.announce(&by("me"), "me", ann(&[0, 1, 2], vec![]), t0).unwrap();
-        s.announce(&by("other"), "other", ann(&[0], vec![]), t0).unwrap();
-        s.announce(&by("starting"), "starting", ann(&[], vec![]), t0).unwrap();
+        s.register(&by("starting"), info("starting", "a"), 0, t0)
+            .unwrap();
+        s.announce(&by("me"), "me", ann(&[0, 1, 2], vec![]), t0)
+            .unwrap();
+        s.announce(&by("other"), "other", ann(&[0], vec![]), t0)
+            .unwrap();
+        s.announce(&by("starting"), "starting", ann(&[], vec![]), t0)
+            .unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
         assert_eq!(ids(&f), ["other", "starting"]);
-        s.withdraw(&by("starting"), "starting", &digest(), t0).unwrap();
+        s.withdraw(&by("starting"), "starting", &digest(), t0)
+            .unwrap();
         // Only the asker holds it: still an answer (geometry, hashes), no peers.
         s.withdraw(&by("other"), "other", &digest(), t0).unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
@@ -1053,9 +1071,12 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(HB);
         s.register(&by("quiet"), info("quiet", "a"), 0, t0).unwrap();
-        s.register(&by("chatty"), info("chatty", "a"), 0, t0).unwrap();
-        s.announce(&by("quiet"), "quiet", ann(&[0], vec![]), t0).unwrap();
-        s.announce(&by("chatty"), "chatty", ann(&[1], vec![]), t0).unwrap();
+        s.register(&by("chatty"), info("chatty", "a"), 0, t0)
+            .unwrap();
+        s.announce(&by("quiet"), "quiet", ann(&[0], vec![]), t0)
+            .unwrap();
+        s.announce(&by("chatty"), "chatty", ann(&[1], vec![]), t0)
+            .unwrap();
 
         // The server sweeps every quarter interval; walk time like it does.
         let mut now = t0;
@@ -1137,7 +1158,8 @@ mod tests {
         }
         let h = |b: u8| Some([b; 32]);
         // a knows pieces 0-1, b knows 1-2 (agrees on 1), c lies about 2.
-        s.announce(&by("a"), "a", ann(&[0], vec![h(0), h(1)]), t0).unwrap();
+        s.announce(&by("a"), "a", ann(&[0], vec![h(0), h(1)]), t0)
+            .unwrap();
         s.announce(&by("b"), "b", ann(&[1], vec![None, h(1), h(2)]), t0)
             .unwrap();
         let f = s.find(&digest(), "x", "", 0, t0).unwrap();
@@ -1196,7 +1218,10 @@ mod tests {
         ));
         let mut bad = info("r", "");
         bad.quic_addr.clear();
-        assert_eq!(s.register(&by("r"), bad, 0, t0), Err(StateError::IncompletePeer));
+        assert_eq!(
+            s.register(&by("r"), bad, 0, t0),
+            Err(StateError::IncompletePeer)
+        );
     }
 
     fn from(ip: [u8; 4]) -> Caller {
@@ -1294,9 +1319,15 @@ mod tests {
         ));
         assert!(matches!(
             s.register(&me, info(&long, ""), 0, t0),
-            Err(StateError::TooLong { what: "peer id", .. })
+            Err(StateError::TooLong {
+                what: "peer id",
+                ..
+            })
         ));
-        assert_eq!((s.peer_count(), s.blob_count(), s.bytes()), (peers, 0, bytes));
+        assert_eq!(
+            (s.peer_count(), s.blob_count(), s.bytes()),
+            (peers, 0, bytes)
+        );
         // The largest honest blob is fine.
         let max = s.limits().max_pieces;
         let f = s.find_and_join(&me, &digest(), "p", "", 0, Some((max * 4, 4)), t0);
@@ -1335,7 +1366,15 @@ mod tests {
             // A join with other numbers is answered (the asker compares the
             // size and goes to the origin) but not recorded.
             let f = s
-                .find_and_join(&by("b"), &digest(), "b", "", 0, Some((size, piece_size)), t0)
+                .find_and_join(
+                    &by("b"),
+                    &digest(),
+                    "b",
+                    "",
+                    0,
+                    Some((size, piece_size)),
+                    t0,
+                )
                 .unwrap()
                 .unwrap();
             assert_eq!((f.size, f.piece_size), (10, 1));
@@ -1422,7 +1461,11 @@ mod tests {
         };
         assert!(matches!(e, StateError::OutOfMemory { .. }), "{e}");
         assert!(s.bytes() <= per_caller, "{} > {per_caller}", s.bytes());
-        assert!(s.bytes() + 40_000 > per_caller, "stopped early at {}", s.bytes());
+        assert!(
+            s.bytes() + 40_000 > per_caller,
+            "stopped early at {}",
+            s.bytes()
+        );
 
         // Many callers: the whole state stops at its budget.
         let mut refused = 0;

@@ -281,7 +281,10 @@ async fn a_cluster_certificate_without_the_peer_name_is_refused_both_ways() {
 
     let c = client(&not_a_peer());
     let e = c.fetch_piece(srv.local_addr(), &fx.digest, 0, PS).await;
-    assert!(e.is_err(), "a client without the peer name was served: {e:?}");
+    assert!(
+        e.is_err(),
+        "a client without the peer name was served: {e:?}"
+    );
     assert_eq!(out.load(Ordering::Relaxed), 0);
 
     let fake = server(&not_a_peer(), Arc::new(fx.store.clone()), |_| {});
@@ -319,10 +322,7 @@ async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
     // application reads, which it never does.
     let mut t = super::transport(IDLE_TIMEOUT, KEEP_ALIVE, 0);
     t.stream_receive_window(quinn::VarInt::from_u32(1024));
-    let config = ca
-        .tls(&ca, "stalling")
-        .client_config(Arc::new(t))
-        .unwrap();
+    let config = ca.tls(&ca, "stalling").client_config(Arc::new(t)).unwrap();
     let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
     endpoint.set_default_client_config(config);
     let conn = endpoint
@@ -343,7 +343,10 @@ async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
     }
     let t0 = Instant::now();
     while srv.pieces_in_memory() < 8 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "requests never arrived");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(srv.peers_serving(), 1);
