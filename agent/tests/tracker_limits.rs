@@ -157,6 +157,26 @@ async fn hostile_requests_get_errors_and_the_tracker_stays_up_within_its_memory_
     let (base, _) = t.memory();
     let t0 = Instant::now();
 
+    // What an open connection costs at rest (TLS and HTTP/2 state), against
+    // the server::CONNECTION_COST the bound counts (which also covers full
+    // buffers).
+    let shared = ca.peer("idle");
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        let mut c = connect(addr, &shared).await.unwrap();
+        let probe = pb::FindRequest {
+            digest: Digest::of(b"nothing").to_string(),
+            ..Default::default()
+        };
+        c.find(probe).await.unwrap();
+        idle.push(c);
+    }
+    let (with_idle, _) = t.memory();
+    let per_connection = with_idle.saturating_sub(base) / 40;
+    eprintln!("an idle connection costs {} KiB", per_connection / 1024);
+    assert!(per_connection <= server::CONNECTION_COST);
+    drop(idle);
+
     // Without a cluster certificate nothing gets through.
     let outsider = TestCa::new("elsewhere");
     let refused = match connect(addr, &outsider.peer("intruder")).await {

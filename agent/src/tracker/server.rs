@@ -21,11 +21,11 @@
 //!   A request's slot lasts until its answer is sent or its connection
 //!   closed, and a connection whose writes stall for
 //!   [`super::tls::STALL_TIMEOUT`] is closed.
-//! - `max_connections` (`--max-connections`), each costing at most `C`: TLS
-//!   buffers, HTTP/2 state and the [`CONNECTION_WINDOW`] of request bytes
-//!   not yet read, about 200 KiB (see `agent/tests/tracker_limits.rs`,
-//!   which measures it).
-//! - `B0`: the process at rest, about 10 MiB.
+//! - `max_connections` (`--max-connections`), each costing at most
+//!   `C` = [`CONNECTION_COST`] (256 KiB): TLS buffers, HTTP/2 state and the
+//!   [`CONNECTION_WINDOW`] of request bytes not yet read. An idle one
+//!   measures about 100 KiB (`agent/tests/tracker_limits.rs`).
+//! - `B0`: the process at rest, about 10 MiB (23 MiB in a debug build).
 
 use std::{
     future::Future,
