@@ -17,7 +17,7 @@
 //! - `max_in_flight` requests at once ([`MAX_IN_FLIGHT`]; more are refused
 //!   with `RESOURCE_EXHAUSTED`), each holding at most its decoded request and
 //!   its encoded answer, both at most `max_message`
-//!   ([`Limits::max_message`], 1.1 MiB by default; the gRPC size limit).
+//!   ([`Limits::max_message`], 744 KiB by default; the gRPC size limit).
 //!   A request's slot lasts until its answer is sent or its connection
 //!   closed, and a connection whose writes stall for
 //!   [`super::tls::STALL_TIMEOUT`] is closed.
