@@ -237,6 +237,10 @@ mod tests {
         };
         assert_eq!(t.listen, "0.0.0.0:7400".parse().unwrap());
         assert_eq!(t.heartbeat, std::time::Duration::from_secs(5));
+        assert_eq!(t.max_state, 256 << 20);
+        assert_eq!(t.max_connections, 4096);
+        // The certificates are checked at startup, with a message, not by clap.
+        assert_eq!(t.cluster.cluster_ca, None);
     }
 
     #[test]
