@@ -4,7 +4,9 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr},
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
@@ -48,6 +50,9 @@ static ORIG_BY_ADDR: LruHashMap<SockKey, OrigDst, MAX_CONNS> = LruHashMap::new()
 /// Why a connect to a steered port was left alone (counted as passed).
 #[derive(Clone, Copy)]
 enum Pass {
+    /// A process in another network namespace (a pod's): our loopback
+    /// listener is not there for it to reach.
+    OtherNetns,
     Loopback,
     Excluded,
     NoListener,
@@ -59,6 +64,7 @@ impl Pass {
     #[inline(always)]
     fn reason(self) -> &'static str {
         match self {
+            Pass::OtherNetns => "another network namespace",
             Pass::Loopback => "loopback",
             Pass::Excluded => "excluded destination",
             Pass::NoListener => "no listener of this family",
@@ -71,7 +77,7 @@ impl Pass {
 #[cgroup_sock_addr(connect4)]
 pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some((cfg, slot)) = steerable(sa) else {
+    let Some((cfg, slot)) = steerable(&ctx, sa) else {
         return ALLOW;
     };
     let dst = sa.user_ip4;
@@ -83,7 +89,9 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    let decision = if first[0] == 127 {
+    let decision = if !same_netns(&ctx, cfg) {
+        Err(Pass::OtherNetns)
+    } else if first[0] == 127 {
         Err(Pass::Loopback)
     } else if EXCLUDE4.get(&Key::new(32, first)).is_some() {
         Err(Pass::Excluded)
@@ -114,7 +122,7 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some((cfg, slot)) = steerable(sa) else {
+    let Some((cfg, slot)) = steerable(&ctx, sa) else {
         return ALLOW;
     };
     let dst = read_ip6(sa);
@@ -125,9 +133,17 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         port,
         _pad: 0,
     };
-    let decision = if is_loopback6(&dst) {
+    // An IPv4-mapped destination (::ffff:a.b.c.d) is an IPv4 one: the IPv4
+    // loopback and exclusions apply to it.
+    let mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == 0xffffu32.to_be();
+    let v4 = dst[3].to_ne_bytes();
+    let decision = if !same_netns(&ctx, cfg) {
+        Err(Pass::OtherNetns)
+    } else if is_loopback6(&dst) || (mapped && v4[0] == 127) {
         Err(Pass::Loopback)
-    } else if EXCLUDE6.get(&Key::new(128, words_to_bytes(&dst))).is_some() {
+    } else if EXCLUDE6.get(&Key::new(128, words_to_bytes(&dst))).is_some()
+        || (mapped && EXCLUDE4.get(&Key::new(32, v4)).is_some())
+    {
         Err(Pass::Excluded)
     } else if cfg.listen6_port == 0 {
         Err(Pass::NoListener)
@@ -217,18 +233,36 @@ pub fn damselfly_sops(ctx: SockOpsContext) -> u32 {
 /// A TCP connect to a port in the set, from anyone but the agent: the config
 /// and the port's counter slot. `None` means "not ours, don't count".
 #[inline(always)]
-fn steerable(sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
+fn steerable(ctx: &SockAddrContext, sa: &bpf_sock_addr) -> Option<(&'static Config, u32)> {
     if sa.type_ != SOCK_STREAM || (sa.protocol != 0 && sa.protocol != IPPROTO_TCP) {
         return None;
     }
     let cfg = CONFIG.get(0)?;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // The agent's own connects (to the origins it splices to) are not client
     // connects: neither steered nor counted.
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.agent_tgid {
+    if tgid == cfg.agent_tgid {
         return None;
     }
     let slot = *unsafe { PORTS.get(port_of(sa)) }?;
+    if cfg.agent_tgid == 0 {
+        // Not started yet: the agent's probe connect names its tgid (the
+        // global one, which the agent cannot know inside a pid namespace).
+        // Until then nothing is steered: the agent's own connects must never be.
+        if cfg.probe_cookie != 0
+            && unsafe { bpf_get_socket_cookie(ctx.as_ptr()) } == cfg.probe_cookie
+            && let Some(c) = CONFIG.get_ptr_mut(0)
+        {
+            unsafe { (*c).agent_tgid = tgid };
+        }
+        return None;
+    }
     Some((cfg, slot))
+}
+
+#[inline(always)]
+fn same_netns(ctx: &SockAddrContext, cfg: &Config) -> bool {
+    cfg.netns_cookie == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == cfg.netns_cookie
 }
 
 /// `user_ip6` word by word: the kernel only allows 4-byte context accesses

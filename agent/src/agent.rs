@@ -11,7 +11,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{Admin, fetch::Fetcher, metrics::Metrics},
+    admin::{Admin, TlsAcceptor, fetch::Fetcher, metrics::Metrics},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor},
@@ -104,7 +104,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         metrics,
         fetch,
     });
-    tokio::spawn(admin.serve(admin_listener));
+    // With a cluster PKI the admin port also speaks mutual TLS: how seeds are
+    // preheated from elsewhere in the cluster (see admin's module docs).
+    let admin_tls = match &pki {
+        Some(pki) => Some(TlsAcceptor::from(Arc::new(
+            PeerTls::new(pki)?.tls_server(b"http/1.1")?,
+        ))),
+        None => None,
+    };
+    tokio::spawn(admin.serve(admin_listener, admin_tls));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

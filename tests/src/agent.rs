@@ -55,6 +55,8 @@ pub struct Agent {
     env: Vec<(String, String)>,
     /// Started from this mount namespace instead of the test's (see [`Node::command_from`]).
     mnt_ns: Option<PathBuf>,
+    /// Started through this command line (e.g. `unshare --pid --fork`), the agent's after it.
+    wrapper: Vec<String>,
     log: PathBuf,
     starts: u32,
 }
@@ -72,7 +74,18 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        Self::launch(tb, node, extra, env, None)
+        Self::launch(tb, node, extra, env, None, &[])
+    }
+
+    /// [`Agent::start`] through `wrapper` (a command line that runs the
+    /// agent's, e.g. `unshare --pid --fork --kill-child --`).
+    pub fn start_wrapped(
+        tb: &Testbed,
+        node: &Node,
+        extra: &[&str],
+        wrapper: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::launch(tb, node, extra, &[], None, wrapper)
     }
 
     /// [`Agent::start`] in a mount namespace made from `mnt_ns` (`/proc/PID/ns/mnt`),
@@ -83,7 +96,7 @@ impl Agent {
         extra: &[&str],
         mnt_ns: &Path,
     ) -> anyhow::Result<Self> {
-        Self::launch(tb, node, extra, &[], Some(mnt_ns.to_path_buf()))
+        Self::launch(tb, node, extra, &[], Some(mnt_ns.to_path_buf()), &[])
     }
 
     fn launch(
@@ -92,6 +105,7 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
         mnt_ns: Option<PathBuf>,
+        wrapper: &[&str],
     ) -> anyhow::Result<Self> {
         let state = tb.dir.join(format!("state-n{}", node.index));
         let mut args: Vec<String> = vec![
@@ -118,6 +132,7 @@ impl Agent {
             args,
             env,
             mnt_ns,
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
             log,
             starts: 0,
         };
@@ -144,9 +159,15 @@ impl Agent {
     /// Start again with the same flags (after [`Agent::kill`] or [`Agent::terminate`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.proc.kill();
-        let mut cmd = self
-            .node
-            .command_from(damselfly_bin()?, self.mnt_ns.as_deref())?;
+        let bin = damselfly_bin()?;
+        let mut cmd = match self.wrapper.split_first() {
+            None => self.node.command_from(&bin, self.mnt_ns.as_deref())?,
+            Some((program, args)) => {
+                let mut c = self.node.command_from(program, self.mnt_ns.as_deref())?;
+                c.args(args).arg(&bin);
+                c
+            }
+        };
         // The test's own env (e.g. DAMSELFLY_LOG) wins over the default level.
         cmd.args(&self.args)
             .env(

@@ -12,12 +12,7 @@ use flate2::{Compression, write::GzEncoder};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{
-    body,
-    origin::Origin,
-    testbed::{Mount, Testbed},
-    tools,
-};
+use crate::{body, origin::Origin, testbed::Testbed, tools};
 
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
@@ -115,18 +110,10 @@ pub fn push(
     repo: &str,
     tag: &str,
 ) -> anyhow::Result<Image> {
-    let skopeo = tools::need("skopeo", "skopeo")?;
-    let tmp = tb.dir.join("skopeo-tmp");
-    fs::create_dir_all(&tmp)?;
     let reference = origin.reference(repo, tag);
-    // containers/image keeps root's blob info cache in
-    // /var/lib/containers/cache: an overlay keeps it off the host.
-    let mut cmd = origin
-        .node
-        .command_with(skopeo, &[Mount::overlay("/var/lib", &tmp)?])?;
+    let mut cmd = tools::skopeo(&origin.node, &tb.dir.join("skopeo-tmp"))?;
     tools::isolate_env(&mut cmd, &origin.ca_pem, &origin.ca_dir);
-    cmd.env("TMPDIR", &tmp)
-        .args(["--insecure-policy", "copy", "--quiet", "--dest-cert-dir"])
+    cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-cert-dir"])
         .arg(&origin.ca_dir);
     if let Some((u, p)) = origin.creds() {
         cmd.args(["--dest-creds", &format!("{u}:{p}")]);

@@ -33,6 +33,8 @@ pub struct Testbed {
     pub tag: String,
     pub hub: String,
     pub nodes: Vec<Node>,
+    /// Network namespaces of pods made with [`Testbed::pod`].
+    pods: Vec<String>,
     /// Scratch space for this run (certificates, logs, state dirs).
     pub dir: PathBuf,
 }
@@ -63,6 +65,7 @@ impl Testbed {
             hub: format!("{tag}-hub"),
             tag,
             nodes: Vec::new(),
+            pods: Vec::new(),
             dir,
         };
         // From here on, Drop cleans up whatever was made, also on error.
@@ -141,7 +144,35 @@ impl Testbed {
         Ok(())
     }
 
+    /// A pod on node `i`: a network namespace of its own (only `lo`, with
+    /// 10.99.`i`.1/32 added: reachable from nowhere else)
+    /// inside the node's cgroup, as every pod's processes are. Commands run
+    /// in it through the returned [`Node`].
+    pub fn pod(&mut self, i: usize) -> anyhow::Result<Node> {
+        let node = self.node(i).clone();
+        let name = format!("{}-pod", node.name);
+        self.pods.push(name.clone());
+        ip(&["netns", "add", &name])?;
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        // On `lo` (this kernel has no dummy links): still not a loopback
+        // address, so a connect to it is one the programs would steer.
+        let ip4 = Ipv4Addr::new(10, 99, i as u8, 1);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ip4}/32"),
+            "dev",
+            "lo",
+        ])?;
+        Ok(Node { name, ip4, ..node })
+    }
+
     pub fn cleanup(&mut self) {
+        for pod in self.pods.drain(..) {
+            let _ = quiet_ip(&["netns", "del", &pod]);
+        }
         for node in &self.nodes {
             remove_node(&node.name, &node.cgroup);
         }

@@ -8,6 +8,8 @@ use std::{
 
 use anyhow::{Context, bail};
 
+use crate::testbed::{Mount, Node};
+
 /// The path of `bin` in `$PATH`, or an error naming the package to install.
 /// A missing tool fails the test; it never skips it.
 pub fn need(bin: &str, package: &str) -> anyhow::Result<PathBuf> {
@@ -26,6 +28,17 @@ fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     p.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `skopeo` inside `node`, its scratch files under `scratch`: containers/image
+/// keeps root's blob info cache in /var/lib/containers/cache, so an overlay
+/// over /var/lib keeps it off the host, and TMPDIR its layer copies.
+pub fn skopeo(node: &Node, scratch: &Path) -> anyhow::Result<Command> {
+    let bin = need("skopeo", "skopeo")?;
+    std::fs::create_dir_all(scratch)?;
+    let mut cmd = node.command_with(bin, &[Mount::overlay("/var/lib", scratch)?])?;
+    cmd.env("TMPDIR", scratch);
+    Ok(cmd)
 }
 
 /// Trust exactly `bundle` (Go reads SSL_CERT_FILE and SSL_CERT_DIR; the

@@ -314,15 +314,11 @@ fn skopeo_copies_through_the_agent() {
         Image::build_and_push(&b.tb, &b.origin, "team/app", "v1", &[5 * MB, 2 * MB], 4).unwrap();
     for round in 0..2 {
         let out = b.tb.dir.join(format!("copied-{round}"));
-        let mut cmd =
-            b.tb.node(1)
-                .command(tools::need("skopeo", "skopeo").unwrap())
-                .unwrap();
+        let mut cmd = tools::skopeo(b.tb.node(1), &b.tb.dir.join("skopeo")).unwrap();
         let empty = b.tb.dir.join("no-certs");
         fs::create_dir_all(&empty).unwrap();
         tools::isolate_env(&mut cmd, &b.bundle, &empty);
-        cmd.env("TMPDIR", &b.tb.dir)
-            .args(["--insecure-policy", "copy", "--quiet"])
+        cmd.args(["--insecure-policy", "copy", "--quiet"])
             .arg(format!("docker://{}", img.reference))
             .arg(format!("dir:{}", out.display()));
         tools::run(&mut cmd).unwrap();

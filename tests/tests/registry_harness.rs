@@ -166,16 +166,13 @@ fn a_private_origin_serves_only_the_right_credentials() {
 fn skopeo_copies_from_the_origin_inside_a_node() {
     let b = bed(None);
     let out = b.tb.dir.join("copied");
-    let mut cmd =
-        b.tb.node(1)
-            .command(tools::need("skopeo", "skopeo").unwrap())
-            .unwrap();
+    let scratch = b.tb.dir.join("skopeo");
+    let mut cmd = tools::skopeo(b.tb.node(1), &scratch).unwrap();
     // Trust via SSL_CERT_FILE only (no --src-cert-dir).
     let empty = b.tb.dir.join("no-certs");
     fs::create_dir_all(&empty).unwrap();
     tools::isolate_env(&mut cmd, &b.origin.ca_pem, &empty);
-    cmd.env("TMPDIR", &b.tb.dir)
-        .args(["--insecure-policy", "copy", "--quiet"])
+    cmd.args(["--insecure-policy", "copy", "--quiet"])
         .arg(format!("docker://{}", b.image.reference))
         .arg(format!("dir:{}", out.display()));
     tools::run(&mut cmd).unwrap();
@@ -195,7 +192,7 @@ fn skopeo_copies_from_the_origin_inside_a_node() {
     assert!(b.origin.wait_blob_bytes(b.image.layer_bytes(), SETTLE) >= b.image.layer_bytes());
 
     // The test CA is needed: with the machine's roots only, the copy fails.
-    let mut cmd = b.tb.node(1).command("skopeo").unwrap();
+    let mut cmd = tools::skopeo(b.tb.node(1), &scratch).unwrap();
     tools::isolate_env(&mut cmd, Path::new("/dev/null"), &empty);
     cmd.args(["--insecure-policy", "inspect", "--raw"])
         .arg(format!("docker://{}", b.image.reference));

@@ -18,6 +18,8 @@ const MB: u64 = 1000 * 1000;
 /// Node 1: a seed agent (admin on its node address). Node 2: a pulling node
 /// (agent + containerd). Node 3: the private origin registry and the tracker.
 struct Bed {
+    /// Node 2's --cluster-ca/cert/key: what `preheat` shows an https seed.
+    pki2: Vec<String>,
     seed: Agent,
     agent: Agent,
     containerd: Containerd,
@@ -42,9 +44,17 @@ impl Bed {
         flags.extend(["--seed", "--admin", "0.0.0.0:7402"].map(String::from));
         let seed = Agent::start(&tb, tb.node(1), &strs(&flags)).unwrap();
 
-        let agent = Agent::start(&tb, tb.node(2), &strs(&common(2))).unwrap();
+        let flags2 = common(2);
+        let pki2 = flags2
+            .chunks(2)
+            .filter(|kv| kv[0].starts_with("--cluster-"))
+            .flatten()
+            .cloned()
+            .collect();
+        let agent = Agent::start(&tb, tb.node(2), &strs(&flags2)).unwrap();
         let containerd = Containerd::start_for(&tb, &agent, &public_ca).unwrap();
         Self {
+            pki2,
             seed,
             agent,
             containerd,
@@ -54,8 +64,28 @@ impl Bed {
         }
     }
 
+    /// From another node a seed is reached over mutual TLS.
     fn seed_url(&self) -> String {
-        format!("http://{}", self.tb.node(1).addr4(7402))
+        format!("https://{}", self.tb.node(1).addr4(7402))
+    }
+
+    /// `damselfly preheat REF --seed URL` from node 2 with the origin's
+    /// credentials, then `extra`.
+    fn preheat(&self, reference: &str, seed: &str, extra: &[&str]) -> Output {
+        let creds = self.creds();
+        let ca = self.origin.ca_pem.display().to_string();
+        let mut args = vec![
+            "preheat",
+            reference,
+            "--seed",
+            seed,
+            "--creds",
+            &creds,
+            "--upstream-ca",
+            &ca,
+        ];
+        args.extend(extra);
+        self.cli(2, &args)
     }
 
     /// `damselfly ARGS` inside node `node`, trusting the origin's CA only, with
@@ -106,27 +136,92 @@ fn sha256_file(path: &Path) -> String {
 }
 
 #[test]
+fn a_seed_serves_blobs_off_its_node_only_to_a_cluster_certificate() {
+    let b = Bed::new();
+    let img = Image::build_and_push(&b.tb, &b.origin, "team/private", "v1", &[MB], 22).unwrap();
+    let seed = b.tb.node(1).addr4(7402);
+    let blob = format!(
+        "https://{REGISTRY}/v2/team/private/blobs/{}",
+        img.layers[0].0
+    );
+    let fetch = format!(
+        "/v1/fetch?url={}",
+        blob.replace(':', "%3A").replace('/', "%2F")
+    );
+    // Plain HTTP from another node: probes and Prometheus, nothing else.
+    for (path, want) in [
+        ("/healthz", 200),
+        ("/metrics", 200),
+        ("/status", 403),
+        (fetch.as_str(), 403),
+    ] {
+        let (code, body) = b.tb.node(2).http_get(seed, path).unwrap();
+        assert_eq!(code, want, "{path}: {body}");
+        if want == 403 {
+            assert!(body.contains("certificate of the cluster CA"), "{body}");
+        }
+    }
+    let out = b.preheat(&img.reference, &format!("http://{seed}"), &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("403"),
+        "{}",
+        text(&out)
+    );
+    // Over TLS the seed asks for a certificate of the cluster CA: curl with
+    // node 2's gets /status, with another CA's or none gets no HTTP answer.
+    let outsider = TestCa::new("not the cluster CA").unwrap();
+    let (crt, key) = outsider
+        .issue(&["damselfly-peer"])
+        .unwrap()
+        .write(&b.tb.dir, "outsider")
+        .unwrap();
+    let flag = |name: &str| {
+        let i = b.pki2.iter().position(|f| f == name).unwrap();
+        b.pki2[i + 1].clone()
+    };
+    let curl = |cert: Option<(&str, &str)>| -> (bool, String) {
+        let mut cmd = b.tb.node(2).command("curl").unwrap();
+        // -k: the seed's certificate names damselfly-peer, not its address;
+        // what is tested here is whom the seed lets in.
+        cmd.args(["-sk", "-o", "-", "-w", "%{http_code}"]);
+        if let Some((crt, key)) = cert {
+            cmd.args(["--cert", crt, "--key", key]);
+        }
+        let out = cmd.arg(format!("https://{seed}/status")).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, body) = curl(Some((&flag("--cluster-cert"), &flag("--cluster-key"))));
+    assert!(
+        ok && body.ends_with("200") && body.contains("\"seed\": true"),
+        "{body}"
+    );
+    for cert in [Some((crt.to_str().unwrap(), key.to_str().unwrap())), None] {
+        let (ok, body) = curl(cert);
+        assert!(!ok && !body.contains("seed"), "{cert:?}: {body}");
+    }
+    // https without any certificate is refused before anything is sent.
+    let out = b.preheat(&img.reference, &b.seed_url(), &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--cluster-ca"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(b.origin.blob_bytes_sent(), 0, "nothing was fetched");
+}
+
+#[test]
 fn a_preheated_seed_serves_a_whole_pull_with_no_origin_blob_bytes() {
     let b = Bed::new();
     let img =
         Image::build_and_push(&b.tb, &b.origin, "team/app", "v1", &[24 * MB, 8 * MB], 21).unwrap();
     let seed_url = b.seed_url();
-    let creds = b.creds();
-    let ca = b.origin.ca_pem.display().to_string();
     // Run from the pulling node: preheat talks to the seed over the network.
-    let out = b.cli(
-        2,
-        &[
-            "preheat",
-            &img.reference,
-            "--seed",
-            &seed_url,
-            "--creds",
-            &creds,
-            "--upstream-ca",
-            &ca,
-        ],
-    );
+    let out = b.preheat(&img.reference, &seed_url, &strs(&b.pki2));
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -183,19 +278,7 @@ fn a_preheated_seed_serves_a_whole_pull_with_no_origin_blob_bytes() {
     );
 
     // A second preheat finds everything in the seed's cache.
-    let out = b.cli(
-        2,
-        &[
-            "preheat",
-            &img.reference,
-            "--seed",
-            &seed_url,
-            "--creds",
-            &creds,
-            "--upstream-ca",
-            &ca,
-        ],
-    );
+    let out = b.preheat(&img.reference, &seed_url, &strs(&b.pki2));
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
@@ -274,8 +357,9 @@ fn get_writes_verified_blobs_and_an_oci_layout_through_the_agent() {
             "{d} missing"
         );
     }
-    let skopeo = tools::need("skopeo", "skopeo").unwrap();
-    let out = std::process::Command::new(&skopeo)
+    let scratch = b.tb.dir.join("skopeo");
+    let skopeo = || tools::skopeo(b.tb.node(1), &scratch).unwrap();
+    let out = skopeo()
         .args(["inspect", &format!("oci:{layout_s}")])
         .output()
         .unwrap();
@@ -291,7 +375,7 @@ fn get_writes_verified_blobs_and_an_oci_layout_through_the_agent() {
     let want: Vec<&str> = img.layers.iter().map(|l| l.0.as_str()).collect();
     assert_eq!(layers, want);
     let copy = b.tb.dir.join("copied");
-    let out = std::process::Command::new(&skopeo)
+    let out = skopeo()
         .args(["--insecure-policy", "copy", "--quiet"])
         .arg(format!("oci:{layout_s}"))
         .arg(format!("dir:{}", copy.display()))

@@ -239,6 +239,84 @@ fn kernel_logs_each_steering_decision_only_when_asked() {
 }
 
 #[test]
+fn a_process_in_a_pods_network_namespace_is_not_steered() {
+    // A pod's process: in the node's cgroup (as every pod's is) but in a
+    // network namespace of its own, where the agent's loopback listener is
+    // not. Steered there, `ctr` would reach nothing at all.
+    let mut b = bed(&[]);
+    let pod = b.tb.pod(1).unwrap();
+    let _server = start_server(&b.tb, &pod, &[pod.addr4(80)], &[], None).unwrap();
+    let r = probe_get(
+        &pod,
+        "ctr",
+        &format!("http://{}/bytes/1000", pod.addr4(80)),
+        None,
+    )
+    .unwrap();
+    assert_eq!((r.error, r.status), (None, 200));
+    assert_eq!(r.peer, pod.addr4(80).to_string());
+    assert_eq!(b.agent.steered(80).unwrap(), 0.0);
+    assert_eq!(b.agent.passed(80).unwrap(), 1.0);
+    // The node's own namespace is steered as ever.
+    let r = get(
+        &b,
+        "ctr",
+        &format!("http://{}/bytes/1000", b.tb.node(2).addr4(80)),
+    );
+    assert_eq!((r.error, r.status), (None, 200));
+    assert_eq!(b.agent.steered(80).unwrap(), 1.0);
+}
+
+#[test]
+fn ipv4_mapped_ipv6_destinations_obey_the_ipv4_exclusions_and_loopback() {
+    let b = bed(&["--steer-exclude", "10.213.0.0/24"]);
+    let mapped = format!("[::ffff:{}]:80", b.tb.node(2).ip4);
+    let r = get(&b, "ctr", &format!("http://{mapped}/bytes/1000"));
+    assert_eq!((r.error, r.status), (None, 200));
+    let r = get(&b, "ctr", "http://[::ffff:127.0.0.1]:80/");
+    assert!(
+        r.error.is_some(),
+        "nothing listens on the node's 127.0.0.1:80"
+    );
+    assert_eq!(b.agent.steered(80).unwrap(), 0.0);
+    assert_eq!(b.agent.passed(80).unwrap(), 2.0);
+    assert_eq!(b.agent.spliced().unwrap(), 0.0);
+}
+
+#[test]
+fn an_agent_in_its_own_pid_namespace_never_steers_its_own_connects() {
+    // In a container without hostPID the agent's pid is not the tgid the
+    // kernel sees. Its threads' names (tokio's workers, its main thread) are
+    // in the steer list here, so a connect of its own that the kernel failed
+    // to recognise would come back to it (a loop) instead of reaching the server.
+    let tb = Testbed::new(2).expect("testbed");
+    let srv = tb.node(2).clone();
+    let _server = start_server(&tb, &srv, &[srv.addr4(80)], &[], None).unwrap();
+    let agent = Agent::start_wrapped(
+        &tb,
+        tb.node(1),
+        &["--steer-comm", "ctr,tokio-rt-worker,damselfly"],
+        &["unshare", "--pid", "--fork", "--kill-child", "--"],
+    )
+    .unwrap();
+    let (_, status) = agent.node.http_get(agent.admin, "/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pid"], 1, "the agent runs as pid 1 of its namespace");
+
+    let r = probe_get(
+        tb.node(1),
+        "ctr",
+        &format!("http://{}/bytes/{MB50}", srv.addr4(80)),
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.error, None, "{}", agent.log_text());
+    assert_eq!(r.sha256, body::sha256(MB50, MB50));
+    assert_eq!(agent.steered(80).unwrap(), 1.0);
+    assert_eq!(agent.spliced().unwrap(), 1.0);
+}
+
+#[test]
 fn excluded_ipv4_cidr_is_not_steered() {
     let b = bed(&["--steer-exclude", "10.213.0.0/24"]);
     let r = get(

@@ -51,7 +51,9 @@ pub const AF_INET6: u32 = 10;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// Thread-group id of the agent: its sockets are never steered.
+    /// Thread-group id of the agent as the kernel sees it (in the initial pid
+    /// namespace): its sockets are never steered. 0 until the kernel has
+    /// recorded it from the agent's probe connect; nothing is steered until then.
     pub agent_tgid: u32,
     /// Steering listener for IPv4 clients, address in network byte order.
     pub listen4_addr: u32,
@@ -60,6 +62,15 @@ pub struct Config {
     /// Listener ports in host byte order; 0 means "no listener of that family: don't steer".
     pub listen4_port: u16,
     pub listen6_port: u16,
+    pub _pad: u32,
+    /// Cookie of the agent's probe socket: a connect from it tells the kernel
+    /// the agent's tgid (the agent may live in a pid namespace of its own and
+    /// not know its global tgid). Only the agent holds that socket.
+    pub probe_cookie: u64,
+    /// Network namespace of the agent's listeners (`SO_NETNS_COOKIE`): only
+    /// connects from that namespace are steered, as only they can reach a
+    /// loopback listener there. 0: unknown (kernel < 5.14), don't check.
+    pub netns_cookie: u64,
 }
 
 /// Where a steered connection was going. Addresses are in network byte order

@@ -1,18 +1,29 @@
 //! Admin HTTP: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON for
 //! `damselfly status`), `/v1/fetch` (blobs for `damselfly get` and `preheat`).
+//!
+//! Who may ask for what: `/healthz` and `/metrics` answer anyone who reaches
+//! the address (probes, Prometheus). Everything else (blob bytes, the node's
+//! configuration) only a caller on loopback (this node: `damselfly get`,
+//! `status`, `kubectl port-forward`) or one that presents a certificate of the
+//! cluster CA over TLS (`damselfly preheat` to a seed). TLS is offered on the
+//! same port, told apart by its first byte, when the agent has a cluster PKI.
 
 pub mod fetch;
 pub mod metrics;
 pub mod trace;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+pub use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::{
@@ -84,32 +95,68 @@ impl Admin {
         }
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Serve `listener`; with `tls`, a connection whose first byte is a TLS
+    /// handshake is served over TLS, its client certificate checked by `tls`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let this = self.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.route(req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
-                    warn!(error = %e, "admin connection");
+                let local = peer.ip().to_canonical().is_loopback();
+                let result = match tls {
+                    Some(tls) if starts_with_tls(&stream).await => {
+                        match timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                            // rustls has verified the client's chain to the cluster CA.
+                            Ok(Ok(stream)) => this.serve_connection(stream, true).await,
+                            Ok(Err(e)) => Err(e.into()),
+                            Err(_) => return,
+                        }
+                    }
+                    _ => this.serve_connection(stream, local).await,
+                };
+                if let Err(e) = result {
+                    warn!(error = %e, %peer, "admin connection");
                 }
             });
         }
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn serve_connection<S>(
+        self: Arc<Self>,
+        stream: S,
+        trusted: bool,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = service_fn(move |req| {
+            let this = self.clone();
+            async move { Ok::<_, Infallible>(this.route(req, trusted).await) }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await?;
+        Ok(())
+    }
+
+    async fn route(&self, req: Request<Incoming>, trusted: bool) -> Response<Body> {
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
         }
-        match req.uri().path() {
+        let path = req.uri().path();
+        if !trusted && !matches!(path, "/healthz" | "/metrics") {
+            return text(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{path} answers only callers on this node (loopback) or with a certificate \
+                     of the cluster CA (https, mutual TLS); /healthz and /metrics answer anyone\n"
+                ),
+            );
+        }
+        match path {
             fetch::PATH => match &self.fetch {
                 Some(f) => f.handle(req).await,
                 None => text(
@@ -143,6 +190,18 @@ impl Admin {
             ),
         }
     }
+}
+
+/// A slow or silent client gets this long to start and finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS record starts with content type 22 (handshake); no HTTP request does.
+async fn starts_with_tls(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == 0x16
+    )
 }
 
 fn text(code: StatusCode, body: String) -> Response<Body> {

@@ -14,21 +14,26 @@ use indicatif::HumanBytes;
 
 use crate::{
     cli::{
+        ClusterPkiArgs,
         get::short,
         transfer::{AgentFetch, Discard, RegistryArgs, drain, progress, rate},
     },
     oci::{
         BlobUrl, Reference,
-        client::Platforms,
+        client::{Platforms, RegistryClient},
         manifest::{Descriptor, Platform},
     },
+    swarm::peer::PeerTls,
+    upstream::Upstream,
 };
 
 #[derive(Debug, Args)]
 pub struct PreheatArgs {
     /// The image: host/repo:tag, host/repo@sha256:..., docker.io names.
     pub reference: String,
-    /// Seed agents' admin URLs (e.g. http://seed-0.damselfly-seed:7402).
+    /// Seed agents' admin URLs: https://HOST:7402 from anywhere in the cluster
+    /// (mutual TLS with --cluster-*; the chart's seeds are
+    /// `<release>-seed-N.<release>-seed:7402`), or http:// on the seed's own node.
     #[arg(
         long = "seed",
         env = "DAMSELFLY_SEED_ADMIN",
@@ -47,6 +52,9 @@ pub struct PreheatArgs {
     pub parallel: usize,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    /// The cluster certificate that https:// seeds require of their callers.
+    #[command(flatten)]
+    pub cluster: ClusterPkiArgs,
 }
 
 /// How one seed did with one blob.
@@ -69,10 +77,22 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("resolving {reference}"))?;
     let blobs = resolved.blobs();
+    // An https:// seed is reached with the cluster's mutual TLS: the seed
+    // serves blobs to nobody else from off the node.
+    let to_seeds = if args.seeds.iter().any(|s| s.starts_with("https://")) {
+        let pki = args.cluster.load("an https:// --seed", crate::pki::Role::Peer)?;
+        let tls = PeerTls::new(&pki)?.tls_client(b"http/1.1")?;
+        Arc::new(RegistryClient::new(
+            Upstream::with_tls(tls),
+            args.registry.credential(&reference.registry)?,
+        ))
+    } else {
+        registry.clone()
+    };
     let seeds: Vec<Arc<AgentFetch>> = args
         .seeds
         .iter()
-        .map(|s| Arc::new(AgentFetch::new(s, registry.clone())))
+        .map(|s| Arc::new(AgentFetch::new(s, to_seeds.clone())))
         .collect();
 
     let started = Instant::now();

@@ -65,6 +65,8 @@ pub enum SteerError {
     },
     #[error("the kernel object has no {0}")]
     Missing(&'static str),
+    #[error("the agent's probe socket: {0}")]
+    Probe(std::io::Error),
     #[error("reading the kernel programs' log: {0}")]
     KernelLog(String),
 }
@@ -144,7 +146,8 @@ impl Steering {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &level, true)
             .load(OBJECT)?;
-        configure(&mut ebpf, &rules, listeners)?;
+        let probe = Probe::new().map_err(SteerError::Probe)?;
+        configure(&mut ebpf, &rules, listeners, &probe)?;
         // Logging off still creates the ring buffer; nobody needs to read it.
         let log_reader = if kernel_log {
             Some(klog::spawn_reader(&mut ebpf)?)
@@ -193,6 +196,8 @@ impl Steering {
             });
         }
 
+        // Nothing is steered until the kernel knows who the agent is.
+        identify_agent(&mut ebpf, &probe, rules.ports[0])?;
         let orig_by_addr = take_map(&mut ebpf, maps::ORIG_BY_ADDR, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS, PerCpuArray::try_from)?;
         Ok(Self {
@@ -253,6 +258,103 @@ impl Steering {
     }
 }
 
+/// A socket only the agent holds. Its cookie goes into the config; its one
+/// connect tells the kernel the agent's tgid as the kernel counts them, which
+/// the agent cannot know itself in a container without `hostPID`.
+struct Probe {
+    fd: std::os::fd::OwnedFd,
+    cookie: u64,
+    /// The agent's network namespace: only connects from it are steered.
+    netns_cookie: u64,
+}
+
+impl Probe {
+    fn new() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the fd is owned from here on.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh fd nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let cookie = sockopt_u64(&fd, libc::SO_COOKIE)?;
+        // SO_NETNS_COOKIE is Linux 5.14+; without it every namespace is steered, as before.
+        let netns_cookie = sockopt_u64(&fd, 71).unwrap_or(0);
+        Ok(Self {
+            fd,
+            cookie,
+            netns_cookie,
+        })
+    }
+}
+
+fn sockopt_u64(fd: &std::os::fd::OwnedFd, opt: libc::c_int) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a u64 out-parameter with its length.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The probe's connect (to a steered port on loopback: refused or not, the
+/// hook has run) lets the kernel record the agent's tgid in the config. If it
+/// did not, the agent is outside the cgroup it steers and the programs never
+/// see its connects: no tgid has to be excluded.
+fn identify_agent(ebpf: &mut Ebpf, probe: &Probe, port: u16) -> Result<(), SteerError> {
+    use std::os::fd::AsRawFd;
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid sockaddr_in and its length; non-blocking, so this returns at once.
+    unsafe {
+        libc::connect(
+            probe.fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    let name = maps::CONFIG;
+    let map_err = |source| SteerError::Map { name, source };
+    let mut cfg: Array<_, Config> =
+        Array::try_from(ebpf.map_mut(name).ok_or(SteerError::Missing(name))?).map_err(map_err)?;
+    let mut config = cfg.get(&0, 0).map_err(map_err)?;
+    if config.agent_tgid == 0 {
+        tracing::info!(
+            "the agent is outside the cgroup it steers: its own connects are never seen"
+        );
+        config.agent_tgid = u32::MAX;
+        cfg.set(0, config, 0).map_err(map_err)?;
+    } else {
+        tracing::debug!(tgid = config.agent_tgid, "the kernel knows the agent");
+    }
+    Ok(())
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, SteerError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -271,7 +373,12 @@ fn take_map<T>(
     convert(map).map_err(|source| SteerError::Map { name, source })
 }
 
-fn configure(ebpf: &mut Ebpf, rules: &Rules, listeners: Listeners) -> Result<(), SteerError> {
+fn configure(
+    ebpf: &mut Ebpf,
+    rules: &Rules,
+    listeners: Listeners,
+    probe: &Probe,
+) -> Result<(), SteerError> {
     fn map_mut<'a>(
         ebpf: &'a mut Ebpf,
         name: &'static str,
@@ -281,7 +388,10 @@ fn configure(ebpf: &mut Ebpf, rules: &Rules, listeners: Listeners) -> Result<(),
     let map_err = |name: &'static str| move |source| SteerError::Map { name, source };
 
     let mut config = Config {
-        agent_tgid: std::process::id(),
+        // Set by the kernel from the probe's connect (see `Probe`).
+        agent_tgid: 0,
+        probe_cookie: probe.cookie,
+        netns_cookie: probe.netns_cookie,
         ..Default::default()
     };
     if let Some(SocketAddr::V4(a)) = listeners.v4 {

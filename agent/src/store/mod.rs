@@ -47,7 +47,10 @@ pub mod layout;
 use std::{
     fs::{self, File, OpenOptions},
     io,
-    os::{fd::AsRawFd, unix::fs::FileExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, OpenOptionsExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
@@ -186,6 +189,9 @@ impl Store {
         }
         let blobs = state_dir.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        // Private layers live here: only the agent (root) may read them, whatever
+        // mode an older version gave the directory or its files.
+        fs::set_permissions(&blobs, fs::Permissions::from_mode(0o700)).map_err(io_err(&blobs))?;
         let inner = Arc::new(Inner {
             blobs,
             piece_size,
@@ -453,6 +459,7 @@ impl Store {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&part)
             .map_err(io_err(&part))?;
         allocate(&data, size).map_err(io_err(&part))?;
@@ -466,6 +473,7 @@ impl Store {
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
         // Zeros are "no piece held"; the sums region stays sparse until written.

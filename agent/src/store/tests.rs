@@ -471,3 +471,21 @@ fn pieces_of_a_blob_being_written_are_served_verified() {
         piece(&data, 1)
     );
 }
+
+#[test]
+fn cached_blobs_are_readable_by_the_agent_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("store");
+    // A directory an older version (or the umask) left open to everyone.
+    let blobs = dir.0.join("blobs");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::set_permissions(&blobs, fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&blobs), 0o700);
+    put(&store, &blob(3 * 1024, 7));
+    for entry in fs::read_dir(&blobs).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+}

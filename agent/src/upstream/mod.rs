@@ -122,9 +122,18 @@ impl Upstream {
         if roots.is_empty() {
             return Err(UpstreamError::NoRoots);
         }
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        Ok(Self::with_tls(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        ))
+    }
+
+    /// A client with its own TLS settings (e.g. the cluster's mutual TLS, to
+    /// reach a seed's admin server).
+    pub fn with_tls(mut tls: rustls::ClientConfig) -> Self {
+        // hyper-rustls offers the ALPN of the HTTP versions it speaks itself.
+        tls.alpn_protocols.clear();
         let learned = Learned::default();
         let mut http = HttpConnector::new_with_resolver(Resolver(learned.clone()));
         http.enforce_http(false);
@@ -138,7 +147,7 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
-        Ok(Self { client, learned })
+        Self { client, learned }
     }
 
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {

@@ -491,6 +491,16 @@ def test_ca_uninstall_daemonset():
     assert spec["tolerations"] == [{"operator": "Exists"}]
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_pod_gets_a_service_account_token(rendered, variant):
+    """Nothing in Damselfly talks to the Kubernetes API: a token in a pod is only loot."""
+    ca_uninstall = [d for d in yaml.safe_load_all((ROOT / "deploy/ca-uninstall.yaml").read_text()) if d]
+    for o in rendered[variant] + ca_uninstall:
+        spec = o.get("spec", {}).get("template", {}).get("spec")
+        if spec:
+            assert spec.get("automountServiceAccountToken") is False, o["metadata"]["name"]
+
+
 def test_manifests_match_a_fresh_render():
     assert render.stale() == [], "deploy/manifests is stale: run `cargo xtask manifests`"
     kustomization = yaml.safe_load((render.MANIFESTS / "kustomization.yaml").read_text())

@@ -28,8 +28,12 @@ use quinn::{
     crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig},
 };
 use rustls::{
-    RootCertStore,
-    pki_types::{CertificateDer, PrivateKeyDer},
+    DigitallySignedStruct, RootCertStore, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    },
+    pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
 };
 
 pub use crate::pki::PEER_SERVER_NAME;
@@ -86,17 +90,43 @@ impl PeerTls {
         })
     }
 
-    pub fn server_config(
-        &self,
-        transport: Arc<TransportConfig>,
-    ) -> Result<quinn::ServerConfig, TlsError> {
+    /// TLS 1.3, a client certificate chaining to the cluster CA required;
+    /// for QUIC ([`PeerTls::server_config`]) and the admin server's HTTPS.
+    pub fn tls_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let id = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
         let verifier = peer_client_verifier(self.roots.clone())?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain.clone(), id.key.clone_key())?;
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    /// TLS 1.3 with this node's certificate (if any), checking the server's
+    /// chain against the cluster CA for [`PEER_SERVER_NAME`], whatever name or
+    /// address was dialled (see the module docs).
+    pub fn tls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier = Arc::new(PeerNameVerifier(
+            WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider()).build()?,
+        ));
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut tls = match &self.identity {
+            Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+            None => builder.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        Ok(tls)
+    }
+
+    pub fn server_config(
+        &self,
+        transport: Arc<TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let tls = self.tls_server(ALPN)?;
         let mut config =
             quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
         config.transport_config(transport);
@@ -107,16 +137,53 @@ impl PeerTls {
         &self,
         transport: Arc<TransportConfig>,
     ) -> Result<quinn::ClientConfig, TlsError> {
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots.clone());
-        let mut tls = match &self.identity {
-            Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
-            None => builder.with_no_client_auth(),
-        };
-        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let tls = self.tls_client(ALPN)?;
         let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
         config.transport_config(transport);
         Ok(config)
+    }
+}
+
+/// WebPKI server verification against the cluster CA, for the fixed name
+/// [`PEER_SERVER_NAME`] instead of the one dialled: a peer or seed is reached
+/// by whatever address or DNS name the cluster gives it, and its certificate
+/// names none of them.
+#[derive(Debug)]
+struct PeerNameVerifier(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for PeerNameVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = ServerName::try_from(PEER_SERVER_NAME).expect("a valid DNS name");
+        self.0
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
