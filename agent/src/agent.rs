@@ -15,7 +15,7 @@ use crate::{
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
-    pki::ClusterPki,
+    pki::{ClusterPki, Role},
     registry::{RegistryHosts, blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
@@ -39,7 +39,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let pki = if args.tracker.is_empty() || args.splice_only {
         None
     } else {
-        Some(args.cluster.load("--tracker")?)
+        Some(args.cluster.load("--tracker", Role::Peer)?)
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating --state-dir {}", args.state_dir.display()))?;
@@ -284,7 +284,9 @@ fn start_swarm(
         args.tracker.clone(),
         me,
         crate::tracker::server::DEFAULT_HEARTBEAT,
-    )?;
+        crate::tracker::tls::client_config(pki).context("cluster certificates")?,
+    )?
+    .with_metrics(metrics.tracker_hook());
     let swarm = Arc::new(Swarm {
         tracker,
         peers: peers.clone(),

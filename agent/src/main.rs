@@ -33,9 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Agent(args) => damselfly::agent::run(*args).await,
         Command::Ca(args) => damselfly::cli::ca::run(args),
-        Command::Tracker(args) => {
-            damselfly::tracker::server::run(args.listen, args.heartbeat).await
-        }
+        Command::Tracker(args) => damselfly::tracker::server::run(args).await,
         Command::Get(args) => damselfly::cli::get::run(args).await,
         Command::Preheat(args) => damselfly::cli::preheat::run(args).await,
         Command::Status(args) => {

@@ -96,7 +96,7 @@ fn an_agent_with_a_bad_cluster_certificate_refuses_to_start() {
     assert!(
         err.contains(&format!(
             "--cluster-cert {}: no subjectAltName DNS:damselfly-peer (has: node-a, \
-             node-a.local); the swarm's peers verify that name",
+             node-a.local); the swarm's peers and the tracker verify that name",
             crt.display()
         )),
         "{err}"
@@ -150,4 +150,29 @@ fn get_explains_bad_input_and_a_missing_agent() {
 
     let err = failure(&damselfly(&dir, &["preheat", "reg.io/app"]));
     assert!(err.contains("--seed"), "{err}");
+}
+
+#[test]
+fn the_tracker_refuses_to_start_without_its_own_certificate() {
+    let dir = TempDir::new("tracker-cli");
+    let ca = damselfly::testing::TestCa::new("cluster");
+    // A peer's certificate: the tracker's must name damselfly-tracker.
+    let flags = ca.write(dir.path(), "peer", ca.issue(&["damselfly-peer"]));
+    let mut args = vec!["tracker", "--listen", "127.0.0.1:0"];
+    args.extend(flags.iter().map(String::as_str));
+    let err = failure(&damselfly(&dir, &args));
+    assert!(
+        err.contains(&format!(
+            "--cluster-cert {}: no subjectAltName DNS:damselfly-tracker (has: damselfly-peer); \
+             agents verify that name",
+            dir.join("peer.crt").display()
+        )),
+        "{err}"
+    );
+    // No certificates at all: it serves TLS only.
+    let err = failure(&damselfly(&dir, &["tracker", "--listen", "127.0.0.1:0"]));
+    assert!(
+        err.contains("damselfly tracker needs --cluster-ca, --cluster-cert and --cluster-key"),
+        "{err}"
+    );
 }

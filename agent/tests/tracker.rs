@@ -9,11 +9,18 @@ use std::{
 
 use damselfly::{
     store::Digest,
-    tracker::{FindResult, PeerInfo, TrackerClient, rendezvous, server},
+    testing::TestCa,
+    tracker::{FindResult, PeerInfo, TrackerClient, rendezvous, server, tls},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 const HB: Duration = Duration::from_millis(200);
+
+/// The cluster CA every tracker and client of a test shares.
+fn ca() -> &'static TestCa {
+    static CA: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+    CA.get_or_init(|| TestCa::new("tracker test CA"))
+}
 
 struct Tracker {
     addr: SocketAddr,
@@ -25,9 +32,15 @@ async fn start(addr: SocketAddr) -> Tracker {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(server::serve(listener, HB, async {
-        let _ = stopped.await;
-    }));
+    let tls = tls::server_config(&ca().tracker()).unwrap();
+    let task = tokio::spawn(server::serve(
+        listener,
+        tls,
+        server::Config::new(HB),
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Tracker { addr, stop, task }
 }
 
@@ -52,9 +65,12 @@ fn peer(id: &str, zone: &str) -> PeerInfo {
     }
 }
 
+/// Every client shares the chart's kind of certificate (`damselfly-peer`
+/// only), so the tracker tells them apart by address: all 127.0.0.1 here.
 fn client(replicas: &[SocketAddr], id: &str, zone: &str) -> TrackerClient {
     let rs = replicas.iter().map(|a| a.to_string()).collect();
-    TrackerClient::new(rs, peer(id, zone), HB).unwrap()
+    let pki = ca().pki(ca().issue(&[damselfly::pki::PEER_SERVER_NAME]));
+    TrackerClient::new(rs, peer(id, zone), HB, tls::client_config(&pki).unwrap()).unwrap()
 }
 
 fn ids(f: &FindResult) -> Vec<&str> {

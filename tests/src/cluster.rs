@@ -1,5 +1,6 @@
 //! The swarm's shared parts: a `damselfly tracker` in a node, and the
-//! cluster PKI the Helm chart would create (one CA, a peer certificate per node).
+//! cluster PKI the Helm chart would create (one CA, the tracker's certificate
+//! with SAN `damselfly-tracker`, a peer certificate per node).
 
 use std::{
     fs,
@@ -16,13 +17,9 @@ use crate::{
     testbed::{Proc, Testbed},
 };
 
-/// `damselfly tracker` in node `infra`, listening on its port 7400; returns
-/// once it accepts connections.
-pub fn start_tracker(tb: &Testbed, infra: usize) -> anyhow::Result<Proc> {
-    start_tracker_with(tb, infra, &[], &[])
-}
-
-/// [`start_tracker`] with extra flags and environment variables.
+/// `damselfly tracker` in node `infra`, listening on its port 7400 with
+/// `extra` flags (the cluster certificates among them); returns once it
+/// accepts connections.
 pub fn start_tracker_with(
     tb: &Testbed,
     infra: usize,
@@ -54,6 +51,9 @@ pub struct Cluster {
     pub tracker_addr: SocketAddr,
     pub ca: TestCa,
     pub ca_pem: PathBuf,
+    infra: usize,
+    /// The tracker's flags: its certificates and the test's own.
+    tracker_flags: Vec<String>,
 }
 
 impl Cluster {
@@ -71,12 +71,38 @@ impl Cluster {
         let ca = TestCa::new("dfly cluster CA")?;
         let ca_pem = tb.dir.join("cluster-ca.crt");
         fs::write(&ca_pem, ca.pem())?;
+        let (crt, key) = ca
+            .issue(&["damselfly-tracker"])?
+            .write(&tb.dir, "tracker")?;
+        let mut flags: Vec<String> = [
+            "--cluster-ca",
+            &ca_pem.display().to_string(),
+            "--cluster-cert",
+            &crt.display().to_string(),
+            "--cluster-key",
+            &key.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        flags.extend(tracker_flags.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = flags.iter().map(String::as_str).collect();
         Ok(Self {
-            tracker: start_tracker_with(tb, infra, tracker_flags, tracker_env)?,
+            tracker: start_tracker_with(tb, infra, &args, tracker_env)?,
             tracker_addr: tb.node(infra).addr4(7400),
             ca,
             ca_pem,
+            infra,
+            tracker_flags: flags,
         })
+    }
+
+    /// A fresh tracker (empty state) in place of the current one, which must
+    /// be gone.
+    pub fn restart_tracker(&mut self, tb: &Testbed) -> anyhow::Result<()> {
+        let args: Vec<&str> = self.tracker_flags.iter().map(String::as_str).collect();
+        self.tracker = start_tracker_with(tb, self.infra, &args, &[])?;
+        Ok(())
     }
 
     /// The flags that join the agent of node `node` to the swarm, with a peer

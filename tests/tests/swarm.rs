@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use damselfly_testbed::{
-    Agent, Proc, Testbed,
-    cluster::{Cluster, peer_flags, start_tracker},
+    Agent, Testbed,
+    cluster::{Cluster, peer_flags},
     containerd::Containerd,
     image::Image,
     origin::Origin,
@@ -23,7 +23,7 @@ const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 struct Swarm {
     containerds: Vec<Containerd>,
     agents: Vec<Agent>,
-    tracker: Proc,
+    cluster: Cluster,
     origin: Origin,
     tb: Testbed,
 }
@@ -35,9 +35,10 @@ fn swarm(pulling: usize) -> Swarm {
 /// How one pulling node differs from the rest.
 #[derive(Default)]
 struct NodeOpts {
-    /// Its CA and peer certificate are not the cluster's. (A certificate
-    /// that does not chain to its own `--cluster-ca` stops the agent at
-    /// startup, so the outsider is consistent, just in another cluster.)
+    /// Its peer certificate comes from another CA. It trusts that CA and the
+    /// cluster's (a certificate that does not chain to its own
+    /// `--cluster-ca` stops the agent at startup), so it can verify the
+    /// tracker and the peers, but they cannot verify it.
     outsider: bool,
     env: Vec<(&'static str, &'static str)>,
     flags: Vec<String>,
@@ -52,7 +53,7 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
     let cluster = Cluster::start(&tb, infra).unwrap();
     let outsider = TestCa::new("not the cluster CA").unwrap();
     let outsider_pem = tb.dir.join("outsider-ca.crt");
-    std::fs::write(&outsider_pem, outsider.pem()).unwrap();
+    std::fs::write(&outsider_pem, outsider.pem() + &cluster.ca.pem()).unwrap();
     let mut agents = Vec::new();
     let mut containerds = Vec::new();
     for i in 1..=pulling {
@@ -73,7 +74,7 @@ fn swarm_with(pulling: usize, opts: impl Fn(usize) -> NodeOpts) -> Swarm {
     Swarm {
         containerds,
         agents,
-        tracker: cluster.tracker,
+        cluster,
         origin,
         tb,
     }
@@ -218,7 +219,7 @@ fn four_nodes_pulling_at_once_take_the_image_from_the_origin_about_once() {
 }
 
 #[test]
-fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
+fn an_agent_with_a_certificate_from_another_ca_cannot_register_or_fetch() {
     let s = swarm_with(2, |i| NodeOpts {
         outsider: i == 2,
         ..NodeOpts::default()
@@ -232,21 +233,33 @@ fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
         "damselfly_peer_bytes_total{direction=\"out\"}",
     );
 
-    // Node 2's certificate is not from the cluster CA: node 1 refuses it (and
-    // node 2 does not trust node 1's), and the pull still succeeds, from the
-    // origin.
+    // Node 2 trusts the cluster CA, but its own certificate is from another:
+    // the tracker refuses its handshake, so it never registers nor learns of
+    // node 1, and the pull still succeeds, from the origin.
     s.containerds[1].ctr_pull(&img.reference, None).unwrap();
+    let register = |result: &str| {
+        m(
+            &s.agents[1],
+            &format!("damselfly_tracker_requests_total{{rpc=\"register\",result=\"{result}\"}}"),
+        )
+    };
+    assert_eq!(register("ok"), 0.0, "{}", s.agents[1].log_text());
+    assert!(
+        register("error") >= 1.0,
+        "{}",
+        s.agents[1].metrics().unwrap()
+    );
+    assert!(
+        s.cluster
+            .tracker
+            .log_text()
+            .contains("tracker client refused"),
+        "{}",
+        s.cluster.tracker.log_text()
+    );
     assert_eq!(
         m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}"),
         0.0
-    );
-    assert!(
-        m(
-            &s.agents[1],
-            "damselfly_pieces_total{source=\"peer\",result=\"failed\"}"
-        ) >= 1.0,
-        "{}",
-        s.agents[1].log_text()
     );
     assert!(
         m(
@@ -261,6 +274,13 @@ fn a_peer_without_a_cluster_certificate_cannot_fetch_a_piece() {
         ),
         served0
     );
+    // Node 1, with a cluster certificate, registered and announced over TLS.
+    assert!(
+        m(
+            &s.agents[0],
+            "damselfly_tracker_requests_total{rpc=\"register\",result=\"ok\"}"
+        ) >= 1.0
+    );
 }
 
 #[test]
@@ -268,7 +288,7 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
     let mut s = swarm(2);
     let img =
         Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[12 * MB, 3 * MB], 13).unwrap();
-    s.tracker.kill();
+    s.cluster.tracker.kill();
     let started = Instant::now();
     s.containerds[0].ctr_pull(&img.reference, None).unwrap();
     assert!(
@@ -279,7 +299,7 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
 
     // A fresh tracker knows nothing; the agents re-register and node 1
     // re-announces within a heartbeat (5 s), without being restarted.
-    s.tracker = start_tracker(&s.tb, 3).unwrap();
+    s.cluster.restart_tracker(&s.tb).unwrap();
     std::thread::sleep(Duration::from_secs(7));
     let before = s
         .origin

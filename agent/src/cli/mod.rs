@@ -12,7 +12,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::pki::{ClusterFiles, ClusterPki, Part};
+use crate::pki::{ClusterFiles, ClusterPki, Part, Role};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,22 +149,23 @@ pub struct AgentArgs {
 /// check that failed (see [`crate::pki`]).
 #[derive(Debug, Clone, Default, Args)]
 pub struct ClusterPkiArgs {
-    /// Cluster CA (PEM) that every peer certificate chains to.
+    /// Cluster CA (PEM) that every peer and tracker certificate chains to.
     #[arg(long, env = "DAMSELFLY_CLUSTER_CA")]
     pub cluster_ca: Option<PathBuf>,
-    /// This node's peer certificate (PEM; SAN damselfly-peer, serverAuth and
-    /// clientAuth if it has extended key usages), then any intermediates.
+    /// This node's certificate (PEM), then any intermediates. An agent's: SAN
+    /// damselfly-peer, serverAuth and clientAuth if it has extended key usages;
+    /// the tracker's: SAN damselfly-tracker, serverAuth.
     #[arg(long, env = "DAMSELFLY_CLUSTER_CERT")]
     pub cluster_cert: Option<PathBuf>,
-    /// This node's peer key (PEM: PKCS#8, PKCS#1 or SEC1).
+    /// The key of --cluster-cert (PEM: PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "DAMSELFLY_CLUSTER_KEY")]
     pub cluster_key: Option<PathBuf>,
 }
 
 impl ClusterPkiArgs {
-    /// Reads and checks the three files; `user` says what needs them
-    /// (e.g. "--tracker"), for the message when some are not given.
-    pub fn load(&self, user: &str) -> anyhow::Result<ClusterPki> {
+    /// Reads and checks the three files for `role`; `user` says what needs
+    /// them (e.g. "--tracker"), for the message when some are not given.
+    pub fn load(&self, user: &str, role: Role) -> anyhow::Result<ClusterPki> {
         let (Some(ca), Some(cert), Some(key)) =
             (&self.cluster_ca, &self.cluster_cert, &self.cluster_key)
         else {
@@ -178,16 +179,19 @@ impl ClusterPkiArgs {
             .map(|(_, part)| part.flag())
             .collect();
             anyhow::bail!(
-                "{user} needs --cluster-ca, --cluster-cert and --cluster-key (peers authenticate \
-                 each other); missing: {}",
+                "{user} needs --cluster-ca, --cluster-cert and --cluster-key (peers and the \
+                 tracker authenticate each other); missing: {}",
                 missing.join(", ")
             );
         };
-        Ok(ClusterPki::load(&ClusterFiles {
-            ca: ca.clone(),
-            cert: cert.clone(),
-            key: key.clone(),
-        })?)
+        Ok(ClusterPki::load(
+            &ClusterFiles {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            role,
+        )?)
     }
 }
 
@@ -238,6 +242,10 @@ mod tests {
         };
         assert_eq!(t.listen, "0.0.0.0:7400".parse().unwrap());
         assert_eq!(t.heartbeat, std::time::Duration::from_secs(5));
+        assert_eq!(t.max_state, 256 << 20);
+        assert_eq!(t.max_connections, 4096);
+        // The certificates are checked at startup, with a message, not by clap.
+        assert_eq!(t.cluster.cluster_ca, None);
     }
 
     #[test]

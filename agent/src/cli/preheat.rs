@@ -80,7 +80,9 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
     // An https:// seed is reached with the cluster's mutual TLS: the seed
     // serves blobs to nobody else from off the node.
     let to_seeds = if args.seeds.iter().any(|s| s.starts_with("https://")) {
-        let pki = args.cluster.load("an https:// --seed")?;
+        let pki = args
+            .cluster
+            .load("an https:// --seed", crate::pki::Role::Peer)?;
         let tls = PeerTls::new(&pki)?.tls_client(b"http/1.1")?;
         Arc::new(RegistryClient::new(
             Upstream::with_tls(tls),

@@ -4,11 +4,36 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Args;
 
+use super::{ClusterPkiArgs, size::parse_size};
+
 #[derive(Debug, Args)]
 pub struct TrackerArgs {
-    /// gRPC listen address.
+    /// gRPC listen address (TLS; clients must present a cluster certificate).
     #[arg(long, env = "DAMSELFLY_TRACKER_LISTEN", default_value = "0.0.0.0:7400")]
     pub listen: SocketAddr,
+    /// The cluster CA, and the tracker's certificate (SAN damselfly-tracker)
+    /// and key: required.
+    #[command(flatten)]
+    pub cluster: ClusterPkiArgs,
+    /// Heap the tracker's state may hold (registrations and announcements);
+    /// past it, new ones are refused. One client may take a sixteenth.
+    #[arg(long, env = "DAMSELFLY_TRACKER_MAX_STATE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_state: u64,
+    /// Client connections at once (every agent keeps one to each replica).
+    #[arg(
+        long,
+        env = "DAMSELFLY_TRACKER_MAX_CONNECTIONS",
+        default_value_t = crate::tracker::server::DEFAULT_MAX_CONNECTIONS
+    )]
+    pub max_connections: usize,
+    /// Requests handled at once; more are refused. For tests.
+    #[arg(
+        long,
+        env = "DAMSELFLY_TRACKER_MAX_IN_FLIGHT",
+        default_value_t = crate::tracker::server::MAX_IN_FLIGHT,
+        hide = true
+    )]
+    pub max_in_flight: usize,
     /// Heartbeat interval peers are told to keep (leases last 1.5x). For tests.
     #[arg(
         long,

@@ -1,7 +1,8 @@
 //! The cluster PKI: `--cluster-ca`, `--cluster-cert` and `--cluster-key`,
 //! read and checked in one place ([`ClusterPki::load`]) by everything that
-//! authenticates to other cluster members (the agent's peers; a tracker
-//! taking the same flags would call it too).
+//! authenticates to other cluster members: the agent (its peers and its
+//! tracker connections, [`Role::Peer`]) and `damselfly tracker`
+//! ([`Role::Tracker`]).
 //!
 //! A mistake here does not fail loudly on its own: every peer handshake
 //! fails, each fetch quietly falls back to the origin, and the swarm saves
@@ -12,11 +13,12 @@
 //! - `--cluster-ca`: PEM certificates, each a CA (basicConstraints CA:TRUE,
 //!   keyCertSign if it has a keyUsage), valid now.
 //! - `--cluster-cert`: the node certificate first (intermediates may follow),
-//!   valid now, not a CA, with the DNS SAN [`PEER_SERVER_NAME`], and if it has
-//!   a keyUsage, digitalSignature; if it has an extendedKeyUsage, serverAuth
-//!   and clientAuth (every peer is both). Then the whole chain is verified by
-//!   webpki against the CA, once as a server and once as a client, exactly as
-//!   peers will.
+//!   valid now, not a CA, with the DNS SAN of its role ([`PEER_SERVER_NAME`]
+//!   or [`TRACKER_SERVER_NAME`]), and if it has a keyUsage,
+//!   digitalSignature; if it has an extendedKeyUsage, serverAuth, and for a
+//!   peer also clientAuth (every peer is both, and a client of the tracker).
+//!   Then the whole chain is verified by webpki against the CA as the other
+//!   side will: as a server for the role's name, and for a peer as a client.
 //! - `--cluster-key`: a PEM private key (PKCS#1, PKCS#8 or SEC1: Helm's
 //!   `genSignedCert` writes PKCS#1 RSA) that belongs to the certificate.
 
@@ -28,11 +30,18 @@ use std::{
 };
 
 use rustls::{
-    CertificateError, InconsistentKeys, RootCertStore,
-    client::{WebPkiServerVerifier, danger::ServerCertVerifier as _},
+    CertificateError, DigitallySignedStruct, DistinguishedName, InconsistentKeys, RootCertStore,
+    SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerifier as _},
+    },
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject as _},
-    server::WebPkiClientVerifier,
+    server::{
+        WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::CertifiedKey,
 };
 use x509_parser::{
@@ -40,8 +49,43 @@ use x509_parser::{
 };
 
 /// The name every peer certificate carries and every peer checks: peers are
-/// dialled by address, so no per-node name could be verified.
+/// dialled by address, so no per-node name could be verified. The tracker
+/// requires it of its clients too.
 pub const PEER_SERVER_NAME: &str = "damselfly-peer";
+
+/// The name the tracker's certificate carries and agents check, whatever
+/// address they dialled. Peer certificates do not carry it, so a node cannot
+/// pose as the tracker to the others.
+pub const TRACKER_SERVER_NAME: &str = "damselfly-tracker";
+
+/// What a certificate is for: which name it must carry and which way it is
+/// used in TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An agent: a QUIC server and client to other peers, a client of the
+    /// tracker.
+    Peer,
+    /// `damselfly tracker`: a TLS server only.
+    Tracker,
+}
+
+impl Role {
+    /// The DNS SAN the other side verifies.
+    pub fn server_name(self) -> &'static str {
+        match self {
+            Role::Peer => PEER_SERVER_NAME,
+            Role::Tracker => TRACKER_SERVER_NAME,
+        }
+    }
+
+    /// Who verifies that name, for messages.
+    fn verifiers(self) -> &'static str {
+        match self {
+            Role::Peer => "the swarm's peers and the tracker verify",
+            Role::Tracker => "agents verify",
+        }
+    }
+}
 
 /// One of the three inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +168,9 @@ impl fmt::Debug for ClusterPki {
 }
 
 impl ClusterPki {
-    /// Reads the three files and checks them (see the module doc). Every
-    /// loader of the cluster PKI goes through here.
-    pub fn load(files: &ClusterFiles) -> Result<Self, PkiError> {
+    /// Reads the three files and checks them for `role` (see the module
+    /// doc). Every loader of the cluster PKI goes through here.
+    pub fn load(files: &ClusterFiles, role: Role) -> Result<Self, PkiError> {
         let read = |part: Part| {
             let path = files.path(part);
             std::fs::read(path).map_err(|error| PkiError::Read {
@@ -136,7 +180,7 @@ impl ClusterPki {
             })
         };
         let (ca, cert, key) = (read(Part::Ca)?, read(Part::Cert)?, read(Part::Key)?);
-        Self::from_pem(&ca, &cert, &key, UnixTime::now()).map_err(|p| PkiError::Invalid {
+        Self::from_pem(&ca, &cert, &key, role, UnixTime::now()).map_err(|p| PkiError::Invalid {
             path: files.path(p.part).to_path_buf(),
             part: p.part,
             what: p.what,
@@ -148,16 +192,27 @@ impl ClusterPki {
         ca_pem: &[u8],
         cert_pem: &[u8],
         key_pem: &[u8],
+        role: Role,
         now: UnixTime,
     ) -> Result<Self, Problem> {
         let pki = Self::parse(ca_pem, cert_pem, key_pem)?;
-        pki.check(now)?;
+        pki.check(role, now)?;
         Ok(pki)
+    }
+
+    /// The cluster CA as a trust store.
+    pub fn roots(&self) -> Result<Arc<RootCertStore>, rustls::Error> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(Arc::new(roots))
     }
 
     /// PEM to DER and nothing more: for tests that need a PKI the check
     /// would refuse (a certificate from another CA, to be refused by peers).
-    pub(crate) fn parse(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, Problem> {
+    /// Everything else goes through [`Self::load`].
+    pub fn parse(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, Problem> {
         let ca = certs(Part::Ca, ca_pem)?;
         let chain = certs(Part::Cert, cert_pem)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
@@ -173,7 +228,7 @@ impl ClusterPki {
         })
     }
 
-    fn check(&self, now: UnixTime) -> Result<(), Problem> {
+    fn check(&self, role: Role, now: UnixTime) -> Result<(), Problem> {
         let now_secs = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
         let mut roots = RootCertStore::empty();
         let mut ca_subjects = Vec::new();
@@ -189,18 +244,22 @@ impl ClusterPki {
             })?;
         }
         let leaf = x509(Part::Cert, 0, &self.chain[0])?;
-        check_leaf(&leaf, now_secs)?;
+        check_leaf(&leaf, role, now_secs)?;
         self.check_key()?;
-        verify_chain(&self.chain, Arc::new(roots), now).map_err(|e| {
+        let (who, whom) = match role {
+            Role::Peer => ("a peer", "peers"),
+            Role::Tracker => ("an agent", "agents"),
+        };
+        verify_chain(&self.chain, Arc::new(roots), role, now).map_err(|e| {
             let what = match e {
                 rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
                     "not issued by the cluster CA (its issuer is {}; --cluster-ca holds {}); \
-                     peers would refuse it",
+                     {whom} would refuse it",
                     leaf.issuer(),
                     ca_subjects.join(" and ")
                 ),
                 other => format!(
-                    "does not verify against --cluster-ca as a peer checks it: {other}; peers \
+                    "does not verify against --cluster-ca as {who} checks it: {other}; {whom} \
                      would refuse it"
                 ),
             };
@@ -314,7 +373,7 @@ fn check_ca(ca: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
     check_validity(Part::Ca, ca, now)
 }
 
-fn check_leaf(leaf: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
+fn check_leaf(leaf: &X509Certificate<'_>, role: Role, now: i64) -> Result<(), Problem> {
     check_validity(Part::Cert, leaf, now)?;
     if matches!(leaf.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
         return Err(problem(
@@ -326,7 +385,8 @@ fn check_leaf(leaf: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
             ),
         ));
     }
-    if !has_peer_name(leaf) {
+    let name = role.server_name();
+    if !has_dns_name(leaf, name) {
         let names = san_names(leaf);
         let has = if names.is_empty() {
             format!(
@@ -339,8 +399,8 @@ fn check_leaf(leaf: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
         return Err(problem(
             Part::Cert,
             format!(
-                "no subjectAltName DNS:{PEER_SERVER_NAME} ({has}); the swarm's peers verify \
-                 that name"
+                "no subjectAltName DNS:{name} ({has}); {} that name",
+                role.verifiers()
             ),
         ));
     }
@@ -360,18 +420,24 @@ fn check_leaf(leaf: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
             let eku = eku.value;
             let missing: Vec<&str> = [
                 ("serverAuth", eku.server_auth),
-                ("clientAuth", eku.client_auth),
+                ("clientAuth", eku.client_auth || role == Role::Tracker),
             ]
             .into_iter()
             .filter(|(_, has)| !has)
             .map(|(name, _)| name)
             .collect();
             if !missing.is_empty() {
+                let why = match role {
+                    Role::Peer => {
+                        "every peer is both a TLS server and a client, so it needs serverAuth \
+                         and clientAuth"
+                    }
+                    Role::Tracker => "the tracker is a TLS server, so it needs serverAuth",
+                };
                 return Err(problem(
                     Part::Cert,
                     format!(
-                        "extendedKeyUsage lacks {}; every peer is both a TLS server and a client, \
-                         so it needs serverAuth and clientAuth (or no extendedKeyUsage at all)",
+                        "extendedKeyUsage lacks {}; {why} (or no extendedKeyUsage at all)",
                         missing.join(" and ")
                     ),
                 ));
@@ -389,9 +455,13 @@ fn check_leaf(leaf: &X509Certificate<'_>, now: i64) -> Result<(), Problem> {
 }
 
 fn has_peer_name(cert: &X509Certificate<'_>) -> bool {
+    has_dns_name(cert, PEER_SERVER_NAME)
+}
+
+fn has_dns_name(cert: &X509Certificate<'_>, name: &str) -> bool {
     matches!(cert.subject_alternative_name(), Ok(Some(san))
         if san.value.general_names.iter().any(
-            |n| matches!(n, GeneralName::DNSName(d) if d.eq_ignore_ascii_case(PEER_SERVER_NAME))))
+            |n| matches!(n, GeneralName::DNSName(d) if d.eq_ignore_ascii_case(name))))
 }
 
 /// The SAN entries, DNS names bare and the rest tagged, for messages.
@@ -418,11 +488,13 @@ fn san_names(cert: &X509Certificate<'_>) -> Vec<String> {
         .collect()
 }
 
-/// The chain as peers verify it: a client checks the server's certificate
-/// for [`PEER_SERVER_NAME`], a server checks the client's.
+/// The chain as the other side verifies it: a client checks the server's
+/// certificate for the role's name, and (peers only) a server checks the
+/// client's.
 fn verify_chain(
     chain: &[CertificateDer<'static>],
     roots: Arc<RootCertStore>,
+    role: Role,
     now: UnixTime,
 ) -> Result<(), rustls::Error> {
     let (leaf, intermediates) = (&chain[0], &chain[1..]);
@@ -432,10 +504,13 @@ fn verify_chain(
     as_server.verify_server_cert(
         leaf,
         intermediates,
-        &ServerName::try_from(PEER_SERVER_NAME).expect("a valid DNS name"),
+        &ServerName::try_from(role.server_name()).expect("a valid DNS name"),
         &[],
         now,
     )?;
+    if role == Role::Tracker {
+        return Ok(());
+    }
     let as_client = WebPkiClientVerifier::builder_with_provider(roots, provider())
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
@@ -445,3 +520,91 @@ fn verify_chain(
 
 #[cfg(test)]
 mod tests;
+
+/// The server side of every cluster TLS endpoint (peers over QUIC, the
+/// tracker over TCP): a client certificate must chain to the cluster CA
+/// (webpki) and carry the DNS SAN [`PEER_SERVER_NAME`]. webpki alone checks
+/// no name on a client certificate, so any certificate the cluster CA ever
+/// signed (the tracker's, say) would otherwise pass for a peer.
+pub fn peer_client_verifier(
+    roots: Arc<RootCertStore>,
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::server::VerifierBuilderError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(roots, provider()).build()?;
+    Ok(Arc::new(NamedClientVerifier {
+        inner,
+        name: PEER_SERVER_NAME,
+    }))
+}
+
+#[derive(Debug)]
+struct NamedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    name: &'static str,
+}
+
+impl ClientCertVerifier for NamedClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let named = parse_x509_certificate(end_entity)
+            .is_ok_and(|(_, cert)| has_dns_name(&cert, self.name));
+        if !named {
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What tells one node's certificate from another's: its subjectAltNames
+/// other than the shared [`PEER_SERVER_NAME`] and [`TRACKER_SERVER_NAME`]
+/// (DNS, URI and IP entries), sorted and joined with commas; `None` when it
+/// has no other, as the chart's shared certificate has none. The tracker binds
+/// a peer id to this identity when there is one (per-node certificates), and
+/// to the caller's address otherwise.
+pub fn node_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = parse_x509_certificate(cert).ok()?;
+    let mut names: Vec<String> = san_names(&cert)
+        .into_iter()
+        .filter(|n| {
+            !n.eq_ignore_ascii_case(PEER_SERVER_NAME)
+                && !n.eq_ignore_ascii_case(TRACKER_SERVER_NAME)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    (!names.is_empty()).then(|| names.join(","))
+}

@@ -64,7 +64,13 @@ fn check(ca: &str, cert: &str, key: &str) -> Result<ClusterPki, Problem> {
 }
 
 fn check_at(ca: &str, cert: &str, key: &str, now: UnixTime) -> Result<ClusterPki, Problem> {
-    ClusterPki::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes(), now)
+    ClusterPki::from_pem(
+        ca.as_bytes(),
+        cert.as_bytes(),
+        key.as_bytes(),
+        Role::Peer,
+        now,
+    )
 }
 
 /// The problem `tweak` causes in the node certificate.
@@ -135,7 +141,7 @@ fn no_peer_name_lists_the_names_it_has() {
         &p,
         Part::Cert,
         &[
-            "no subjectAltName DNS:damselfly-peer (has: foo, bar, IP:10.0.0.7); the swarm's peers verify that name",
+            "no subjectAltName DNS:damselfly-peer (has: foo, bar, IP:10.0.0.7); the swarm's peers and the tracker verify that name",
         ],
     );
     let p = cert_problem(|p| p.subject_alt_names.clear());
@@ -276,20 +282,93 @@ fn files_are_named_in_the_message() {
     };
     std::fs::write(&files.ca, ca.cert.pem()).unwrap();
     std::fs::write(&files.cert, cert).unwrap();
-    let e = ClusterPki::load(&files).unwrap_err();
+    let e = ClusterPki::load(&files, Role::Peer).unwrap_err();
     assert!(
         e.to_string()
             .starts_with(&format!("--cluster-key {}: ", files.key.display())),
         "{e}"
     );
     std::fs::write(&files.key, key).unwrap();
-    let e = ClusterPki::load(&files).unwrap_err().to_string();
+    let e = ClusterPki::load(&files, Role::Peer)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!(
             "--cluster-cert {}: no subjectAltName DNS:damselfly-peer (has: node-a); the swarm's \
-             peers verify that name",
+             peers and the tracker verify that name",
             files.cert.display()
         )
+    );
+}
+
+#[test]
+fn the_tracker_needs_its_own_name_and_server_auth_only() {
+    let ca = Ca::new("cluster");
+    let tracker = |tweak: fn(&mut CertificateParams)| {
+        ca.issue(|p| {
+            p.subject_alt_names = vec![SanType::DnsName(TRACKER_SERVER_NAME.try_into().unwrap())];
+            p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            tweak(p);
+        })
+    };
+    let check_as = |role, (cert, key): (String, String)| {
+        ClusterPki::from_pem(
+            ca.cert.pem().as_bytes(),
+            cert.as_bytes(),
+            key.as_bytes(),
+            role,
+            UnixTime::now(),
+        )
+    };
+    check_as(Role::Tracker, tracker(|_| {})).unwrap();
+    // Not a peer's: peers check damselfly-peer and want clientAuth.
+    let p = check_as(Role::Peer, tracker(|_| {})).unwrap_err();
+    assert_problem(&p, Part::Cert, &["no subjectAltName DNS:damselfly-peer"]);
+    // And a peer's certificate is not the tracker's.
+    let p = check_as(Role::Tracker, ca.issue(|_| {})).unwrap_err();
+    assert_problem(
+        &p,
+        Part::Cert,
+        &[
+            "no subjectAltName DNS:damselfly-tracker (has: damselfly-peer, node-a)",
+            "agents verify that name",
+        ],
+    );
+    let p = check_as(
+        Role::Tracker,
+        tracker(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth]),
+    )
+    .unwrap_err();
+    assert_problem(
+        &p,
+        Part::Cert,
+        &["lacks serverAuth", "the tracker is a TLS server"],
+    );
+}
+
+#[test]
+fn a_node_identity_is_what_the_certificate_names_beyond_the_shared_names() {
+    let ca = Ca::new("cluster");
+    let der = |names: &[&str]| {
+        let (cert, key) = ca.issue(|p| {
+            p.subject_alt_names = names
+                .iter()
+                .map(|n| SanType::DnsName((*n).try_into().unwrap()))
+                .collect()
+        });
+        ClusterPki::parse(ca.cert.pem().as_bytes(), cert.as_bytes(), key.as_bytes())
+            .unwrap()
+            .chain
+            .remove(0)
+    };
+    assert_eq!(node_identity(&der(&["damselfly-peer"])), None);
+    assert_eq!(
+        node_identity(&der(&["damselfly-peer", "node-b", "node-a.example"])),
+        Some("node-a.example,node-b".into())
+    );
+    assert_eq!(
+        node_identity(&der(&["DAMSELFLY-PEER", "damselfly-tracker"])),
+        None
     );
 }

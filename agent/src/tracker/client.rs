@@ -31,7 +31,10 @@ use tonic::{
 };
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use super::state::{Candidate, PeerInfo, PieceHash};
+use super::{
+    state::{Candidate, PeerInfo, PieceHash},
+    tls::Connector,
+};
 use crate::store::Digest;
 
 /// Connecting to a replica: long enough for a loaded LAN, short enough that a
@@ -135,11 +138,14 @@ pub struct TrackerClient {
 impl TrackerClient {
     /// Channels connect lazily: nothing is dialled until the first call, so
     /// this works with replicas down. Must be called inside a tokio runtime.
-    /// Addresses are `host:port` (or a full `http://` URI).
+    /// Addresses are `host:port`; every replica is reached over TLS with
+    /// `tls` ([`super::tls::client_config`]), its certificate checked for
+    /// `damselfly-tracker`.
     pub fn new(
         replicas: Vec<String>,
         me: PeerInfo,
         heartbeat: Duration,
+        tls: Arc<rustls::ClientConfig>,
     ) -> Result<Self, TrackerError> {
         if replicas.is_empty() {
             return Err(TrackerError::NoReplicas);
@@ -147,11 +153,8 @@ impl TrackerClient {
         let replicas = replicas
             .into_iter()
             .map(|addr| {
-                let uri = if addr.contains("://") {
-                    addr.clone()
-                } else {
-                    format!("http://{addr}")
-                };
+                // TLS comes from the connector; tonic only needs the address.
+                let uri = format!("http://{}", addr.trim_start_matches("http://"));
                 let ep = Endpoint::from_shared(uri)
                     .map_err(|e| TrackerError::BadAddress {
                         addr: addr.clone(),
@@ -161,7 +164,10 @@ impl TrackerClient {
                     .timeout(RPC_TIMEOUT)
                     .tcp_nodelay(true);
                 Ok(Replica {
-                    rpc: Rpc::with_interceptor(ep.connect_lazy(), traced as Traced),
+                    rpc: Rpc::with_interceptor(
+                        ep.connect_with_connector_lazy(Connector::new(tls.clone())),
+                        traced as Traced,
+                    ),
                     addr,
                     synced: AtomicBool::new(false),
                     resync: tokio::sync::Mutex::new(()),

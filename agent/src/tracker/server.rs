@@ -1,10 +1,37 @@
 //! The tracker's gRPC face: translate protobuf to [`State`] calls under one
 //! lock, and sweep expired leases in the background. All decisions live in
-//! `state`; this file only parses, locks and stamps the time.
+//! `state`; this file only parses, locks and stamps the time, and bounds
+//! what a request may cost before `state` sees it.
+//!
+//! # Memory
+//!
+//! What the tracker holds is bounded by its limits, whatever its
+//! (authenticated) clients send:
+//!
+//! ```text
+//! RSS <= B0 + max_bytes + max_in_flight * 2 * max_message + max_connections * C
+//! ```
+//!
+//! - `max_bytes` (`--max-state`): the state's own heap ([`State`] charges
+//!   every registration and holding and refuses what would pass it).
+//! - `max_in_flight` requests at once ([`MAX_IN_FLIGHT`]; more are refused
+//!   with `RESOURCE_EXHAUSTED`), each holding at most its decoded request and
+//!   its encoded answer, both at most `max_message`
+//!   ([`Limits::max_message`], 744 KiB by default; the gRPC size limit).
+//!   A request's slot lasts until its answer is sent or its connection
+//!   closed, and a connection whose writes stall for
+//!   [`super::tls::STALL_TIMEOUT`] is closed.
+//! - `max_connections` (`--max-connections`), each costing at most
+//!   `C` = [`CONNECTION_COST`] (256 KiB): TLS buffers, HTTP/2 state and the
+//!   [`CONNECTION_WINDOW`] of request bytes not yet read. An idle one
+//!   measures about 100 KiB (`agent/tests/tracker_limits.rs`).
+//! - `B0`: the process at rest, about 10 MiB (23 MiB in a debug build).
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -12,26 +39,77 @@ use damselfly_proto::tracker::{
     self as pb,
     tracker_server::{Tracker, TrackerServer},
 };
-use tokio::net::TcpListener;
-use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
+use tonic::{Request, Response, Status};
 use tracing::{Span, debug, field, info, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::state::{Announce, Lease, PeerInfo, State, StateError};
+use super::{
+    state::{Announce, Caller, Lease, Limits, PeerInfo, State, StateError, check_len},
+    tls::{ConnInfo, incoming},
+};
 use crate::store::Digest;
 
 /// The interval peers are told to heartbeat at, unless configured otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Requests being decoded, handled or answered at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Connections served at once, unless configured otherwise: every agent keeps
+/// one to each replica.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Request bytes HTTP/2 lets a client send ahead of the server reading them,
+/// per connection and per stream.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024;
+/// Streams one connection may have open.
+pub const MAX_STREAMS: u32 = 32;
+/// For a request to arrive whole and be handled.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most one open connection costs besides its requests: `C` in the
+/// module doc's bound.
+pub const CONNECTION_COST: u64 = 256 * 1024;
+
+/// How a tracker serves: its lease interval and limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub heartbeat: Duration,
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+}
+
+impl Config {
+    /// The most the tracker's RSS can be with these limits, given `base`,
+    /// the RSS of the process at rest (see the module doc).
+    pub fn memory_bound(&self, base: u64) -> u64 {
+        base + self.limits.max_bytes
+            + (self.max_in_flight as u64) * 2 * self.limits.max_message() as u64
+            + self.max_connections as u64 * CONNECTION_COST
+    }
+
+    pub fn new(heartbeat: Duration) -> Self {
+        Self {
+            heartbeat,
+            limits: Limits::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: MAX_IN_FLIGHT,
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct TrackerService {
     state: Arc<Mutex<State>>,
+    limits: Limits,
 }
 
 impl TrackerService {
-    pub fn new(heartbeat: Duration) -> Self {
+    pub fn new(heartbeat: Duration, limits: Limits) -> Self {
         Self {
-            state: Arc::new(Mutex::new(State::new(heartbeat))),
+            state: Arc::new(Mutex::new(State::with_limits(heartbeat, limits.clone()))),
+            limits,
         }
     }
 
@@ -67,27 +145,64 @@ impl TrackerService {
     }
 }
 
-/// Serve the tracker on `listener` until `shutdown` resolves.
+/// Serve the tracker over TLS on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
-    heartbeat: Duration,
+    tls: Arc<rustls::ServerConfig>,
+    cfg: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let svc = TrackerService::new(heartbeat);
+    let svc = TrackerService::new(cfg.heartbeat, cfg.limits.clone());
     let sweeper = svc.spawn_sweeper();
+    let max = cfg.limits.max_message();
     let result = tonic::transport::Server::builder()
-        .add_service(TrackerServer::new(svc))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .timeout(REQUEST_TIMEOUT)
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(16 * 1024)
+        .layer(InFlightLayer {
+            permits: Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        })
+        .add_service(
+            TrackerServer::new(svc)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming(listener, tls, cfg.max_connections), shutdown)
         .await;
     sweeper.abort();
     result
 }
 
-/// `damselfly tracker`: bind, serve, stop on SIGTERM/SIGINT.
-pub async fn run(listen: std::net::SocketAddr, heartbeat: Duration) -> anyhow::Result<()> {
+/// `damselfly tracker`: check the cluster PKI, bind, serve, stop on
+/// SIGTERM/SIGINT.
+pub async fn run(args: crate::cli::tracker::TrackerArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use tokio::signal::unix::{SignalKind, signal};
-    let listener = TcpListener::bind(listen).await?;
-    info!(addr = %listener.local_addr()?, ?heartbeat, "tracker listening");
+    // Checked before binding: a tracker agents cannot verify, or that
+    // cannot verify them, would answer nobody.
+    let pki = args
+        .cluster
+        .load("damselfly tracker", crate::pki::Role::Tracker)?;
+    let tls = super::tls::server_config(&pki).context("cluster certificates")?;
+    let cfg = Config {
+        heartbeat: args.heartbeat,
+        limits: Limits::with_max_bytes(args.max_state),
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    info!(
+        addr = %listener.local_addr()?,
+        heartbeat = ?cfg.heartbeat,
+        max_state = cfg.limits.max_bytes,
+        max_connections = cfg.max_connections,
+        memory_bound = cfg.memory_bound(10 << 20),
+        "tracker listening (TLS)"
+    );
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let shutdown = async move {
@@ -96,8 +211,94 @@ pub async fn run(listen: std::net::SocketAddr, heartbeat: Duration) -> anyhow::R
             _ = int.recv() => info!("SIGINT"),
         }
     };
-    serve(listener, heartbeat, shutdown).await?;
+    serve(listener, tls, cfg, shutdown).await?;
     Ok(())
+}
+
+/// At most `permits` requests at once, each holding its slot until its
+/// answer's body is done (sent, or dropped with its connection): a request
+/// past the limit is refused at once rather than queued, so neither decoded
+/// requests nor answers waiting for a slow reader pile up.
+#[derive(Clone)]
+struct InFlightLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl<S> tower_layer::Layer<S> for InFlightLayer {
+    type Service = InFlight<S>;
+
+    fn layer(&self, inner: S) -> InFlight<S> {
+        InFlight {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct InFlight<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower_service::Service<http::Request<B>> for InFlight<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            debug!("tracker request refused: too many in flight");
+            let busy = Status::resource_exhausted("tracker busy: too many requests in flight");
+            return Box::pin(async move { Ok(busy.into_http()) });
+        };
+        let call = self.inner.call(req);
+        Box::pin(async move {
+            let resp = call.await?;
+            Ok(resp.map(|body| {
+                tonic::body::Body::new(Held {
+                    body,
+                    _permit: permit,
+                })
+            }))
+        })
+    }
+}
+
+/// An answer's body and the request slot it holds.
+struct Held {
+    body: tonic::body::Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A server span for `rpc`, in the trace of the caller that sent one
@@ -134,16 +335,39 @@ fn traced<T>(span: Span, f: impl FnOnce() -> Result<T, Status>) -> Result<T, Sta
 }
 
 fn status(e: StateError) -> Status {
+    let msg = e.to_string();
     match e {
-        StateError::UnknownPeer(_) => Status::not_found(e.to_string()),
-        StateError::Geometry { .. } => Status::failed_precondition(e.to_string()),
-        _ => Status::invalid_argument(e.to_string()),
+        StateError::UnknownPeer(_) => Status::not_found(msg),
+        StateError::Geometry { .. } => Status::failed_precondition(msg),
+        StateError::Taken { .. } | StateError::NotYours { .. } => {
+            info!("tracker refused: {msg}");
+            Status::permission_denied(msg)
+        }
+        StateError::TooManyPeers { .. }
+        | StateError::TooManyPeersOfCaller { .. }
+        | StateError::TooManyDigests { .. }
+        | StateError::TooManyHolders { .. }
+        | StateError::OutOfMemory { .. } => {
+            debug!("tracker refused: {msg}");
+            Status::resource_exhausted(msg)
+        }
+        _ => Status::invalid_argument(msg),
     }
 }
 
 fn digest(s: &str) -> Result<Digest, Status> {
+    // Checked first: a parse error would quote all of it back.
+    check_len("digest", s, 71).map_err(status)?;
     s.parse()
         .map_err(|e: crate::store::BadDigest| Status::invalid_argument(e.to_string()))
+}
+
+/// Who sent `req`: set by the TLS listener on every request.
+fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .map(|c| c.caller.clone())
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))
 }
 
 fn lease(l: Lease) -> pb::Lease {
@@ -160,14 +384,16 @@ impl Tracker for TrackerService {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let span = rpc_span("register", &req, "");
-        traced(span, || self.register_now(req.into_inner()))
+        let who = caller(&req)?;
+        traced(span, || self.register_now(&who, req.into_inner()))
     }
 
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.heartbeat_now(req.into_inner())
+        let who = caller(&req)?;
+        self.heartbeat_now(&who, req.into_inner())
     }
 
     async fn announce(
@@ -175,7 +401,8 @@ impl Tracker for TrackerService {
         req: Request<pb::AnnounceRequest>,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
         let span = rpc_span("announce", &req, &req.get_ref().digest);
-        traced(span, || self.announce_now(req.into_inner()))
+        let who = caller(&req)?;
+        traced(span, || self.announce_now(&who, req.into_inner()))
     }
 
     async fn withdraw(
@@ -183,7 +410,8 @@ impl Tracker for TrackerService {
         req: Request<pb::WithdrawRequest>,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let span = rpc_span("withdraw", &req, &req.get_ref().digest);
-        traced(span, || self.withdraw_now(req.into_inner()))
+        let who = caller(&req)?;
+        traced(span, || self.withdraw_now(&who, req.into_inner()))
     }
 
     async fn find(
@@ -191,7 +419,8 @@ impl Tracker for TrackerService {
         req: Request<pb::FindRequest>,
     ) -> Result<Response<pb::FindResponse>, Status> {
         let span = rpc_span("find", &req, &req.get_ref().digest);
-        traced(span, || self.find_now(req.into_inner()))
+        let who = caller(&req)?;
+        traced(span, || self.find_now(&who, req.into_inner()))
     }
 }
 
@@ -199,6 +428,7 @@ impl Tracker for TrackerService {
 impl TrackerService {
     fn register_now(
         &self,
+        who: &Caller,
         req: pb::RegisterRequest,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let p = req
@@ -213,7 +443,7 @@ impl TrackerService {
         };
         let l = self
             .state()
-            .register(info, req.active_uploads, Instant::now())
+            .register(who, info, req.active_uploads, Instant::now())
             .map_err(status)?;
         Ok(Response::new(pb::RegisterResponse {
             lease: Some(lease(l)),
@@ -222,12 +452,13 @@ impl TrackerService {
 
     fn heartbeat_now(
         &self,
+        who: &Caller,
         req: pb::HeartbeatRequest,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let mut s = self.state();
         // Unknown is an answer, not an error: it is the normal way a restarted
         // tracker asks peers to replay.
-        let (known, l) = match s.heartbeat(&req.peer_id, req.active_uploads, Instant::now()) {
+        let (known, l) = match s.heartbeat(who, &req.peer_id, req.active_uploads, Instant::now()) {
             Ok(l) => (true, l),
             Err(StateError::UnknownPeer(_)) => (false, s.lease()),
             Err(e) => return Err(status(e)),
@@ -240,55 +471,75 @@ impl TrackerService {
 
     fn announce_now(
         &self,
+        who: &Caller,
         req: pb::AnnounceRequest,
     ) -> Result<Response<pb::AnnounceResponse>, Status> {
-        let hashes = req
-            .piece_hashes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| match h.len() {
-                0 => Ok(None),
-                32 => Ok(Some(h[..].try_into().expect("32 bytes"))),
-                n => Err(Status::invalid_argument(format!(
-                    "piece hash {i}: {n} bytes, expected 32 or 0"
-                ))),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let d = digest(&req.digest)?;
+        // Counted before they are converted: an empty entry is 2 bytes on the
+        // wire and 33 here.
+        let max = self.limits.max_pieces;
+        if req.piece_hashes.len() as u64 > max {
+            return Err(Status::invalid_argument(format!(
+                "{d}: {} piece hashes, at most {max} allowed",
+                req.piece_hashes.len()
+            )));
+        }
+        let mut hashes = Vec::with_capacity(req.piece_hashes.len());
+        for (i, h) in req.piece_hashes.iter().enumerate() {
+            hashes.push(match h.len() {
+                0 => None,
+                32 => Some(h[..].try_into().expect("32 bytes")),
+                n => {
+                    return Err(Status::invalid_argument(format!(
+                        "piece hash {i}: {n} bytes, expected 32 or 0"
+                    )));
+                }
+            });
+        }
         let a = Announce {
-            digest: digest(&req.digest)?,
+            digest: d,
             size: req.size,
             piece_size: req.piece_size,
             hashes,
             bitmap: req.bitmap,
         };
         self.state()
-            .announce(&req.peer_id, a, Instant::now())
+            .announce(who, &req.peer_id, a, Instant::now())
             .map_err(status)?;
         Ok(Response::new(pb::AnnounceResponse {}))
     }
 
     fn withdraw_now(
         &self,
+        who: &Caller,
         req: pb::WithdrawRequest,
     ) -> Result<Response<pb::WithdrawResponse>, Status> {
         let d = digest(&req.digest)?;
         self.state()
-            .withdraw(&req.peer_id, &d, Instant::now())
+            .withdraw(who, &req.peer_id, &d, Instant::now())
             .map_err(status)?;
         Ok(Response::new(pb::WithdrawResponse {}))
     }
 
-    fn find_now(&self, req: pb::FindRequest) -> Result<Response<pb::FindResponse>, Status> {
+    fn find_now(
+        &self,
+        who: &Caller,
+        req: pb::FindRequest,
+    ) -> Result<Response<pb::FindResponse>, Status> {
         let d = digest(&req.digest)?;
         let join = req.join.map(|j| (j.size, j.piece_size));
-        let found = self.state().find_and_join(
-            &d,
-            &req.peer_id,
-            &req.zone,
-            req.max_peers as usize,
-            join,
-            Instant::now(),
-        );
+        let found = self
+            .state()
+            .find_and_join(
+                who,
+                &d,
+                &req.peer_id,
+                &req.zone,
+                req.max_peers as usize,
+                join,
+                Instant::now(),
+            )
+            .map_err(status)?;
         let Some(f) = found else {
             Span::current().record("peers", 0);
             return Ok(Response::new(pb::FindResponse::default()));

@@ -5,9 +5,30 @@
 //! Nothing here is durable on purpose. Peers re-register and replay their
 //! announcements when a heartbeat answers "unknown peer", so losing this state
 //! (restart, new replica) costs one heartbeat, not correctness.
+//!
+//! # Trust and bounds
+//!
+//! Every caller holds a cluster certificate, but a node can be compromised,
+//! so nothing a caller sends is trusted to size anything:
+//!
+//! - A peer id belongs to the [`Caller`] that registered it (the
+//!   certificate's own identity where it has one, else the source address):
+//!   while its lease runs, nobody else can register it, renew it, announce or
+//!   withdraw for it, or join a blob in its name.
+//! - Every number is checked against [`Limits`] before it allocates: piece
+//!   size and count (so bitmap and hash-list lengths), name lengths, digests
+//!   per peer, holders per digest, peers in all and per caller.
+//! - Every registration and holding is charged its heap bytes
+//!   ([`PEER_OVERHEAD`], [`HOLDING_OVERHEAD`], [`HASH_BYTES`] plus its
+//!   strings and bitmap), and a change that would take the total past
+//!   [`Limits::max_bytes`], or one caller's share past
+//!   [`Limits::max_bytes_per_caller`], is refused. So the state never holds
+//!   more than `max_bytes` of heap, whatever the callers send.
 
 use std::{
     collections::{BTreeSet, HashMap},
+    fmt,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -23,14 +44,135 @@ pub type PieceHash = Option<[u8; 32]>;
 /// than a scheduler can use only cost bandwidth.
 pub const DEFAULT_MAX_PEERS: usize = 32;
 
+/// Heap charged for a registration besides its strings: its entries in the
+/// peer and caller maps with hash-table slack, and allocator headers.
+pub const PEER_OVERHEAD: u64 = 1024;
+/// Heap charged for a holding besides its bitmap, hashes and the holder's id:
+/// its entries in the blob's holder map and in the peer's digest set, a whole
+/// blob entry (as if every holding were of a blob of its own), table slack
+/// and allocator headers.
+pub const HOLDING_OVERHEAD: u64 = 1024;
+/// Heap per piece hash kept (`Option<[u8; 32]>`).
+pub const HASH_BYTES: u64 = 33;
+
+/// What the tracker accepts. The defaults fit a cluster of a few thousand
+/// nodes with 4 MiB pieces (blobs up to 64 GiB) in 256 MiB of state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Live registrations at once.
+    pub max_peers: usize,
+    /// Live registrations by one [`Caller`]: an agent has one, or two while
+    /// a restarted one's old lease runs out.
+    pub max_peers_per_caller: usize,
+    /// Blobs one peer holds (or is fetching) at once.
+    pub max_digests_per_peer: usize,
+    /// Holders of one blob; more are refused (they still fetch from the
+    /// others, they are just not named).
+    pub max_peers_per_digest: usize,
+    /// Pieces of one blob: bounds its bitmap (`max_pieces / 8` bytes) and
+    /// hash list, and with [`Self::max_piece_size`] the blob's size.
+    pub max_pieces: u64,
+    pub max_piece_size: u64,
+    /// Bytes of a peer id, QUIC address, node name or zone.
+    pub max_name: usize,
+    /// Peers in one `Find` answer.
+    pub max_answer: usize,
+    /// Heap the whole state may hold (see the module doc).
+    pub max_bytes: u64,
+    /// Of which one caller's registrations and holdings.
+    pub max_bytes_per_caller: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::with_max_bytes(256 << 20)
+    }
+}
+
+impl Limits {
+    /// The defaults with a state budget of `max_bytes`, of which one caller
+    /// may take a sixteenth: a compromised node cannot crowd out the rest.
+    pub fn with_max_bytes(max_bytes: u64) -> Self {
+        Self {
+            max_peers: 4096,
+            max_peers_per_caller: 4,
+            max_digests_per_peer: 16384,
+            max_peers_per_digest: 1024,
+            max_pieces: 16384,
+            max_piece_size: 64 << 20,
+            max_name: 256,
+            max_answer: 64,
+            max_bytes,
+            max_bytes_per_caller: max_bytes / 16,
+        }
+    }
+
+    /// The largest `Announce` or `Find` answer these limits allow, encoded:
+    /// the gRPC message size limit is set from it.
+    pub fn max_message(&self) -> usize {
+        // A hash is 34 bytes on the wire (tag, length, 32), a holding's
+        // strings and numbers well under 4 names; 4 KiB covers the rest.
+        let hashes = self.max_pieces as usize * 34;
+        let bitmap = self.max_pieces.div_ceil(8) as usize + 16;
+        let holding = bitmap + 4 * (self.max_name + 4) + 32;
+        hashes + self.max_answer * holding + 4096
+    }
+}
+
+/// Who is calling, as far as the tracker can tell: what a peer id is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// The client certificate's own names beyond the shared ones
+    /// ([`crate::pki::node_identity`]): per-node certificates.
+    Identity(String),
+    /// A certificate every node shares: only the source address tells
+    /// callers apart.
+    Address(IpAddr),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Identity(id) => write!(f, "certificate {id}"),
+            Caller::Address(a) => write!(f, "address {a}"),
+        }
+    }
+}
+
+impl Caller {
+    fn heap(&self) -> u64 {
+        match self {
+            Caller::Identity(id) => id.capacity() as u64,
+            Caller::Address(_) => 0,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("unknown peer {0:?} (register first)")]
     UnknownPeer(String),
     #[error("peer id and QUIC address must not be empty")]
     IncompletePeer,
-    #[error("{digest}: piece size must be positive")]
-    ZeroPieceSize { digest: Digest },
+    #[error("{what} is {len} bytes, at most {max} allowed")]
+    TooLong {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("{digest}: piece size {piece_size} is not within 1..={max}")]
+    BadPieceSize {
+        digest: Digest,
+        piece_size: u64,
+        max: u64,
+    },
+    #[error("{digest}: {size} bytes in {piece_size}-byte pieces is more than {max} pieces")]
+    TooManyPieces {
+        digest: Digest,
+        size: u64,
+        piece_size: u64,
+        max: u64,
+    },
     /// The first holder fixes a blob's size and piece size: bitmaps counted in
     /// different pieces cannot be compared.
     #[error(
@@ -56,6 +198,26 @@ pub enum StateError {
         got: usize,
         pieces: u64,
     },
+    #[error("peer {id:?} is registered by another caller ({owner}); it cannot be taken over")]
+    Taken { id: String, owner: Caller },
+    #[error("peer {id:?} is not yours: it was registered by {owner}")]
+    NotYours { id: String, owner: Caller },
+    #[error("{max} peers are registered, the most this tracker takes")]
+    TooManyPeers { max: usize },
+    #[error("{caller} already has {max} peers registered, the most one caller may")]
+    TooManyPeersOfCaller { caller: Caller, max: usize },
+    #[error("peer {id:?} already holds {max} blobs, the most one peer may")]
+    TooManyDigests { id: String, max: usize },
+    #[error("{digest} already has {max} holders, the most one blob may")]
+    TooManyHolders { digest: Digest, max: usize },
+    #[error("{what} needs {needed} more bytes of tracker state: {used} of {max} in use{whose}")]
+    OutOfMemory {
+        what: &'static str,
+        needed: u64,
+        used: u64,
+        max: u64,
+        whose: String,
+    },
 }
 
 /// Who a peer is and where it serves pieces; fixed for a registration.
@@ -68,6 +230,43 @@ pub struct PeerInfo {
     pub zone: String,
     /// Bytes per second; 0 = unknown.
     pub upload_capacity: u64,
+}
+
+impl PeerInfo {
+    fn check(&self, max: usize) -> Result<(), StateError> {
+        if self.id.is_empty() || self.quic_addr.is_empty() {
+            return Err(StateError::IncompletePeer);
+        }
+        for (what, s) in [
+            ("peer id", &self.id),
+            ("QUIC address", &self.quic_addr),
+            ("node name", &self.node),
+            ("zone", &self.zone),
+        ] {
+            check_len(what, s, max)?;
+        }
+        Ok(())
+    }
+
+    fn heap(&self) -> u64 {
+        // The id is kept twice: as the map key and in the record.
+        (2 * self.id.capacity()
+            + self.quic_addr.capacity()
+            + self.node.capacity()
+            + self.zone.capacity()) as u64
+    }
+}
+
+/// Refuses a string longer than `max` bytes.
+pub fn check_len(what: &'static str, s: &str, max: usize) -> Result<(), StateError> {
+    if s.len() > max {
+        return Err(StateError::TooLong {
+            what,
+            len: s.len(),
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// What a register or heartbeat grants.
@@ -114,16 +313,20 @@ pub struct Found {
 
 struct Peer {
     info: PeerInfo,
+    owner: Caller,
     active_uploads: u32,
     expires: Instant,
     /// Kept so expiry and re-registration find the peer's holdings without
     /// scanning every blob.
     holds: BTreeSet<Digest>,
+    /// Bytes charged for the registration and every holding.
+    charge: u64,
 }
 
 struct Holding {
     bitmap: Bitmap,
     hashes: Vec<PieceHash>,
+    charge: u64,
 }
 
 struct Blob {
@@ -138,10 +341,21 @@ impl Blob {
     }
 }
 
+/// What one caller has: how many peers, how many bytes.
+#[derive(Default)]
+struct Usage {
+    peers: usize,
+    bytes: u64,
+}
+
 pub struct State {
     heartbeat: Duration,
+    limits: Limits,
     peers: HashMap<String, Peer>,
     blobs: HashMap<Digest, Blob>,
+    callers: HashMap<Caller, Usage>,
+    /// Bytes charged in all.
+    bytes: u64,
 }
 
 impl State {
@@ -149,11 +363,22 @@ impl State {
     /// a half of it: one late heartbeat is forgiven, and with expiry swept
     /// every quarter interval a silent peer is gone within two intervals.
     pub fn new(heartbeat: Duration) -> Self {
+        Self::with_limits(heartbeat, Limits::default())
+    }
+
+    pub fn with_limits(heartbeat: Duration, limits: Limits) -> Self {
         Self {
             heartbeat,
+            limits,
             peers: HashMap::new(),
             blobs: HashMap::new(),
+            callers: HashMap::new(),
+            bytes: 0,
         }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn lease(&self) -> Lease {
@@ -176,37 +401,70 @@ impl State {
         self.blobs.len()
     }
 
+    /// Heap bytes charged now; never above [`Limits::max_bytes`].
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Start or renew a lease. A known peer keeps its holdings: re-registering
     /// is how a peer recovers from a lost heartbeat answer, and it re-announces
-    /// anyway.
+    /// anyway. A live peer id registered by another caller is refused.
     pub fn register(
         &mut self,
+        caller: &Caller,
         info: PeerInfo,
         active_uploads: u32,
         now: Instant,
     ) -> Result<Lease, StateError> {
-        if info.id.is_empty() || info.quic_addr.is_empty() {
-            return Err(StateError::IncompletePeer);
-        }
+        info.check(self.limits.max_name)?;
         let lease = self.lease();
         let expires = now + lease.lease;
-        match self.peers.get_mut(&info.id) {
+        let fresh = PEER_OVERHEAD + info.heap() + caller.heap();
+        match self.peers.get(&info.id) {
             Some(p) if p.expires > now => {
+                if p.owner != *caller {
+                    return Err(StateError::Taken {
+                        id: info.id,
+                        owner: p.owner.clone(),
+                    });
+                }
+                let old = PEER_OVERHEAD + p.info.heap() + caller.heap();
+                self.admit(caller, fresh.saturating_sub(old), "registration")?;
+                let p = self.peers.get_mut(&info.id).expect("looked up above");
                 p.info = info;
                 p.active_uploads = active_uploads;
                 p.expires = expires;
+                p.charge = p.charge - old + fresh;
+                self.recharge(caller, old, fresh);
             }
             _ => {
                 // An expired record not yet swept is dropped with its holdings
                 // so a re-registration starts from what the peer replays.
                 self.drop_peer(&info.id);
+                if self.peers.len() >= self.limits.max_peers {
+                    return Err(StateError::TooManyPeers {
+                        max: self.limits.max_peers,
+                    });
+                }
+                let mine = self.callers.get(caller).map_or(0, |u| u.peers);
+                if mine >= self.limits.max_peers_per_caller {
+                    return Err(StateError::TooManyPeersOfCaller {
+                        caller: caller.clone(),
+                        max: self.limits.max_peers_per_caller,
+                    });
+                }
+                self.admit(caller, fresh, "registration")?;
+                self.recharge(caller, 0, fresh);
+                self.callers.entry(caller.clone()).or_default().peers += 1;
                 self.peers.insert(
                     info.id.clone(),
                     Peer {
                         info,
+                        owner: caller.clone(),
                         active_uploads,
                         expires,
                         holds: BTreeSet::new(),
+                        charge: fresh,
                     },
                 );
             }
@@ -219,25 +477,70 @@ impl State {
     /// keep holdings it already stopped vouching for.
     pub fn heartbeat(
         &mut self,
+        caller: &Caller,
         id: &str,
         active_uploads: u32,
         now: Instant,
     ) -> Result<Lease, StateError> {
         let lease = self.lease();
-        let p = self.live_peer_mut(id, now)?;
+        let p = self.own_peer_mut(caller, id, now)?;
         p.active_uploads = active_uploads;
         p.expires = now + lease.lease;
         Ok(lease)
     }
 
-    /// Replace `id`'s bitmap and hashes for a blob.
-    pub fn announce(&mut self, id: &str, a: Announce, now: Instant) -> Result<(), StateError> {
-        let digest = a.digest;
-        if a.piece_size == 0 {
-            return Err(StateError::ZeroPieceSize { digest });
+    /// Checks a blob's size and piece size against the limits; its piece
+    /// count if they pass.
+    pub fn check_geometry(
+        &self,
+        digest: &Digest,
+        size: u64,
+        piece_size: u64,
+    ) -> Result<u64, StateError> {
+        let l = &self.limits;
+        if piece_size == 0 || piece_size > l.max_piece_size {
+            return Err(StateError::BadPieceSize {
+                digest: *digest,
+                piece_size,
+                max: l.max_piece_size,
+            });
         }
-        self.live_peer_mut(id, now)?;
-        if let Some(b) = self.blobs.get(&digest)
+        let pieces = size.div_ceil(piece_size);
+        if pieces > l.max_pieces {
+            return Err(StateError::TooManyPieces {
+                digest: *digest,
+                size,
+                piece_size,
+                max: l.max_pieces,
+            });
+        }
+        Ok(pieces)
+    }
+
+    /// Replace `id`'s bitmap and hashes for a blob. Refused without touching
+    /// anything: a peer that is not the caller's, numbers past the limits, a
+    /// size or piece size other than the holders', state past its budget.
+    pub fn announce(
+        &mut self,
+        caller: &Caller,
+        id: &str,
+        a: Announce,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        let digest = a.digest;
+        let pieces = self.check_geometry(&digest, a.size, a.piece_size)?;
+        if a.hashes.len() as u64 > pieces {
+            return Err(StateError::TooManyHashes {
+                digest,
+                got: a.hashes.len(),
+                pieces,
+            });
+        }
+        let bitmap = Bitmap::from_bytes(pieces, &a.bitmap)
+            .map_err(|source| StateError::Bitmap { digest, source })?;
+        let holds = self.own_peer_mut(caller, id, now)?.holds.len();
+        let blob = self.blobs.get(&digest);
+        if let Some(b) = blob
             && (b.size != a.size || b.piece_size != a.piece_size)
         {
             return Err(StateError::Geometry {
@@ -248,16 +551,30 @@ impl State {
                 known_piece_size: b.piece_size,
             });
         }
-        let pieces = a.size.div_ceil(a.piece_size);
-        let bitmap = Bitmap::from_bytes(pieces, &a.bitmap)
-            .map_err(|source| StateError::Bitmap { digest, source })?;
-        if a.hashes.len() as u64 > pieces {
-            return Err(StateError::TooManyHashes {
-                digest,
-                got: a.hashes.len(),
-                pieces,
-            });
+        let old = blob.and_then(|b| b.holders.get(id)).map(|h| h.charge);
+        if old.is_none() {
+            if holds >= self.limits.max_digests_per_peer {
+                return Err(StateError::TooManyDigests {
+                    id: id.to_string(),
+                    max: self.limits.max_digests_per_peer,
+                });
+            }
+            if blob.is_some_and(|b| b.holders.len() >= self.limits.max_peers_per_digest) {
+                return Err(StateError::TooManyHolders {
+                    digest,
+                    max: self.limits.max_peers_per_digest,
+                });
+            }
         }
+        let mut hashes = a.hashes;
+        hashes.shrink_to_fit();
+        let charge = HOLDING_OVERHEAD
+            + id.len() as u64
+            + bitmap.as_bytes().len() as u64
+            + HASH_BYTES * hashes.capacity() as u64;
+        let old = old.unwrap_or(0);
+        self.admit(caller, charge.saturating_sub(old), "announcement")?;
+        self.recharge(caller, old, charge);
         let blob = self.blobs.entry(digest).or_insert_with(|| Blob {
             size: a.size,
             piece_size: a.piece_size,
@@ -267,20 +584,31 @@ impl State {
             id.to_string(),
             Holding {
                 bitmap,
-                hashes: a.hashes,
+                hashes,
+                charge,
             },
         );
-        if let Some(p) = self.peers.get_mut(id) {
-            p.holds.insert(digest);
-        }
+        let p = self.peers.get_mut(id).expect("checked live above");
+        p.holds.insert(digest);
+        p.charge = p.charge - old + charge;
         Ok(())
     }
 
     /// `id` no longer holds `digest`. Withdrawing what was never announced is
     /// fine: the caller may be retrying.
-    pub fn withdraw(&mut self, id: &str, digest: &Digest, now: Instant) -> Result<(), StateError> {
-        self.live_peer_mut(id, now)?.holds.remove(digest);
-        self.remove_holding(id, digest);
+    pub fn withdraw(
+        &mut self,
+        caller: &Caller,
+        id: &str,
+        digest: &Digest,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        self.own_peer_mut(caller, id, now)?.holds.remove(digest);
+        let freed = self.take_holding(id, digest);
+        if let Some(p) = self.peers.get_mut(id) {
+            p.charge -= freed;
+        }
+        self.recharge(caller, freed, 0);
         Ok(())
     }
 
@@ -288,28 +616,43 @@ impl State {
     /// `asking` as a holder of no piece yet (an announcement it already made
     /// stays). Answer and record are one step under the caller's lock, so of
     /// peers joining together exactly one is told nobody else has it.
+    /// Joining in the name of another caller's peer, or with a geometry past
+    /// the limits, is refused.
+    #[allow(clippy::too_many_arguments)]
     pub fn find_and_join(
         &mut self,
+        caller: &Caller,
         digest: &Digest,
         asking: &str,
         zone: &str,
         max_peers: usize,
         join: Option<(u64, u64)>,
         now: Instant,
-    ) -> Option<Found> {
-        let found = self.find(digest, asking, zone, max_peers, now);
+    ) -> Result<Option<Found>, StateError> {
         let Some((size, piece_size)) = join else {
-            return found;
+            return Ok(self.find(digest, asking, zone, max_peers, now));
         };
+        let pieces = self.check_geometry(digest, size, piece_size)?;
+        if let Some(p) = self.peers.get(asking)
+            && p.expires > now
+            && p.owner != *caller
+        {
+            return Err(StateError::NotYours {
+                id: asking.to_string(),
+                owner: p.owner.clone(),
+            });
+        }
+        let found = self.find(digest, asking, zone, max_peers, now);
         let held = self
             .blobs
             .get(digest)
             .is_some_and(|b| b.holders.contains_key(asking));
         if !held {
-            let pieces = size.div_ceil(piece_size.max(1));
-            // Refused (unknown peer, other geometry): the answer alone is
-            // still right, and the asker's own announcements will follow.
+            // Refused (unknown peer, other geometry, a limit): the answer
+            // alone is still right, and the asker's own announcements will
+            // follow (or be refused on their own).
             let _ = self.announce(
+                caller,
                 asking,
                 Announce {
                     digest: *digest,
@@ -321,7 +664,7 @@ impl State {
                 now,
             );
         }
-        found
+        Ok(found)
     }
 
     /// Who holds or is fetching pieces of `digest`, for `asking` in `zone`;
@@ -330,7 +673,8 @@ impl State {
     /// uploads, then most upload capacity; ties by id so the answer is
     /// deterministic. Excludes the asker and peers whose lease ran out. Peers
     /// holding no piece yet are listed (last): they are downloading it, and
-    /// waiting for their pieces spares the origin.
+    /// waiting for their pieces spares the origin. At most `max_peers` (0:
+    /// [`DEFAULT_MAX_PEERS`]), never more than [`Limits::max_answer`].
     pub fn find(
         &self,
         digest: &Digest,
@@ -365,7 +709,8 @@ impl State {
             DEFAULT_MAX_PEERS
         } else {
             max_peers
-        };
+        }
+        .min(self.limits.max_answer);
         let peers = ranked
             .into_iter()
             .take(limit)
@@ -411,23 +756,85 @@ impl State {
             .ok_or_else(|| StateError::UnknownPeer(id.to_string()))
     }
 
+    /// The live peer `id`, if `caller` registered it.
+    fn own_peer_mut(
+        &mut self,
+        caller: &Caller,
+        id: &str,
+        now: Instant,
+    ) -> Result<&mut Peer, StateError> {
+        let p = self.live_peer_mut(id, now)?;
+        if p.owner != *caller {
+            return Err(StateError::NotYours {
+                id: id.to_string(),
+                owner: p.owner.clone(),
+            });
+        }
+        Ok(p)
+    }
+
+    /// Whether `caller` may take `extra` more bytes.
+    fn admit(&self, caller: &Caller, extra: u64, what: &'static str) -> Result<(), StateError> {
+        let l = &self.limits;
+        if self.bytes + extra > l.max_bytes {
+            return Err(StateError::OutOfMemory {
+                what,
+                needed: extra,
+                used: self.bytes,
+                max: l.max_bytes,
+                whose: String::new(),
+            });
+        }
+        let mine = self.callers.get(caller).map_or(0, |u| u.bytes);
+        if mine + extra > l.max_bytes_per_caller {
+            return Err(StateError::OutOfMemory {
+                what,
+                needed: extra,
+                used: mine,
+                max: l.max_bytes_per_caller,
+                whose: format!(" by {caller}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Replaces a charge of `old` bytes by one of `new`.
+    fn recharge(&mut self, caller: &Caller, old: u64, new: u64) {
+        self.bytes = self.bytes - old + new;
+        let u = self.callers.entry(caller.clone()).or_default();
+        u.bytes = u.bytes - old + new;
+    }
+
     fn drop_peer(&mut self, id: &str) {
         if let Some(p) = self.peers.remove(id) {
             for d in &p.holds {
-                self.remove_holding(id, d);
+                self.take_holding(id, d);
+            }
+            // The registration and every holding, all charged to the peer.
+            self.recharge(&p.owner, p.charge, 0);
+            if let Some(u) = self.callers.get_mut(&p.owner) {
+                u.peers -= 1;
+                if u.peers == 0 {
+                    self.callers.remove(&p.owner);
+                }
             }
         }
     }
 
-    fn remove_holding(&mut self, id: &str, digest: &Digest) {
-        if let Some(b) = self.blobs.get_mut(digest) {
-            b.holders.remove(id);
-            // The geometry belongs to the holders: with none left, the next
-            // announcer sets it afresh.
-            if b.holders.is_empty() {
-                self.blobs.remove(digest);
-            }
+    /// Takes `id`'s holding of `digest` out of its blob; what it was charged.
+    fn take_holding(&mut self, id: &str, digest: &Digest) -> u64 {
+        let Some(b) = self.blobs.get_mut(digest) else {
+            return 0;
+        };
+        let Some(h) = b.holders.remove(id) else {
+            return 0;
+        };
+        // The geometry belongs to the holders: with none left, the next
+        // announcer sets it afresh.
+        if b.holders.is_empty() {
+            self.blobs.remove(digest);
         }
+        h.charge
     }
 }
 
@@ -482,6 +889,11 @@ mod tests {
         }
     }
 
+    /// Each test peer calls from a certificate of its own name.
+    fn by(id: &str) -> Caller {
+        Caller::Identity(id.to_string())
+    }
+
     fn digest() -> Digest {
         Digest::of(b"blob")
     }
@@ -516,16 +928,29 @@ mod tests {
             ("near-many-idle", "a", 1),
             ("far-few", "b", 0),
         ] {
-            s.register(info(id, zone), load, t0).unwrap();
+            s.register(&by(id), info(id, zone), load, t0).unwrap();
         }
         let all: Vec<u64> = (0..10).collect();
-        s.announce("far-full", ann(&all, vec![]), t0).unwrap();
-        s.announce("near-few", ann(&[1], vec![]), t0).unwrap();
-        s.announce("near-many-busy", ann(&[1, 2, 3], vec![]), t0)
+        s.announce(&by("far-full"), "far-full", ann(&all, vec![]), t0)
             .unwrap();
-        s.announce("near-many-idle", ann(&[4, 5, 6], vec![]), t0)
+        s.announce(&by("near-few"), "near-few", ann(&[1], vec![]), t0)
             .unwrap();
-        s.announce("far-few", ann(&[9], vec![]), t0).unwrap();
+        s.announce(
+            &by("near-many-busy"),
+            "near-many-busy",
+            ann(&[1, 2, 3], vec![]),
+            t0,
+        )
+        .unwrap();
+        s.announce(
+            &by("near-many-idle"),
+            "near-many-idle",
+            ann(&[4, 5, 6], vec![]),
+            t0,
+        )
+        .unwrap();
+        s.announce(&by("far-few"), "far-few", ann(&[9], vec![]), t0)
+            .unwrap();
 
         let f = s.find(&digest(), "asker", "a", 0, t0).unwrap();
         assert_eq!(
@@ -554,16 +979,16 @@ mod tests {
     fn heartbeat_updates_load_and_ranking() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("x", "a"), 0, t0).unwrap();
-        s.register(info("y", "a"), 3, t0).unwrap();
-        s.announce("x", ann(&[0], vec![]), t0).unwrap();
-        s.announce("y", ann(&[1], vec![]), t0).unwrap();
+        s.register(&by("x"), info("x", "a"), 0, t0).unwrap();
+        s.register(&by("y"), info("y", "a"), 3, t0).unwrap();
+        s.announce(&by("x"), "x", ann(&[0], vec![]), t0).unwrap();
+        s.announce(&by("y"), "y", ann(&[1], vec![]), t0).unwrap();
         assert_eq!(
             ids(&s.find(&digest(), "z", "a", 0, t0).unwrap()),
             ["x", "y"]
         );
-        s.heartbeat("x", 9, t0).unwrap();
-        s.heartbeat("y", 0, t0).unwrap();
+        s.heartbeat(&by("x"), "x", 9, t0).unwrap();
+        s.heartbeat(&by("y"), "y", 0, t0).unwrap();
         assert_eq!(
             ids(&s.find(&digest(), "z", "a", 0, t0).unwrap()),
             ["y", "x"]
@@ -574,17 +999,22 @@ mod tests {
     fn asking_peer_is_not_answered_and_starting_peers_come_last() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("me", "a"), 0, t0).unwrap();
-        s.register(info("other", "a"), 0, t0).unwrap();
-        s.register(info("starting", "a"), 0, t0).unwrap();
-        s.announce("me", ann(&[0, 1, 2], vec![]), t0).unwrap();
-        s.announce("other", ann(&[0], vec![]), t0).unwrap();
-        s.announce("starting", ann(&[], vec![]), t0).unwrap();
+        s.register(&by("me"), info("me", "a"), 0, t0).unwrap();
+        s.register(&by("other"), info("other", "a"), 0, t0).unwrap();
+        s.register(&by("starting"), info("starting", "a"), 0, t0)
+            .unwrap();
+        s.announce(&by("me"), "me", ann(&[0, 1, 2], vec![]), t0)
+            .unwrap();
+        s.announce(&by("other"), "other", ann(&[0], vec![]), t0)
+            .unwrap();
+        s.announce(&by("starting"), "starting", ann(&[], vec![]), t0)
+            .unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
         assert_eq!(ids(&f), ["other", "starting"]);
-        s.withdraw("starting", &digest(), t0).unwrap();
+        s.withdraw(&by("starting"), "starting", &digest(), t0)
+            .unwrap();
         // Only the asker holds it: still an answer (geometry, hashes), no peers.
-        s.withdraw("other", &digest(), t0).unwrap();
+        s.withdraw(&by("other"), "other", &digest(), t0).unwrap();
         let f = s.find(&digest(), "me", "a", 0, t0).unwrap();
         assert!(f.peers.is_empty());
         assert!(s.find(&Digest::of(b"other"), "me", "a", 0, t0).is_none());
@@ -595,19 +1025,21 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(HB);
         for id in ["a", "b", "c"] {
-            s.register(info(id, ""), 0, t0).unwrap();
+            s.register(&by(id), info(id, ""), 0, t0).unwrap();
         }
         let join = Some((10, 1));
-        assert!(s.find_and_join(&digest(), "a", "", 0, join, t0).is_none());
-        let f = s.find_and_join(&digest(), "b", "", 0, join, t0).unwrap();
+        let mut join_as = |id: &str, d: &Digest| s.find_and_join(&by(id), d, id, "", 0, join, t0);
+        assert!(join_as("a", &digest()).unwrap().is_none());
+        let f = join_as("b", &digest()).unwrap().unwrap();
         assert_eq!(ids(&f), ["a"]);
         assert_eq!(f.peers[0].held, 0);
-        let f = s.find_and_join(&digest(), "c", "", 0, join, t0).unwrap();
+        let f = join_as("c", &digest()).unwrap().unwrap();
         assert_eq!(ids(&f), ["a", "b"]);
 
         // Joining again keeps what the joiner announced since.
-        s.announce("a", ann(&[0, 1], vec![]), t0).unwrap();
-        s.find_and_join(&digest(), "a", "", 0, join, t0);
+        s.announce(&by("a"), "a", ann(&[0, 1], vec![]), t0).unwrap();
+        s.find_and_join(&by("a"), &digest(), "a", "", 0, join, t0)
+            .unwrap();
         let f = s.find(&digest(), "b", "", 0, t0).unwrap();
         assert_eq!(f.peers[0].id, "a");
         assert_eq!(f.peers[0].held, 2);
@@ -615,7 +1047,8 @@ mod tests {
         // A plain find records nothing; an unknown asker is answered but not recorded.
         assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
         assert!(
-            s.find_and_join(&Digest::of(b"x"), "ghost", "", 0, join, t0)
+            s.find_and_join(&by("ghost"), &Digest::of(b"x"), "ghost", "", 0, join, t0)
+                .unwrap()
                 .is_none()
         );
         assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
@@ -625,9 +1058,9 @@ mod tests {
     fn announce_replaces_the_bitmap() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("p", ""), 0, t0).unwrap();
-        s.announce("p", ann(&[0], vec![]), t0).unwrap();
-        s.announce("p", ann(&[3, 4], vec![]), t0).unwrap();
+        s.register(&by("p"), info("p", ""), 0, t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[0], vec![]), t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[3, 4], vec![]), t0).unwrap();
         let f = s.find(&digest(), "q", "", 0, t0).unwrap();
         assert_eq!(f.peers[0].held, 2);
         assert_eq!(f.peers[0].bitmap, vec![0b0001_1000, 0]);
@@ -637,10 +1070,13 @@ mod tests {
     fn silent_peer_disappears_within_two_intervals() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("quiet", "a"), 0, t0).unwrap();
-        s.register(info("chatty", "a"), 0, t0).unwrap();
-        s.announce("quiet", ann(&[0], vec![]), t0).unwrap();
-        s.announce("chatty", ann(&[1], vec![]), t0).unwrap();
+        s.register(&by("quiet"), info("quiet", "a"), 0, t0).unwrap();
+        s.register(&by("chatty"), info("chatty", "a"), 0, t0)
+            .unwrap();
+        s.announce(&by("quiet"), "quiet", ann(&[0], vec![]), t0)
+            .unwrap();
+        s.announce(&by("chatty"), "chatty", ann(&[1], vec![]), t0)
+            .unwrap();
 
         // The server sweeps every quarter interval; walk time like it does.
         let mut now = t0;
@@ -648,7 +1084,7 @@ mod tests {
         while now <= t0 + 2 * HB {
             now += s.sweep_interval();
             if (now - t0).as_millis().is_multiple_of(HB.as_millis()) {
-                s.heartbeat("chatty", 0, now).unwrap();
+                s.heartbeat(&by("chatty"), "chatty", 0, now).unwrap();
             }
             s.expire(now);
             let f = s.find(&digest(), "asker", "a", 0, now).unwrap();
@@ -664,7 +1100,7 @@ mod tests {
         assert!(gone_at <= 2 * HB, "{gone_at:?}");
         assert_eq!(s.peer_count(), 1);
         assert_eq!(
-            s.heartbeat("quiet", 0, now),
+            s.heartbeat(&by("quiet"), "quiet", 0, now),
             Err(StateError::UnknownPeer("quiet".into()))
         );
         assert_eq!(
@@ -677,16 +1113,16 @@ mod tests {
     fn find_hides_lapsed_peers_before_the_sweep() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("p", ""), 0, t0).unwrap();
-        s.announce("p", ann(&[0], vec![]), t0).unwrap();
+        s.register(&by("p"), info("p", ""), 0, t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[0], vec![]), t0).unwrap();
         let later = t0 + s.lease().lease;
         assert!(s.find(&digest(), "q", "", 0, later).is_none());
         // And a lapsed peer must register again, which clears its holdings.
         assert!(matches!(
-            s.announce("p", ann(&[0], vec![]), later),
+            s.announce(&by("p"), "p", ann(&[0], vec![]), later),
             Err(StateError::UnknownPeer(_))
         ));
-        s.register(info("p", ""), 0, later).unwrap();
+        s.register(&by("p"), info("p", ""), 0, later).unwrap();
         assert!(s.find(&digest(), "q", "", 0, later).is_none());
         assert_eq!(s.blob_count(), 0);
     }
@@ -695,9 +1131,9 @@ mod tests {
     fn reregistering_a_live_peer_keeps_its_holdings() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("p", ""), 0, t0).unwrap();
-        s.announce("p", ann(&[0], vec![]), t0).unwrap();
-        s.register(info("p", "z"), 0, t0 + HB).unwrap();
+        s.register(&by("p"), info("p", ""), 0, t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[0], vec![]), t0).unwrap();
+        s.register(&by("p"), info("p", "z"), 0, t0 + HB).unwrap();
         let f = s.find(&digest(), "q", "z", 0, t0 + HB).unwrap();
         assert_eq!(f.peers[0].zone, "z");
     }
@@ -706,8 +1142,8 @@ mod tests {
     fn expiry_drops_announcements_and_empty_blobs() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("p", ""), 0, t0).unwrap();
-        s.announce("p", ann(&[0], vec![]), t0).unwrap();
+        s.register(&by("p"), info("p", ""), 0, t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[0], vec![]), t0).unwrap();
         assert_eq!(s.expire(t0 + HB), 0);
         assert_eq!(s.expire(t0 + 2 * HB), 1);
         assert_eq!((s.peer_count(), s.blob_count()), (0, 0));
@@ -718,23 +1154,24 @@ mod tests {
         let t0 = Instant::now();
         let mut s = State::new(HB);
         for id in ["a", "b", "c"] {
-            s.register(info(id, ""), 0, t0).unwrap();
+            s.register(&by(id), info(id, ""), 0, t0).unwrap();
         }
         let h = |b: u8| Some([b; 32]);
         // a knows pieces 0-1, b knows 1-2 (agrees on 1), c lies about 2.
-        s.announce("a", ann(&[0], vec![h(0), h(1)]), t0).unwrap();
-        s.announce("b", ann(&[1], vec![None, h(1), h(2)]), t0)
+        s.announce(&by("a"), "a", ann(&[0], vec![h(0), h(1)]), t0)
+            .unwrap();
+        s.announce(&by("b"), "b", ann(&[1], vec![None, h(1), h(2)]), t0)
             .unwrap();
         let f = s.find(&digest(), "x", "", 0, t0).unwrap();
         assert_eq!(f.hashes, vec![h(0), h(1), h(2)]);
 
-        s.announce("c", ann(&[2], vec![None, None, h(9), h(3)]), t0)
+        s.announce(&by("c"), "c", ann(&[2], vec![None, None, h(9), h(3)]), t0)
             .unwrap();
         let f = s.find(&digest(), "x", "", 0, t0).unwrap();
         assert_eq!(f.hashes, vec![h(0), h(1), None, h(3)]);
 
         // Once the liar is gone, the honest hash is back.
-        s.withdraw("c", &digest(), t0).unwrap();
+        s.withdraw(&by("c"), "c", &digest(), t0).unwrap();
         let f = s.find(&digest(), "x", "", 0, t0).unwrap();
         assert_eq!(f.hashes, vec![h(0), h(1), h(2)]);
     }
@@ -743,31 +1180,31 @@ mod tests {
     fn malformed_announcements_are_refused() {
         let t0 = Instant::now();
         let mut s = State::new(HB);
-        s.register(info("p", ""), 0, t0).unwrap();
+        s.register(&by("p"), info("p", ""), 0, t0).unwrap();
         let mut a = ann(&[0], vec![]);
         a.bitmap.push(0);
         assert!(matches!(
-            s.announce("p", a, t0),
+            s.announce(&by("p"), "p", a, t0),
             Err(StateError::Bitmap { .. })
         ));
         let a = ann(&[0], vec![None; 11]);
         assert!(matches!(
-            s.announce("p", a, t0),
+            s.announce(&by("p"), "p", a, t0),
             Err(StateError::TooManyHashes { .. })
         ));
         let mut a = ann(&[0], vec![]);
         a.piece_size = 0;
         assert!(matches!(
-            s.announce("p", a, t0),
-            Err(StateError::ZeroPieceSize { .. })
+            s.announce(&by("p"), "p", a, t0),
+            Err(StateError::BadPieceSize { .. })
         ));
         assert!(matches!(
-            s.announce("nobody", ann(&[0], vec![]), t0),
+            s.announce(&by("nobody"), "nobody", ann(&[0], vec![]), t0),
             Err(StateError::UnknownPeer(_))
         ));
         // Geometry is fixed by the first holder.
-        s.announce("p", ann(&[0], vec![]), t0).unwrap();
-        s.register(info("q", ""), 0, t0).unwrap();
+        s.announce(&by("p"), "p", ann(&[0], vec![]), t0).unwrap();
+        s.register(&by("q"), info("q", ""), 0, t0).unwrap();
         let a = Announce {
             digest: digest(),
             size: 10,
@@ -776,11 +1213,280 @@ mod tests {
             bitmap: vec![1],
         };
         assert!(matches!(
-            s.announce("q", a, t0),
+            s.announce(&by("q"), "q", a, t0),
             Err(StateError::Geometry { .. })
         ));
         let mut bad = info("r", "");
         bad.quic_addr.clear();
-        assert_eq!(s.register(bad, 0, t0), Err(StateError::IncompletePeer));
+        assert_eq!(
+            s.register(&by("r"), bad, 0, t0),
+            Err(StateError::IncompletePeer)
+        );
+    }
+
+    fn from(ip: [u8; 4]) -> Caller {
+        Caller::Address(IpAddr::from(ip))
+    }
+
+    #[test]
+    fn a_live_peer_id_is_its_callers_alone() {
+        let t0 = Instant::now();
+        let mut s = State::new(HB);
+        let (owner, other) = (from([10, 0, 0, 1]), from([10, 0, 0, 2]));
+        s.register(&owner, info("p", "a"), 0, t0).unwrap();
+        s.announce(&owner, "p", ann(&[0, 1], vec![Some([1; 32])]), t0)
+            .unwrap();
+        let before = s.bytes();
+
+        // Another address: no takeover, no renewal, no announcing or
+        // withdrawing in its name, no joining as it.
+        assert!(matches!(
+            s.register(&other, info("p", "evil"), 0, t0),
+            Err(StateError::Taken { .. })
+        ));
+        assert!(matches!(
+            s.heartbeat(&other, "p", 0, t0),
+            Err(StateError::NotYours { .. })
+        ));
+        assert!(matches!(
+            s.announce(&other, "p", ann(&[], vec![Some([9; 32])]), t0),
+            Err(StateError::NotYours { .. })
+        ));
+        assert!(matches!(
+            s.withdraw(&other, "p", &digest(), t0),
+            Err(StateError::NotYours { .. })
+        ));
+        assert!(matches!(
+            s.find_and_join(&other, &Digest::of(b"y"), "p", "", 0, Some((1, 1)), t0),
+            Err(StateError::NotYours { .. })
+        ));
+        // Per-node certificates: another identity is another caller, even
+        // from the same address.
+        let cert = Caller::Identity("node-a".into());
+        s.register(&cert, info("q", ""), 0, t0).unwrap();
+        assert!(matches!(
+            s.withdraw(&Caller::Identity("node-b".into()), "q", &digest(), t0),
+            Err(StateError::NotYours { .. })
+        ));
+
+        let f = s.find(&digest(), "x", "", 0, t0).unwrap();
+        assert_eq!(ids(&f), ["p"]);
+        assert_eq!(f.peers[0].held, 2);
+        assert_eq!(f.peers[0].zone, "a");
+        assert_eq!(f.hashes, vec![Some([1; 32])]);
+        assert!(s.find(&Digest::of(b"y"), "x", "", 0, t0).is_none());
+        assert!(s.bytes() > before, "q's registration");
+
+        // Once its lease runs out, the id is free.
+        let later = t0 + s.lease().lease;
+        s.register(&other, info("p", "b"), 0, later).unwrap();
+        assert!(s.find(&digest(), "x", "", 0, later).is_none());
+    }
+
+    #[test]
+    fn hostile_numbers_are_refused_before_they_size_anything() {
+        let t0 = Instant::now();
+        let mut s = State::new(HB);
+        let me = from([10, 0, 0, 1]);
+        s.register(&me, info("p", ""), 0, t0).unwrap();
+        let (peers, bytes) = (s.peer_count(), s.bytes());
+
+        // 2^64-1 one-byte pieces: a 2 EiB bitmap, once.
+        let e = s.find_and_join(&me, &digest(), "p", "", 0, Some((u64::MAX, 1)), t0);
+        assert!(matches!(e, Err(StateError::TooManyPieces { .. })), "{e:?}");
+        let e = s.find_and_join(&me, &digest(), "p", "", 0, Some((10, 0)), t0);
+        assert!(matches!(e, Err(StateError::BadPieceSize { .. })), "{e:?}");
+        let e = s.find_and_join(&me, &digest(), "p", "", 0, Some((10, u64::MAX)), t0);
+        assert!(matches!(e, Err(StateError::BadPieceSize { .. })), "{e:?}");
+        // A 4 MiB bitmap.
+        let big = Announce {
+            digest: digest(),
+            size: 32 << 20,
+            piece_size: 1,
+            hashes: vec![],
+            bitmap: vec![0xff; 4 << 20],
+        };
+        assert!(matches!(
+            s.announce(&me, "p", big, t0),
+            Err(StateError::TooManyPieces { .. })
+        ));
+        let long = "x".repeat(s.limits().max_name + 1);
+        let mut i = info("q", "");
+        i.zone = long.clone();
+        assert!(matches!(
+            s.register(&me, i, 0, t0),
+            Err(StateError::TooLong { what: "zone", .. })
+        ));
+        assert!(matches!(
+            s.register(&me, info(&long, ""), 0, t0),
+            Err(StateError::TooLong {
+                what: "peer id",
+                ..
+            })
+        ));
+        assert_eq!(
+            (s.peer_count(), s.blob_count(), s.bytes()),
+            (peers, 0, bytes)
+        );
+        // The largest honest blob is fine.
+        let max = s.limits().max_pieces;
+        let f = s.find_and_join(&me, &digest(), "p", "", 0, Some((max * 4, 4)), t0);
+        assert_eq!(f, Ok(None));
+        assert_eq!(s.blob_count(), 1);
+    }
+
+    #[test]
+    fn other_geometry_is_refused_and_the_holders_keep_theirs() {
+        let t0 = Instant::now();
+        let mut s = State::new(HB);
+        for id in ["a", "b"] {
+            s.register(&by(id), info(id, ""), 0, t0).unwrap();
+        }
+        let hashes = vec![Some([1; 32]), Some([2; 32])];
+        s.announce(&by("a"), "a", ann(&[0, 1, 2], hashes.clone()), t0)
+            .unwrap();
+        for (size, piece_size) in [(10, 5), (11, 1), (20, 2)] {
+            let other = Announce {
+                digest: digest(),
+                size,
+                piece_size,
+                hashes: vec![Some([7; 32])],
+                bitmap: vec![0xff; Bitmap::byte_len(u64::div_ceil(size, piece_size))],
+            };
+            let other = Announce {
+                bitmap: Bitmap::from_bytes(size.div_ceil(piece_size), &other.bitmap)
+                    .map(|b| b.as_bytes().to_vec())
+                    .unwrap_or_else(|_| Bitmap::new(size.div_ceil(piece_size)).as_bytes().to_vec()),
+                ..other
+            };
+            assert!(matches!(
+                s.announce(&by("b"), "b", other, t0),
+                Err(StateError::Geometry { .. })
+            ));
+            // A join with other numbers is answered (the asker compares the
+            // size and goes to the origin) but not recorded.
+            let f = s
+                .find_and_join(
+                    &by("b"),
+                    &digest(),
+                    "b",
+                    "",
+                    0,
+                    Some((size, piece_size)),
+                    t0,
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!((f.size, f.piece_size), (10, 1));
+        }
+        let f = s.find(&digest(), "x", "", 0, t0).unwrap();
+        assert_eq!(ids(&f), ["a"]);
+        assert_eq!(f.peers[0].held, 3);
+        assert_eq!(f.hashes, hashes);
+    }
+
+    #[test]
+    fn peers_digests_and_holders_are_counted() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            max_peers: 3,
+            max_peers_per_caller: 2,
+            max_digests_per_peer: 2,
+            max_peers_per_digest: 2,
+            ..Limits::default()
+        };
+        let mut s = State::with_limits(HB, limits);
+        let (one, two) = (from([10, 0, 0, 1]), from([10, 0, 0, 2]));
+        s.register(&one, info("a", ""), 0, t0).unwrap();
+        s.register(&one, info("b", ""), 0, t0).unwrap();
+        assert!(matches!(
+            s.register(&one, info("c", ""), 0, t0),
+            Err(StateError::TooManyPeersOfCaller { max: 2, .. })
+        ));
+        // Renewing is not a new registration.
+        s.register(&one, info("a", "z"), 0, t0).unwrap();
+        s.register(&two, info("c", ""), 0, t0).unwrap();
+        assert!(matches!(
+            s.register(&two, info("d", ""), 0, t0),
+            Err(StateError::TooManyPeers { max: 3 })
+        ));
+
+        let blob = |n: u8| Announce {
+            digest: Digest::of(&[n]),
+            ..ann(&[0], vec![])
+        };
+        s.announce(&one, "a", blob(1), t0).unwrap();
+        s.announce(&one, "a", blob(2), t0).unwrap();
+        assert!(matches!(
+            s.announce(&one, "a", blob(3), t0),
+            Err(StateError::TooManyDigests { max: 2, .. })
+        ));
+        // Re-announcing one it holds is no new digest.
+        s.announce(&one, "a", blob(2), t0).unwrap();
+        s.announce(&one, "b", blob(1), t0).unwrap();
+        assert!(matches!(
+            s.announce(&two, "c", blob(1), t0),
+            Err(StateError::TooManyHolders { max: 2, .. })
+        ));
+        // Withdrawing makes room.
+        s.withdraw(&one, "b", &Digest::of(&[1]), t0).unwrap();
+        s.announce(&two, "c", blob(1), t0).unwrap();
+    }
+
+    #[test]
+    fn state_bytes_stay_within_the_budget_and_come_back() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            max_pieces: 1024,
+            ..Limits::with_max_bytes(1 << 20)
+        };
+        let per_caller = limits.max_bytes_per_caller;
+        let mut s = State::with_limits(HB, limits);
+        let full = |n: u32| Announce {
+            digest: Digest::of(&n.to_le_bytes()),
+            size: 1024,
+            piece_size: 1,
+            hashes: vec![Some([3; 32]); 1024],
+            bitmap: vec![0xff; 128],
+        };
+        // One caller alone gets its share and no more.
+        let me = from([10, 0, 0, 1]);
+        s.register(&me, info("me", ""), 0, t0).unwrap();
+        let mut n = 0;
+        let e = loop {
+            if let Err(e) = s.announce(&me, "me", full(n), t0) {
+                break e;
+            }
+            n += 1;
+        };
+        assert!(matches!(e, StateError::OutOfMemory { .. }), "{e}");
+        assert!(s.bytes() <= per_caller, "{} > {per_caller}", s.bytes());
+        assert!(
+            s.bytes() + 40_000 > per_caller,
+            "stopped early at {}",
+            s.bytes()
+        );
+
+        // Many callers: the whole state stops at its budget.
+        let mut refused = 0;
+        for c in 0..40u8 {
+            let caller = from([10, 0, 1, c]);
+            let id = format!("peer-{c}");
+            if s.register(&caller, info(&id, ""), 0, t0).is_err() {
+                refused += 1;
+                continue;
+            }
+            for k in 0..20 {
+                let _ = s.announce(&caller, &id, full(1000 * (c as u32 + 1) + k), t0);
+            }
+        }
+        assert!(refused > 0);
+        assert!(s.bytes() <= 1 << 20, "{}", s.bytes());
+        // Withdrawals and expiry give every byte back.
+        s.withdraw(&me, "me", &Digest::of(&0u32.to_le_bytes()), t0)
+            .unwrap();
+        s.expire(t0 + 2 * HB);
+        assert_eq!((s.peer_count(), s.blob_count(), s.bytes()), (0, 0, 0));
+        assert!(s.callers.is_empty());
     }
 }

@@ -36,7 +36,8 @@ VARIANTS = {
     "seed-peers": {"seedPeer": {"enabled": True, "replicas": 2, "storage": "50Gi",
                                 "cacheSize": "45GiB", "storageClassName": "fast"}},
     "jaeger": {"jaeger": {"enabled": True}},
-    "existing-secret": {"pki": {"mode": "existingSecret", "existingSecret": "my-pki"}},
+    "existing-secret": {"pki": {"mode": "existingSecret", "existingSecret": "my-pki",
+                                "existingTrackerSecret": "my-tracker-pki"}},
     "cert-manager": {"pki": {"mode": "certManager",
                              "certManager": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}},
     "capabilities": {"agent": {"privileged": False}},
@@ -47,7 +48,7 @@ VARIANTS = {
                   "originRate": "50MiB/s", "maxUploadPeers": 8, "cacheSize": "5GiB",
                   "steer": {"ports": [443], "exclude": ["10.0.0.0/8", "fd00::/8"]}},
         "ca": {"restartRuntime": False},
-        "tracker": {"replicas": 3},
+        "tracker": {"replicas": 3, "maxState": "128MiB", "maxConnections": 2048},
         "seedPeer": {"enabled": True},
         "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4317"},
         "serviceMonitor": {"enabled": True},
@@ -126,6 +127,9 @@ def test_helm_lint_is_clean():
 @pytest.mark.parametrize("values", [
     {"pki": {"mode": "selfSigned"}},
     {"pki": {"mode": "existingSecret"}},
+    {"pki": {"mode": "existingSecret", "existingSecret": "peers-only"}},
+    {"tracker": {"maxState": "lots"}},
+    {"tracker": {"maxConnections": 0}},
     {"pki": {"mode": "certManager"}},
     {"agent": {"privileged": "yes"}},
     {"agent": {"steer": {"ports": [0, 443]}}},
@@ -296,8 +300,20 @@ def test_tracker_statefulset_gives_agents_a_stable_list(rendered, variant, repli
     assert sts["spec"]["replicas"] == replicas
     assert svc["spec"]["clusterIP"] == "None"
     assert sts["spec"]["serviceName"] == svc["metadata"]["name"] == "damselfly-tracker"
-    tracker = sts["spec"]["template"]["spec"]["containers"][0]
+    spec = sts["spec"]["template"]["spec"]
+    tracker = spec["containers"][0]
     assert tracker["args"][:2] == ["tracker", "--listen=0.0.0.0:7400"]
+    # TLS with the tracker's own certificate, never the peers' Secret.
+    mounts = {m["mountPath"]: m["name"] for m in tracker["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    pki = volumes[mounts["/etc/damselfly/pki"]]["secret"]["secretName"]
+    assert pki == "damselfly-tracker-pki"
+    for f in ("--cluster-ca", "--cluster-cert", "--cluster-key"):
+        assert arg(tracker["args"], f).startswith("/etc/damselfly/pki/")
+    assert spec["securityContext"]["fsGroup"] == tracker["securityContext"]["runAsGroup"]
+    assert arg(tracker["args"], "--max-state") == ("128MiB" if variant == "everything" else "64MiB")
+    assert arg(tracker["args"], "--max-connections") == \
+        ("2048" if variant == "everything" else "512")
     for probe in ("livenessProbe", "readinessProbe"):
         assert tracker[probe]["tcpSocket"] == {"port": "grpc"}
     assert tracker["resources"]["limits"]
@@ -352,30 +368,68 @@ def test_tracing_endpoint(rendered, variant, endpoint):
         assert jaeger["image"].startswith("jaegertracing/all-in-one:")
 
 
-def test_generated_pki_is_a_cluster_ca_and_a_peer_certificate(rendered):
-    secret = find(rendered["default"], "Secret", "-cluster-pki")
-    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    pem = {k: __import__("base64").b64decode(v) for k, v in secret["data"].items()}
-    assert set(pem) == {"ca.crt", "tls.crt", "tls.key"}
+def start_tracker(pki_dir, cert, key):
+    """The real binary as the chart runs it, with these files: (exit code or None if it
+    started listening, its log)."""
+    proc = subprocess.Popen(
+        [BIN, "tracker", "--listen=127.0.0.1:0", f"--cluster-ca={pki_dir}/ca.crt",
+         f"--cluster-cert={pki_dir}/{cert}", f"--cluster-key={pki_dir}/{key}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
+    log = []
+    try:
+        for line in proc.stderr:
+            log.append(line)
+            if "tracker listening" in line:
+                return None, "".join(log)
+        return proc.wait(timeout=10), "".join(log)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_generated_pki_is_a_cluster_ca_a_peer_and_a_tracker_certificate(rendered):
+    peer = find(rendered["default"], "Secret", "-cluster-pki")
+    tracker = find(rendered["default"], "Secret", "-tracker-pki")
+    b64 = __import__("base64").b64decode
+    for secret in (peer, tracker):
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    assert peer["data"]["ca.crt"] == tracker["data"]["ca.crt"], "one CA for both"
     with tempfile.TemporaryDirectory() as d:
-        for k, v in pem.items():
-            Path(d, k).write_bytes(v)
-        ca, crt = Path(d, "ca.crt"), Path(d, "tls.crt")
-        for purpose in ("sslserver", "sslclient"):
-            subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", ca, crt],
-                           check=True, capture_output=True)
-        text = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", crt],
-                              check=True, capture_output=True, text=True).stdout
-        assert "DNS:damselfly-peer" in text
-        # The key belongs to the certificate.
-        pub = [subprocess.run(["openssl", *cmd], check=True, capture_output=True).stdout
-               for cmd in (["x509", "-noout", "-pubkey", "-in", crt],
-                           ["pkey", "-pubout", "-in", Path(d, "tls.key")])]
-        assert pub[0] == pub[1]
+        Path(d, "ca.crt").write_bytes(b64(peer["data"]["ca.crt"]))
+        for name, secret in (("peer", peer), ("tracker", tracker)):
+            Path(d, f"{name}.crt").write_bytes(b64(secret["data"]["tls.crt"]))
+            Path(d, f"{name}.key").write_bytes(b64(secret["data"]["tls.key"]))
+        ca = Path(d, "ca.crt")
+        for name, purposes, san in (("peer", ("sslserver", "sslclient"), "DNS:damselfly-peer"),
+                                    ("tracker", ("sslserver",), "DNS:damselfly-tracker")):
+            crt = Path(d, f"{name}.crt")
+            for purpose in purposes:
+                subprocess.run(["openssl", "verify", "-purpose", purpose, "-CAfile", ca, crt],
+                               check=True, capture_output=True)
+            text = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in",
+                                   crt], check=True, capture_output=True, text=True).stdout
+            assert san in text and "damselfly-" + ("tracker" if name == "peer" else "peer") \
+                not in text, text
+            # The key belongs to the certificate.
+            pub = [subprocess.run(["openssl", *cmd], check=True, capture_output=True).stdout
+                   for cmd in (["x509", "-noout", "-pubkey", "-in", crt],
+                               ["pkey", "-pubout", "-in", Path(d, f"{name}.key")])]
+            assert pub[0] == pub[1]
+        # The real tracker starts with its certificate (Helm's RSA PKCS#1), and refuses the
+        # peers' with a message naming the name it lacks.
+        code, log = start_tracker(d, "tracker.crt", "tracker.key")
+        assert code is None, log
+        code, log = start_tracker(d, "peer.crt", "peer.key")
+        assert code not in (None, 0), log
+        assert "no subjectAltName DNS:damselfly-tracker" in log, log
     for variant in ("existing-secret", "cert-manager"):
         assert not [o for o in rendered[variant] if o["kind"] == "Secret"]
     mounted = pod(rendered["existing-secret"], "DaemonSet", "-agent")["volumes"]
     assert {"name": "pki", "secret": {"secretName": "my-pki", "defaultMode": 0o440}} in mounted
+    mounted = pod(rendered["existing-secret"], "StatefulSet", "-tracker")["volumes"]
+    assert {"name": "pki", "secret": {"secretName": "my-tracker-pki", "defaultMode": 0o440}} \
+        in mounted
 
 
 def test_cert_manager_certificate(rendered):
@@ -389,6 +443,14 @@ def test_cert_manager_certificate(rendered):
     volumes = pod(objs, "DaemonSet", "-agent")["volumes"]
     assert {"name": "pki", "secret": {"secretName": spec["secretName"], "defaultMode": 0o440}} \
         in volumes
+    tracker = find(objs, "Certificate", "-tracker")["spec"]
+    assert tracker["dnsNames"] == ["damselfly-tracker"]
+    assert "server auth" in tracker["usages"] and "client auth" not in tracker["usages"]
+    assert tracker["issuerRef"] == spec["issuerRef"]
+    assert tracker["secretName"] != spec["secretName"]
+    volumes = pod(objs, "StatefulSet", "-tracker")["volumes"]
+    assert {"name": "pki", "secret": {"secretName": tracker["secretName"],
+                                      "defaultMode": 0o440}} in volumes
 
 
 def test_service_monitor_and_dashboard(rendered):

@@ -61,7 +61,7 @@ struct Slot {
 impl PeerClient {
     /// Binds the client endpoint; needs a tokio runtime.
     pub fn new(tls: &PeerTls, cfg: ClientConfig) -> Result<Self, PeerError> {
-        let config = tls.client_config(transport(cfg.idle_timeout, cfg.keep_alive, 0))?;
+        let config = tls.client_config(Arc::new(transport(cfg.idle_timeout, cfg.keep_alive, 0)))?;
         let mut endpoint = Endpoint::client(cfg.bind).map_err(|source| PeerError::Bind {
             addr: cfg.bind,
             source,

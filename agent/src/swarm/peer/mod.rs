@@ -115,12 +115,12 @@ pub fn verify_piece(data: &[u8], sha256: &[u8; 32]) -> Result<(), PeerError> {
 
 /// Shared by both ends; `bidi_streams` is how many streams the other end
 /// may open at once (0 for a client, which is never asked anything).
-fn transport(idle: Duration, keep_alive: Duration, bidi_streams: u32) -> Arc<TransportConfig> {
+fn transport(idle: Duration, keep_alive: Duration, bidi_streams: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
     // Past the QUIC varint range (2^62 ms) means "never": fall back to none.
     t.max_idle_timeout(idle.try_into().ok());
     t.keep_alive_interval(Some(keep_alive));
     t.max_concurrent_bidi_streams(VarInt::from_u32(bidi_streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    Arc::new(t)
+    t
 }

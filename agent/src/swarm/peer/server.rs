@@ -1,5 +1,18 @@
 //! The serving side: accept authenticated peers, answer each stream with one
 //! piece from the [`PieceSource`], within the upload limits.
+//!
+//! A peer that stops reading must not pin what others need: every write, and
+//! the peer's acknowledgement of a finished answer, must make progress within
+//! [`ServerConfig::write_timeout`], or the stream is reset, which drops what
+//! QUIC still buffers for it, and its upload slot and memory are released.
+//!
+//! Memory held by uploads: each answer holds its whole piece (read at once)
+//! from the read until the peer has acknowledged the last byte or the stream
+//! is reset; QUIC's send buffer only references those bytes. So at most
+//! `max_pieces_per_connection × piece size` per connection and
+//! `max_pieces_in_memory × piece size` in all (8 × 4 MiB = 32 MiB and
+//! 32 × 4 MiB = 128 MiB by default), plus what a request may buffer on its way
+//! in: [`REQUEST_WINDOW`] per stream, [`CONNECTION_WINDOW`] per connection.
 
 use std::{
     net::SocketAddr,
@@ -11,7 +24,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::{sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
@@ -32,6 +45,15 @@ pub const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 /// and counted, so limits and metrics follow the transfer smoothly.
 const CHUNK: usize = 64 * 1024;
 
+/// What a client may send on one stream before we read it: requests are
+/// [`REQUEST_LEN`] bytes, so anything more is only memory for a hostile peer.
+pub const REQUEST_WINDOW: u32 = 1024;
+/// The same for a whole connection.
+pub const CONNECTION_WINDOW: u32 = 64 * 1024;
+
+/// QUIC error code of a stream reset because the peer stopped taking data.
+const STALLED: u32 = 1;
+
 pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Distinct peers served at once; more are answered busy. `None`: no limit.
@@ -40,8 +62,14 @@ pub struct ServerConfig {
     pub max_streams_per_peer: u32,
     /// Pieces held in memory across all requests (each is read whole).
     pub max_pieces_in_memory: usize,
-    /// For a request's header to arrive once its stream is open.
+    /// Pieces held in memory for one connection's requests, so one peer
+    /// cannot take every piece of memory.
+    pub max_pieces_per_connection: usize,
+    /// For a request's header to arrive once its stream is open, and for a
+    /// request to get its share of memory.
     pub request_timeout: Duration,
+    /// For the peer to take each write, and to acknowledge a finished answer.
+    pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     /// Uploads take tokens at [`crate::swarm::rate::Priority::Low`].
@@ -58,7 +86,11 @@ impl ServerConfig {
             max_upload_peers: Some(16),
             max_streams_per_peer: 16,
             max_pieces_in_memory: 32,
+            max_pieces_per_connection: 8,
             request_timeout: Duration::from_secs(10),
+            // A 64 KiB write waits on the peer reading; 5 s is a peer slower
+            // than 13 KB/s, or gone.
+            write_timeout: Duration::from_secs(5),
             idle_timeout: IDLE_TIMEOUT,
             keep_alive: KEEP_ALIVE,
             rate: None,
@@ -79,8 +111,11 @@ pub struct PeerServer {
 struct Shared {
     source: Arc<dyn PieceSource>,
     slots: Arc<UploadSlots>,
-    in_memory: Semaphore,
+    in_memory: Arc<Semaphore>,
+    max_in_memory: usize,
+    per_connection: usize,
     request_timeout: Duration,
+    write_timeout: Duration,
     rate: Option<Arc<RateLimiter>>,
     bytes_out: Option<BytesHook>,
     corrupt: bool,
@@ -94,11 +129,10 @@ impl PeerServer {
         source: Arc<dyn PieceSource>,
         cfg: ServerConfig,
     ) -> Result<Self, PeerError> {
-        let server = tls.server_config(transport(
-            cfg.idle_timeout,
-            cfg.keep_alive,
-            cfg.max_streams_per_peer,
-        ))?;
+        let mut t = transport(cfg.idle_timeout, cfg.keep_alive, cfg.max_streams_per_peer);
+        t.stream_receive_window(VarInt::from_u32(REQUEST_WINDOW));
+        t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+        let server = tls.server_config(Arc::new(t))?;
         let endpoint = Endpoint::server(server, cfg.listen).map_err(|source| PeerError::Bind {
             addr: cfg.listen,
             source,
@@ -113,8 +147,11 @@ impl PeerServer {
         let shared = Arc::new(Shared {
             source,
             slots: UploadSlots::new(cfg.max_upload_peers),
-            in_memory: Semaphore::new(cfg.max_pieces_in_memory.max(1)),
+            in_memory: Arc::new(Semaphore::new(cfg.max_pieces_in_memory.max(1))),
+            max_in_memory: cfg.max_pieces_in_memory.max(1),
+            per_connection: cfg.max_pieces_per_connection.max(1),
             request_timeout: cfg.request_timeout,
+            write_timeout: cfg.write_timeout,
             rate: cfg.rate,
             bytes_out: cfg.bytes_out,
             corrupt: cfg.corrupt_uploads,
@@ -142,6 +179,11 @@ impl PeerServer {
     /// Distinct peers with a request being answered now.
     pub fn peers_serving(&self) -> usize {
         self.shared.slots.serving()
+    }
+
+    /// Pieces held in memory for answers now.
+    pub fn pieces_in_memory(&self) -> usize {
+        self.shared.max_in_memory - self.shared.in_memory.available_permits()
     }
 
     /// Closes every connection and waits (briefly) for the peers to be told.
@@ -191,13 +233,14 @@ impl Drop for Connected<'_> {
 async fn serve_connection(conn: Connection, shared: Arc<Shared>) {
     let peer = conn.remote_address();
     let _connected = Connected::new(&shared.connected);
+    let memory = Arc::new(Semaphore::new(shared.per_connection));
     debug!(%peer, "peer connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let shared = shared.clone();
+                let (shared, memory) = (shared.clone(), memory.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, peer, &shared).await {
+                    if let Err(e) = serve_stream(send, recv, peer, &shared, &memory).await {
                         debug!(%peer, error = %e, "peer request ended early");
                     }
                 });
@@ -215,6 +258,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     peer: SocketAddr,
     shared: &Shared,
+    connection_memory: &Arc<Semaphore>,
 ) -> Result<(), PeerError> {
     let mut buf = [0u8; REQUEST_LEN];
     tokio::time::timeout(shared.request_timeout, recv.read_exact(&mut buf))
@@ -223,33 +267,42 @@ async fn serve_stream(
     let req = match Request::decode(&buf) {
         Ok(r) => r,
         Err(e) => {
-            respond(&mut send, ResponseHead::Error).await?;
+            respond(&mut send, ResponseHead::Error, shared.write_timeout).await?;
             return Err(e.into());
         }
     };
     let Some(_slot) = shared.slots.try_acquire(peer) else {
         debug!(%peer, "upload refused: max upload peers reached");
-        return respond(&mut send, ResponseHead::Busy).await;
+        return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
     };
-    let _memory = shared
-        .in_memory
-        .acquire()
-        .await
-        .expect("the semaphore is never closed");
+    // This connection's share first, so one peer cannot queue for (and then
+    // hold) every piece of memory; both are released when this answer ends.
+    let memory = async {
+        let mine = connection_memory.clone().acquire_owned().await;
+        let all = shared.in_memory.clone().acquire_owned().await;
+        (mine, all)
+    };
+    let _memory = match tokio::time::timeout(shared.request_timeout, memory).await {
+        Ok((Ok(mine), Ok(all))) => (mine, all),
+        _ => {
+            debug!(%peer, "upload refused: no memory for the piece in time");
+            return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
+        }
+    };
     let source = shared.source.clone();
     let read = tokio::task::spawn_blocking(move || source.piece(&req.digest, req.index)).await;
     let piece = match read {
         Ok(Some(Ok(piece))) => piece,
         Ok(None | Some(Err(StoreError::NoSuchPiece { .. } | StoreError::MissingPiece { .. }))) => {
-            return respond(&mut send, ResponseHead::NotFound).await;
+            return respond(&mut send, ResponseHead::NotFound, shared.write_timeout).await;
         }
         Ok(Some(Err(e))) => {
             warn!(digest = %req.digest, index = req.index, error = %e, "cannot serve piece");
-            return respond(&mut send, ResponseHead::Error).await;
+            return respond(&mut send, ResponseHead::Error, shared.write_timeout).await;
         }
         Err(e) => {
             warn!(digest = %req.digest, index = req.index, error = %e, "piece read panicked");
-            return respond(&mut send, ResponseHead::Error).await;
+            return respond(&mut send, ResponseHead::Error, shared.write_timeout).await;
         }
     };
     let piece = if shared.corrupt {
@@ -261,29 +314,66 @@ async fn serve_stream(
         len: piece.len() as u64,
     }
     .encode();
-    send.write_all(&head[..n]).await?;
+    let limit = shared.write_timeout;
+    write_within(&mut send, Bytes::copy_from_slice(&head[..n]), limit).await?;
     let mut at = 0;
     while at < piece.len() {
         let chunk = piece.slice(at..piece.len().min(at + CHUNK));
         let len = chunk.len() as u64;
         at += chunk.len();
+        // Waiting for our own rate limit is not the peer's stall.
         if let Some(rate) = &shared.rate {
             rate.acquire_low(len).await;
         }
-        send.write_chunk(chunk).await?;
+        write_within(&mut send, chunk, limit).await?;
         if let Some(hook) = &shared.bytes_out {
             hook(len);
         }
     }
-    send.finish()?;
-    Ok(())
+    finish(&mut send, limit).await
 }
 
-async fn respond(send: &mut SendStream, head: ResponseHead) -> Result<(), PeerError> {
-    let (buf, n) = head.encode();
-    send.write_all(&buf[..n]).await?;
+/// Writes `data`; a peer that does not take it within `limit` gets the
+/// stream reset, which drops what QUIC still buffers for it.
+async fn write_within(
+    send: &mut SendStream,
+    data: Bytes,
+    limit: Duration,
+) -> Result<(), PeerError> {
+    let written = tokio::time::timeout(limit, send.write_chunk(data)).await;
+    match written {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            debug!(stream = %send.id(), "peer stopped reading; resetting the stream");
+            let _ = send.reset(STALLED.into());
+            Err(PeerError::Timeout(limit))
+        }
+    }
+}
+
+/// Finishes the stream and holds on (and so to the piece's memory) until the
+/// peer has acknowledged every byte, which QUIC would otherwise keep buffered
+/// for a peer that never reads; a peer that does not within `limit` gets the
+/// stream reset, which drops that buffer.
+async fn finish(send: &mut SendStream, limit: Duration) -> Result<(), PeerError> {
     send.finish()?;
-    Ok(())
+    match tokio::time::timeout(limit, send.stopped()).await {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let _ = send.reset(STALLED.into());
+            Err(PeerError::Timeout(limit))
+        }
+    }
+}
+
+async fn respond(
+    send: &mut SendStream,
+    head: ResponseHead,
+    limit: Duration,
+) -> Result<(), PeerError> {
+    let (buf, n) = head.encode();
+    write_within(send, Bytes::copy_from_slice(&buf[..n]), limit).await?;
+    finish(send, limit).await
 }
 
 /// Flips one byte in the middle, where no length check can catch it.

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use super::*;
 use crate::{
-    pki::{ClusterFiles, ClusterPki},
+    pki::{ClusterFiles, ClusterPki, Role},
     swarm::rate::RateLimiter,
 };
 
@@ -50,10 +50,16 @@ impl Ca {
     /// A peer certificate as the chart issues them: SAN `damselfly-peer`
     /// plus the node name, usable as server and client.
     fn peer(&self, node: &str) -> (String, String) {
+        self.issue(&[PEER_SERVER_NAME, node])
+    }
+
+    /// A certificate for these SANs, usable as server and client.
+    fn issue(&self, names: &[&str]) -> (String, String) {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params =
-            CertificateParams::new(vec![PEER_SERVER_NAME.to_string(), node.to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, node);
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -67,7 +73,11 @@ impl Ca {
     /// Trusts this CA and holds a certificate issued by `issuer` (unchecked:
     /// some tests need one from another CA, for peers to refuse).
     fn tls(&self, issuer: &Ca, node: &str) -> PeerTls {
-        let (cert, key) = issuer.peer(node);
+        self.tls_with(issuer.peer(node))
+    }
+
+    /// Trusts this CA and holds `(cert, key)`, unchecked.
+    fn tls_with(&self, (cert, key): (String, String)) -> PeerTls {
         let pki =
             ClusterPki::parse(self.pem().as_bytes(), cert.as_bytes(), key.as_bytes()).unwrap();
         PeerTls::new(&pki).unwrap()
@@ -256,6 +266,135 @@ async fn unauthenticated_peers_get_nothing() {
     assert_eq!(srv.peers_connected(), 0);
 }
 
+/// The cluster CA signs more than peers (the tracker's certificate, SAN
+/// `damselfly-tracker`): only a certificate that names `damselfly-peer` is a
+/// peer, on either side of the handshake.
+#[tokio::test]
+async fn a_cluster_certificate_without_the_peer_name_is_refused_both_ways() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(PS as usize);
+    let (out, out_hook) = counter();
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.bytes_out = Some(out_hook)
+    });
+    let not_a_peer = || ca.tls_with(ca.issue(&["damselfly-tracker", "node-x"]));
+
+    let c = client(&not_a_peer());
+    let e = c.fetch_piece(srv.local_addr(), &fx.digest, 0, PS).await;
+    assert!(
+        e.is_err(),
+        "a client without the peer name was served {:?} bytes",
+        e.map(|b| b.len())
+    );
+    assert_eq!(out.load(Ordering::Relaxed), 0);
+
+    let fake = server(&not_a_peer(), Arc::new(fx.store.clone()), |_| {});
+    let c = client(&ca.tls(&ca, "b"));
+    let e = c.fetch_piece(fake.local_addr(), &fx.digest, 0, PS).await;
+    assert!(matches!(e, Err(PeerError::Connection(_))), "{e:?}");
+
+    // The same CA with the name: served.
+    let c = client(&ca.tls(&ca, "c"));
+    assert_eq!(
+        c.fetch_piece(srv.local_addr(), &fx.digest, 0, PS)
+            .await
+            .unwrap(),
+        fx.data
+    );
+}
+
+/// A peer that opens streams, asks for pieces and never reads: its writes
+/// stall, time out and reset, so the only upload slot and the memory are
+/// free again within seconds, and a peer that reads is served, while the
+/// stalling connection itself stays up (keep-alives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
+    const STREAMS: u64 = 12;
+    const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+    let ca = Ca::new("cluster");
+    let fx = fixture(STREAMS as usize * PS as usize);
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.max_upload_peers = Some(1);
+        c.write_timeout = WRITE_TIMEOUT;
+    });
+    let addr = srv.local_addr();
+
+    // Its QUIC stack takes 1 KiB per stream and nothing more until the
+    // application reads, which it never does.
+    let mut t = super::transport(IDLE_TIMEOUT, KEEP_ALIVE, 0);
+    t.stream_receive_window(quinn::VarInt::from_u32(1024));
+    let config = ca.tls(&ca, "stalling").client_config(Arc::new(t)).unwrap();
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(addr, PEER_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        let req = wire::Request {
+            digest: fx.digest,
+            index: i,
+        };
+        send.write_all(&req.encode()).await.unwrap();
+        send.finish().unwrap();
+        streams.push((send, recv));
+    }
+    let t0 = Instant::now();
+    while srv.pieces_in_memory() < 8 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(srv.peers_serving(), 1);
+    assert_eq!(
+        srv.pieces_in_memory(),
+        8,
+        "one connection holds at most max_pieces_per_connection pieces"
+    );
+
+    // A peer that reads: busy while the stalling one holds the only slot,
+    // then served.
+    let good = client(&ca.tls(&ca, "good"));
+    let t0 = Instant::now();
+    let got = loop {
+        match good.fetch_piece(addr, &fx.digest, 0, PS).await {
+            Ok(b) => break b,
+            Err(PeerError::Busy) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            t0.elapsed() < 3 * WRITE_TIMEOUT + Duration::from_secs(2),
+            "still busy after {:?}: slots {} pieces in memory {}",
+            t0.elapsed(),
+            srv.peers_serving(),
+            srv.pieces_in_memory()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("served after {:?}", t0.elapsed());
+    assert_eq!(got, piece(&fx.data, 0));
+    // The stalled requests waiting for memory get theirs, stall the same way
+    // and are reset too: everything comes back.
+    let t0 = Instant::now();
+    while srv.pieces_in_memory() > 0 || srv.peers_serving() > 0 {
+        assert!(
+            t0.elapsed() < 3 * WRITE_TIMEOUT + Duration::from_secs(2),
+            "slots {} pieces in memory {}",
+            srv.peers_serving(),
+            srv.pieces_in_memory()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(conn.close_reason().is_none(), "the connection itself stays");
+    drop(streams);
+    endpoint.close(0u32.into(), b"done");
+}
+
 #[tokio::test]
 async fn unknown_digest_or_piece_is_not_found() {
     let ca = Ca::new("cluster");
@@ -378,7 +517,12 @@ async fn a_third_peer_is_refused_while_two_are_served() {
     while let Some(r) = held.join_next().await {
         assert_eq!(r.unwrap().unwrap(), fx.data);
     }
-    assert_eq!(srv.peers_serving(), 0);
+    // A slot is held until the peer has acknowledged the last byte.
+    let t0 = Instant::now();
+    while srv.peers_serving() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(2), "slots never freed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         peers[2].fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(),
         fx.data
@@ -570,11 +714,14 @@ async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
     let pkcs1 = std::fs::read_to_string(d.join("a.key")).unwrap();
     assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
     let tls = |node: &str| {
-        let pki = ClusterPki::load(&ClusterFiles {
-            ca: d.join("ca.crt"),
-            cert: d.join(format!("{node}.crt")),
-            key: d.join(format!("{node}.key")),
-        })
+        let pki = ClusterPki::load(
+            &ClusterFiles {
+                ca: d.join("ca.crt"),
+                cert: d.join(format!("{node}.crt")),
+                key: d.join(format!("{node}.key")),
+            },
+            Role::Peer,
+        )
         .unwrap_or_else(|e| panic!("node {node}: {e}"));
         PeerTls::new(&pki).unwrap()
     };

@@ -8,10 +8,11 @@
 //! key certified by the cluster CA", not "is that particular node":
 //!
 //! - The server requires a client certificate chaining to the cluster CA
-//!   (rustls' `WebPkiClientVerifier`); its names are not looked at.
+//!   and carrying the DNS SAN [`PEER_SERVER_NAME`] (`damselfly-peer`):
+//!   [`crate::pki::peer_client_verifier`], since webpki checks no name on a
+//!   client certificate and the tracker's, from the same CA, is no peer's.
 //! - The client verifies the server's chain against the cluster CA and checks
-//!   it for the fixed name [`PEER_SERVER_NAME`] (`damselfly-peer`), whatever
-//!   address it dialled.
+//!   it for the same fixed name, whatever address it dialled.
 //!
 //! So every peer certificate carries the DNS SAN `damselfly-peer` (the node
 //! name may be added for logs) and, since each peer is both server and
@@ -33,11 +34,10 @@ use rustls::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     },
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
-    server::WebPkiClientVerifier,
 };
 
 pub use crate::pki::PEER_SERVER_NAME;
-use crate::pki::{ClusterPki, provider};
+use crate::pki::{ClusterPki, peer_client_verifier, provider};
 
 pub const ALPN: &[u8] = b"damselfly/1";
 
@@ -94,11 +94,8 @@ impl PeerTls {
     /// for QUIC ([`PeerTls::server_config`]) and the admin server's HTTPS.
     pub fn tls_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let id = self.identity.as_ref().ok_or(TlsError::NoIdentity)?;
-        let provider = provider();
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider.clone())
-                .build()?;
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        let verifier = peer_client_verifier(self.roots.clone())?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(id.chain.clone(), id.key.clone_key())?;

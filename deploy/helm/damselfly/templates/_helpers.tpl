@@ -33,6 +33,14 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end }}
 
+{{- define "damselfly.trackerPkiSecretName" -}}
+{{- if eq .Values.pki.mode "existingSecret" }}
+{{- required "pki.existingTrackerSecret is required with pki.mode=existingSecret" .Values.pki.existingTrackerSecret }}
+{{- else }}
+{{- include "damselfly.fullname" . }}-tracker-pki
+{{- end }}
+{{- end }}
+
 {{- define "damselfly.pkiSecretName" -}}
 {{- if eq .Values.pki.mode "existingSecret" }}
 {{- required "pki.existingSecret is required with pki.mode=existingSecret" .Values.pki.existingSecret }}
