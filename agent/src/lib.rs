@@ -1,4 +1,5 @@
-//! Damselfly node agent. One module per concern; see ../shared/DESIGN.md.
+//! Damselfly node agent. One module per concern; the repository's README.md
+//! walks the path of one blob, SECURITY.md says who can reach what.
 
 pub mod admin;
 pub mod agent;
