@@ -139,10 +139,35 @@ fn m(agent: &Agent, series: &str) -> f64 {
 /// other runtime, pulls the same image and the origin sends no blob byte.
 fn first_from_the_origin_second_from_the_first(kinds: [Kind; 2]) {
     let started = Instant::now();
-    let b = bed(kinds);
+    let mut b = bed(kinds);
     let img = Image::build_and_push(&b.tb, &b.origin, "private/app", "v1", &[3 * MB, 2 * MB], 31)
         .unwrap();
     let ready = started.elapsed();
+
+    // Node 1's runtime trusts the node CA through certs.d alone, which it
+    // reads at every request: with the registry's entry moved away it refuses
+    // the agent's certificate; with it back (no runtime restart) the pull
+    // below is terminated by the agent and cached, which it could not be
+    // without that trust.
+    let certs_d = b.trusts[0].certs_d_dir(kinds[0].etc_dir()).unwrap();
+    let (entry, aside) = (certs_d.join(REGISTRY), certs_d.join("moved-away"));
+    fs::rename(&entry, &aside).unwrap();
+    let refused = b.runtimes[0].login().unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("certificate signed by unknown authority"),
+        "{refused:#}"
+    );
+    assert_eq!(
+        b.agents[0]
+            .metric(r#"damselfly_intercept_connections_total{mode="tls-refused"}"#)
+            .unwrap(),
+        1.0
+    );
+    fs::rename(&aside, &entry).unwrap();
+    // The agent splices a client that refused its certificate for ten
+    // minutes (fail open); a restarted agent offers it again at once.
+    b.agents[0].restart().unwrap();
+
     let diagnose = |i: usize| {
         format!(
             "{:?} on node {}:\n{}\nagent:\n{}",
@@ -152,19 +177,6 @@ fn first_from_the_origin_second_from_the_first(kinds: [Kind; 2]) {
             b.agents[i].log_text()
         )
     };
-
-    // Node 1's runtime trusts the node CA through certs.d alone, which it
-    // reads at every request: with the registry's entry moved away it refuses
-    // the agent's certificate; with it back it logs in, without a restart.
-    let certs_d = b.trusts[0].certs_d_dir(kinds[0].etc_dir()).unwrap();
-    let (entry, aside) = (certs_d.join(REGISTRY), certs_d.join("moved-away"));
-    fs::rename(&entry, &aside).unwrap();
-    let refused = b.runtimes[0].login().unwrap_err();
-    assert!(
-        format!("{refused:#}").contains("certificate signed by unknown authority"),
-        "{refused:#}"
-    );
-    fs::rename(&aside, &entry).unwrap();
 
     let t = Instant::now();
     b.runtimes[0].login().unwrap();
