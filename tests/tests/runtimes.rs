@@ -157,11 +157,12 @@ fn first_from_the_origin_second_from_the_first(kinds: [Kind; 2]) {
         format!("{refused:#}").contains("certificate signed by unknown authority"),
         "{refused:#}"
     );
-    assert_eq!(
+    // Podman may have two handshakes under way when the first alert comes.
+    assert!(
         b.agents[0]
             .metric(r#"damselfly_intercept_connections_total{mode="tls-refused"}"#)
-            .unwrap(),
-        1.0
+            .unwrap()
+            >= 1.0
     );
     fs::rename(&aside, &entry).unwrap();
     // The agent splices a client that refused its certificate for ten
