@@ -626,17 +626,14 @@ fn a_runtime_that_does_not_trust_the_node_ca_still_pulls() {
         "no pull succeeded: {failures:#?}\n{}",
         agent3.log_text()
     );
-    assert_eq!(
-        spliced(&agent3, "tls-refused"),
-        1.0,
-        "{}",
-        agent3.log_text()
-    );
+    // One refused handshake (or a few, if the client had several under way).
+    let refused = spliced(&agent3, "tls-refused");
+    assert!(refused >= 1.0, "{}", agent3.log_text());
     assert!(spliced(&agent3, "splice-refused-ca") >= 1.0);
     // Later pulls do not fail at all, and `damselfly status` says why.
     let img2 = Image::build_and_push(&tb, &origin, "team/app", "v2", &[2 * MB], 42).unwrap();
     late.cri_pull(&img2.reference, None).unwrap();
-    assert_eq!(spliced(&agent3, "tls-refused"), 1.0);
+    assert_eq!(spliced(&agent3, "tls-refused"), refused);
     let (_, status) = agent3.node.http_get(agent3.admin, "/status").unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     let refused = &status["refused_ca"];
