@@ -97,14 +97,8 @@ pub fn damselfly_conn4(ctx: SockAddrContext) -> i32 {
         Err(Pass::Excluded)
     } else if cfg.listen4_port == 0 {
         Err(Pass::NoListener)
-    } else if !comm_allowed() {
-        Err(Pass::Process)
-    } else if !same_netns(&ctx, cfg) {
-        Err(Pass::OtherNetns)
-    } else if !remember(&ctx, &orig) {
-        Err(Pass::TableFull)
     } else {
-        Ok(())
+        take(&ctx, cfg, orig)
     };
     match decision {
         Ok(()) => {
@@ -147,14 +141,8 @@ pub fn damselfly_conn6(ctx: SockAddrContext) -> i32 {
         Err(Pass::Excluded)
     } else if cfg.listen6_port == 0 {
         Err(Pass::NoListener)
-    } else if !comm_allowed() {
-        Err(Pass::Process)
-    } else if !same_netns(&ctx, cfg) {
-        Err(Pass::OtherNetns)
-    } else if !remember(&ctx, &orig) {
-        Err(Pass::TableFull)
     } else {
-        Ok(())
+        take(&ctx, cfg, orig)
     };
     match decision {
         Ok(()) => {
@@ -297,12 +285,23 @@ fn port_of(sa: &bpf_sock_addr) -> u16 {
     u16::from_be(sa.user_port as u16)
 }
 
+/// The checks that need the process, then the record of the connection
+/// (with who made it: the agent asks whether that client trusts its CA).
 #[inline(always)]
-fn comm_allowed() -> bool {
-    match bpf_get_current_comm() {
-        Ok(comm) => unsafe { COMMS.get(comm) }.is_some(),
-        Err(_) => false,
+fn take(ctx: &SockAddrContext, cfg: &Config, mut orig: OrigDst) -> Result<(), Pass> {
+    let comm = bpf_get_current_comm().map_err(|_| Pass::Process)?;
+    if unsafe { COMMS.get(comm) }.is_none() {
+        return Err(Pass::Process);
     }
+    if !same_netns(ctx, cfg) {
+        return Err(Pass::OtherNetns);
+    }
+    orig.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    orig.comm = comm;
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_BY_COOKIE
+        .insert(cookie, &orig, u64::from(BPF_ANY))
+        .map_err(|_| Pass::TableFull)
 }
 
 // The steering decision in the agent's log (aya-log, debug level). Logging
@@ -386,19 +385,6 @@ fn printable_comm() -> ([u8; COMM_LEN], usize) {
         i += 1;
     }
     (comm, len)
-}
-
-/// Stores `orig`, with who is connecting, under the socket's cookie.
-#[inline(always)]
-fn remember<C: EbpfContext>(ctx: &C, orig: &OrigDst) -> bool {
-    let mut orig = *orig;
-    orig.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    orig.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    let orig = &orig;
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_BY_COOKIE
-        .insert(cookie, orig, u64::from(BPF_ANY))
-        .is_ok()
 }
 
 #[inline(always)]
