@@ -23,6 +23,11 @@ pub type PieceHash = Option<[u8; 32]>;
 /// than a scheduler can use only cost bandwidth.
 pub const DEFAULT_MAX_PEERS: usize = 32;
 
+/// The most pieces a join may declare: an announcement's bitmap for more would
+/// not fit in a gRPC message (tonic's default 4 MiB decoding limit), so no
+/// holder could ever describe that blob.
+pub const MAX_PIECES: u64 = 8 * 4 * 1024 * 1024;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
     #[error("unknown peer {0:?} (register first)")]
@@ -305,8 +310,13 @@ impl State {
             .blobs
             .get(digest)
             .is_some_and(|b| b.holders.contains_key(asking));
-        if !held {
-            let pieces = size.div_ceil(piece_size.max(1));
+        // The empty bitmap is sized by numbers the asker merely states: build
+        // it only for a geometry an announcement could also describe (one
+        // that would be refused anyway once allocated cost memory for nothing).
+        let pieces = (piece_size > 0).then(|| size.div_ceil(piece_size));
+        if let Some(pieces) = pieces.filter(|&p| p <= MAX_PIECES)
+            && !held
+        {
             // Refused (unknown peer, other geometry): the answer alone is
             // still right, and the asker's own announcements will follow.
             let _ = self.announce(
@@ -442,7 +452,12 @@ fn merge_hashes<'a>(pieces: u64, lists: impl Iterator<Item = &'a [PieceHash]>) -
         Agreed([u8; 32]),
         Conflict,
     }
-    let mut slots = vec![Slot::Unknown; pieces as usize];
+    // Sized by the hashes actually sent, not by the piece count: slots past
+    // every list stay unknown and are trimmed anyway, and `pieces` follows
+    // from a size anybody may claim.
+    let lists: Vec<&[PieceHash]> = lists.collect();
+    let longest = lists.iter().map(|l| l.len()).max().unwrap_or(0);
+    let mut slots = vec![Slot::Unknown; longest.min(usize::try_from(pieces).unwrap_or(usize::MAX))];
     for list in lists {
         for (slot, h) in slots.iter_mut().zip(list) {
             let Some(h) = h else { continue };
@@ -619,6 +634,34 @@ mod tests {
                 .is_none()
         );
         assert!(s.find(&Digest::of(b"x"), "a", "", 0, t0).is_none());
+    }
+
+    /// Found by fuzz/fuzz_targets/tracker.rs: a join stating a piece size of
+    /// 0, or more pieces than any announcement could describe, allocated a
+    /// bitmap of the stated size (gigabytes from a 60-byte request).
+    #[test]
+    fn joins_of_impossible_geometry_record_nothing() {
+        let t0 = Instant::now();
+        let mut s = State::new(HB);
+        s.register(info("a", ""), 0, t0).unwrap();
+        for join in [(3_130_569_987, 0), (u64::MAX, 1), (MAX_PIECES + 1, 1)] {
+            assert!(
+                s.find_and_join(&digest(), "a", "", 0, Some(join), t0)
+                    .is_none()
+            );
+            assert_eq!(s.blob_count(), 0, "{join:?}");
+        }
+        s.find_and_join(&digest(), "a", "", 0, Some((MAX_PIECES, 1)), t0);
+        assert_eq!(s.blob_count(), 1);
+    }
+
+    /// Merged hashes cost what the announcers sent, not what the size claims.
+    #[test]
+    fn merged_hashes_are_sized_by_the_hashes_sent() {
+        assert_eq!(merge_hashes(u64::MAX, std::iter::empty()), vec![]);
+        let h = [Some([1; 32]), None, Some([2; 32])];
+        assert_eq!(merge_hashes(u64::MAX, [&h[..]].into_iter()), h);
+        assert_eq!(merge_hashes(2, [&h[..]].into_iter()), [Some([1; 32])]);
     }
 
     #[test]
