@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build-ebpf | test | demo | lint | bench | manifests`:
+//! `cargo xtask setup | build-ebpf | test | fuzz | demo | lint | bench | manifests`:
 //! the project's own commands, so a fresh machine and CI run exactly what a
 //! developer runs. `demo` and `test` install what they need first.
 
@@ -21,12 +21,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install every prerequisite (idempotent): apt packages, nightly rust-src, bpf-linker,
-    /// the chart tests' Python packages.
+    /// cargo-fuzz, the chart tests' Python packages.
     Setup,
     /// Build the kernel programs (agent-ebpf) into target/ebpf.
     BuildEbpf,
-    /// Run the suite (runs `setup` first): unit tests, the Helm chart tests, then
-    /// end-to-end tests (root, real kernel). With part flags, only those parts.
+    /// Run the suite (runs `setup` first): unit tests, the Helm chart tests, every fuzz
+    /// target briefly on its committed corpus, then end-to-end tests (root, real kernel).
+    /// With part flags, only those parts.
     Test {
         /// The unit tests (no root needed).
         #[arg(long)]
@@ -34,11 +35,24 @@ enum Cmd {
         /// The Helm chart tests (pytest: render, lint, Kubernetes schema, flags vs binary).
         #[arg(long)]
         chart: bool,
+        /// Each fuzz target for a few seconds, starting from fuzz/corpus and
+        /// fuzz/regressions (nightly, ASan).
+        #[arg(long)]
+        fuzz: bool,
         /// The end-to-end tests.
         #[arg(long)]
         e2e: bool,
         /// Passed to the test binaries as a name filter (pytest: `-k`).
         filter: Option<String>,
+    },
+    /// Fuzz every target (or one) in turn, one job each, growing fuzz/corpus/TARGET
+    /// (only the committed seeds are tracked). Crashes land in fuzz/artifacts/TARGET.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// One target (`cargo fuzz list` names them); all when absent.
+        target: Option<String>,
     },
     /// Regenerate deploy/manifests from the Helm chart (default values).
     Manifests {
@@ -98,6 +112,12 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// How long `test --fuzz` fuzzes each target, after replaying its committed inputs.
+const FUZZ_TEST_SECONDS: u64 = 4;
+/// libFuzzer's limits in every run: an input that makes a parser allocate more
+/// than this (a length taken from the input unchecked) or spin is a finding.
+const FUZZ_LIMITS: &[&str] = &["-rss_limit_mb=512", "-malloc_limit_mb=256", "-timeout=5"];
 /// PyPI packages of the chart tests (deploy/helm/tests), with the module each provides.
 const PY_PACKAGES: &[(&str, &str)] = &[
     ("helm-python-sdk==0.2.2", "helm_python"),
@@ -112,14 +132,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test {
             unit,
             chart,
+            fuzz,
             e2e,
             filter,
         } => {
             // A fresh machine has no bpf-linker, so not even the unit tests build.
             setup()?;
-            let all = !(unit || chart || e2e);
-            test(unit || all, chart || all, e2e || all, filter.as_deref())
+            let all = !(unit || chart || fuzz || e2e);
+            test(
+                Parts {
+                    unit: unit || all,
+                    chart: chart || all,
+                    fuzz: fuzz || all,
+                    e2e: e2e || all,
+                },
+                filter.as_deref(),
+            )
         }
+        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
         Cmd::Manifests { check } => manifests(check),
         Cmd::Demo { args } => demo(&args),
         Cmd::Lint => lint(),
@@ -198,6 +228,7 @@ fn setup() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path))?;
     }
+    install_cargo_fuzz()?;
     run(Command::new("python3")
         .args([
             "-m",
@@ -219,7 +250,20 @@ fn build_ebpf() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test(unit: bool, chart: bool, e2e: bool, filter: Option<&str>) -> anyhow::Result<()> {
+struct Parts {
+    unit: bool,
+    chart: bool,
+    fuzz: bool,
+    e2e: bool,
+}
+
+fn test(parts: Parts, filter: Option<&str>) -> anyhow::Result<()> {
+    let Parts {
+        unit,
+        chart,
+        fuzz,
+        e2e,
+    } = parts;
     let filter: Vec<&str> = filter.into_iter().collect();
     if unit {
         // Everything but the testbed's end-to-end scenarios (agent/tests runs
@@ -263,6 +307,9 @@ fn test(unit: bool, chart: bool, e2e: bool, filter: Option<&str>) -> anyhow::Res
             }
         }
     }
+    if fuzz {
+        fuzz_briefly(filter.first().copied())?;
+    }
     if e2e {
         if !is_root() {
             bail!(
@@ -291,6 +338,95 @@ fn test(unit: bool, chart: bool, e2e: bool, filter: Option<&str>) -> anyhow::Res
         .args(&filter))?;
     }
     Ok(())
+}
+
+fn install_cargo_fuzz() -> anyhow::Result<()> {
+    let have = output_of(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if !have.contains(CARGO_FUZZ_VERSION) {
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+    Ok(())
+}
+
+/// `cargo +nightly fuzz ARGS` on the fuzz crate (its own workspace: sanitizer
+/// flags and nightly stay out of the main one).
+fn cargo_fuzz(args: &[&str]) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["+nightly", "fuzz"])
+        .args(args)
+        .current_dir(root());
+    // What `cargo xtask` itself runs under (stable) must not pick the compiler.
+    for key in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO"] {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// The fuzz targets, or just `only` (which must be one of them).
+fn fuzz_targets(only: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let list = output_of(&mut cargo_fuzz(&["list"])).context("`cargo fuzz list` failed")?;
+    let all: Vec<String> = list.lines().map(str::to_string).collect();
+    match only {
+        None => Ok(all),
+        Some(t) if all.iter().any(|a| a == t) => Ok(vec![t.to_string()]),
+        Some(t) => bail!("no fuzz target {t:?}; the targets are {}", all.join(", ")),
+    }
+}
+
+fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    install_cargo_fuzz()?;
+    for t in fuzz_targets(only)? {
+        let corpus = format!("fuzz/corpus/{t}");
+        let max_time = format!("-max_total_time={seconds}");
+        run(cargo_fuzz(&["run", &t, &corpus])
+            .args(regressions(&t))
+            .arg("--")
+            .args([max_time.as_str(), "-print_final_stats=1"])
+            .args(FUZZ_LIMITS))?;
+    }
+    Ok(())
+}
+
+/// A target's committed crash inputs, if it has any, as a read-only corpus dir.
+fn regressions(target: &str) -> Option<String> {
+    let dir = format!("fuzz/regressions/{target}");
+    root().join(&dir).is_dir().then_some(dir)
+}
+
+/// Every target (whose name contains `filter`) replays its seeds and
+/// regressions, then fuzzes a few seconds from them. What it finds goes to a
+/// scratch dir, so the tree stays as committed.
+fn fuzz_briefly(filter: Option<&str>) -> anyhow::Result<()> {
+    install_cargo_fuzz()?;
+    run(&mut cargo_fuzz(&["build"]))?;
+    let scratch = std::env::temp_dir().join(format!("damselfly-fuzz-{}", std::process::id()));
+    let result = (|| {
+        let targets = fuzz_targets(None)?;
+        for t in targets
+            .iter()
+            .filter(|t| filter.is_none_or(|f| t.contains(f)))
+        {
+            let new = scratch.join(t);
+            std::fs::create_dir_all(&new).with_context(|| format!("creating {new:?}"))?;
+            let max_time = format!("-max_total_time={FUZZ_TEST_SECONDS}");
+            run(cargo_fuzz(&["run", t])
+                .arg(&new)
+                .arg(format!("fuzz/corpus/{t}"))
+                .args(regressions(t))
+                .arg("--")
+                .arg(max_time)
+                .args(FUZZ_LIMITS))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }
 
 /// `python3 ARGS` in the workspace root, writing no bytecode into the tree.
@@ -373,6 +509,13 @@ fn become_harness(bin: &str, args: &[String]) -> anyhow::Result<()> {
 
 fn lint() -> anyhow::Result<()> {
     run(&mut cargo(&["fmt", "--all", "--check"]))?;
+    // Its own workspace; built (and so type-checked) by `cargo xtask test --fuzz`.
+    run(&mut cargo(&[
+        "fmt",
+        "--check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+    ]))?;
     run(&mut cargo(&[
         "clippy",
         "--workspace",
