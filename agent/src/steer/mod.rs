@@ -53,6 +53,12 @@ pub enum SteerError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("attaching {name} to {hook}: {source}{}", exclusive_hint(source))]
+    Attach {
+        name: &'static str,
+        hook: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -161,6 +167,8 @@ impl Steering {
             path: pin_dir.clone(),
             source,
         })?;
+        // A start that fails from here on leaves no pins behind.
+        let pins = PinsUntilStarted(&pin_dir);
         let cgroup_dir = fs::File::open(cgroup).map_err(|source| SteerError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -195,15 +203,16 @@ impl Steering {
         {
             let name = programs::SOCK_OPS;
             let prog: &mut SockOps = program(&mut ebpf, name)?;
+            let hook = "sock_ops";
             let prog_err = |source| SteerError::Program { name, source };
             prog.load().map_err(prog_err)?;
             prog.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(prog_err)?;
+                .map_err(|source| SteerError::Attach { name, hook, source })?;
             let id = prog.info().map_err(prog_err)?.id();
             attached.push(AttachedProgram {
                 name: name.into(),
                 id,
-                hook: "sock_ops".into(),
+                hook: hook.into(),
             });
         }
         for (name, hook) in [
@@ -216,7 +225,7 @@ impl Steering {
             let prog_err = |source| SteerError::Program { name, source };
             prog.load().map_err(prog_err)?;
             prog.attach(cgroup_dir.as_fd(), CgroupAttachMode::Single)
-                .map_err(prog_err)?;
+                .map_err(|source| SteerError::Attach { name, hook, source })?;
             let id = prog.info().map_err(prog_err)?.id();
             attached.push(AttachedProgram {
                 name: name.into(),
@@ -229,6 +238,7 @@ impl Steering {
         let agent_tgid = identify_agent(&mut ebpf, &probe, rules.ports[0])?;
         let orig_by_addr = take_map(&mut ebpf, maps::ORIG_BY_ADDR, HashMap::try_from)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS, PerCpuArray::try_from)?;
+        std::mem::forget(pins);
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
             cgroup: cgroup.to_path_buf(),
@@ -403,6 +413,22 @@ where
         .map_err(|source| SteerError::Program { name, source })
 }
 
+/// A BPF link shares its hook with every program attached with
+/// BPF_F_ALLOW_MULTI (Cilium's, systemd's) and runs after those attached
+/// before it; the kernel refuses it (EPERM) only where a program was attached
+/// without that flag, claiming the hook for itself.
+fn exclusive_hint(source: &aya::programs::ProgramError) -> &'static str {
+    use aya::programs::ProgramError;
+    match source {
+        ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EPERM) => {
+            "; another program holds this hook of the cgroup exclusively (attached without \
+             BPF_F_ALLOW_MULTI): `bpftool cgroup show CGROUP` names it. Damselfly shares \
+             hooks only with programs attached as multi (or as links)"
+        }
+        _ => "",
+    }
+}
+
 fn take_map<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -472,6 +498,17 @@ fn configure(
             .map_err(map_err(maps::EXCLUDE6))?;
     }
     Ok(())
+}
+
+/// Removes the pins on drop, unless forgotten once the agent has started.
+struct PinsUntilStarted<'a>(&'a Path);
+
+impl Drop for PinsUntilStarted<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = remove_pins(self.0) {
+            tracing::warn!(dir = %self.0.display(), "removing the pins of a failed start: {e}");
+        }
+    }
 }
 
 fn remove_pins(dir: &Path) -> std::io::Result<()> {
