@@ -538,3 +538,41 @@ unsafe extern "C" {
     #[link_name = "geteuid"]
     fn libc_geteuid() -> u32;
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    /// Every `cargo xtask …` the docs show parses: the subcommands and flags
+    /// exist. Usage brackets are dropped and placeholders (`N`) given a value.
+    #[test]
+    fn every_xtask_command_in_the_docs_parses() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut checked = 0;
+        for doc in [
+            "README.md",
+            "deploy/helm/damselfly/README.md",
+            "deploy/manifests/README.md",
+        ] {
+            let text = std::fs::read_to_string(format!("{root}/{doc}")).unwrap();
+            for (i, _) in text.match_indices("cargo xtask ") {
+                let rest = &text[i + "cargo xtask ".len()..];
+                let end = rest
+                    .find(['`', '\n', '#', '|', ')', '\''])
+                    .unwrap_or(rest.len());
+                let mut argv = vec!["cargo xtask".to_string()];
+                for w in rest[..end].split_whitespace() {
+                    let w = w.trim_matches(['[', ']']);
+                    argv.push(if w == "N" { "1".into() } else { w.into() });
+                }
+                if let Err(e) = Cli::try_parse_from(&argv) {
+                    panic!("{doc}: `{}`\n{}", argv.join(" "), e.render());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} found");
+    }
+}
