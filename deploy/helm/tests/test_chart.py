@@ -2,12 +2,19 @@
 the Kubernetes 1.30 schema (kubernetes-validate), and its commands checked against the
 real damselfly binary ($DAMSELFLY_BIN, default target/debug/damselfly)."""
 
+import atexit
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 try:
@@ -30,25 +37,46 @@ BIN = Path(os.environ.get("DAMSELFLY_BIN") or ROOT / "target/debug/damselfly")
 KUBE_VERSION = "1.30"
 # Custom resources: not in the core schema, checked field by field below.
 CRD_KINDS = {"ServiceMonitor", "Certificate"}
+# The chart's cluster-access probe (templates/_helpers.tpl). helm-python-sdk renders as
+# `helm template` does, with no cluster: `lookup` finds nothing and pki.mode=generate
+# refuses to render. The tests render what `helm install` renders on a first install from
+# a copy of the chart whose probe answers yes (every other lookup still finds nothing).
+CLUSTER_PROBE = '{{- if lookup "v1" "Secret" .Release.Namespace "" }}true{{ end }}'
+EXISTING_PKI = {"pki": {"mode": "existingSecret", "existingSecret": "my-pki",
+                        "existingTrackerSecret": "my-tracker-pki"}}
+CERT_MANAGER = {"pki": {"mode": "certManager",
+                        "certManager": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}}
 
 VARIANTS = {
     "default": {},
     "seed-peers": {"seedPeer": {"enabled": True, "replicas": 2, "storage": "50Gi",
                                 "cacheSize": "45GiB", "storageClassName": "fast"}},
     "jaeger": {"jaeger": {"enabled": True}},
-    "existing-secret": {"pki": {"mode": "existingSecret", "existingSecret": "my-pki",
-                                "existingTrackerSecret": "my-tracker-pki"}},
-    "cert-manager": {"pki": {"mode": "certManager",
-                             "certManager": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}},
+    "existing-secret": EXISTING_PKI,
+    "cert-manager": CERT_MANAGER,
     "capabilities": {"agent": {"privileged": False}},
+    "ipv6": {"ipv6": True},
+    "no-cleanup": {"cleanup": {"enabled": False}, "seedPeer": {"enabled": True}},
+    "network-policy": {"networkPolicy": {"enabled": True,
+                                         "nodeCIDRs": ["192.168.0.0/16", "fd00:10::/64"]},
+                       "seedPeer": {"enabled": True}},
     "everything": {
         "registries": ["registry.example.com", "*.mirror.example.com"],
         "upstreamCA": {"configMap": "registry-ca"},
         "agent": {"zone": "eu-1a", "uploadRate": "100MiB", "downloadRate": "200MiB",
                   "originRate": "50MiB/s", "maxUploadPeers": 8, "cacheSize": "5GiB",
-                  "steer": {"ports": [443], "exclude": ["10.0.0.0/8", "fd00::/8"]}},
+                  "steer": {"ports": [443], "exclude": ["10.0.0.0/8", "fd00::/8"]},
+                  "nodeSelector": {"kubernetes.io/os": "linux", "pool": "builders"},
+                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci",
+                                   "effect": "NoSchedule"}],
+                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                      "nodeSelectorTerms": [{"matchExpressions": [
+                          {"key": "kubernetes.io/arch", "operator": "In",
+                           "values": ["amd64", "arm64"]}]}]}}},
+                  "priorityClassName": "node-agents", "priorityClassQuota": True},
         "ca": {"restartRuntime": False},
         "tracker": {"replicas": 3, "maxState": "128MiB", "maxConnections": 2048},
+        "cleanup": {"timeoutSeconds": 900},
         "seedPeer": {"enabled": True},
         "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4317"},
         "serviceMonitor": {"enabled": True},
@@ -57,11 +85,34 @@ VARIANTS = {
 }
 
 
-def objects(values):
+_ONLINE = []
+
+
+def online_chart():
+    """The chart as `helm install` renders it: its cluster-access probe answers yes."""
+    if not _ONLINE:
+        tmp = Path(tempfile.mkdtemp(prefix="dfly-chart-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        shutil.copytree(render.CHART, tmp / render.CHART.name)
+        helpers = tmp / render.CHART.name / "templates/_helpers.tpl"
+        text = helpers.read_text()
+        assert text.count(CLUSTER_PROBE) == 1, "the cluster-access probe changed: update the tests"
+        helpers.write_text(text.replace(CLUSTER_PROBE, "true"))
+        _ONLINE.append(tmp / render.CHART.name)
+    return _ONLINE[0]
+
+
+def parse(rendered):
     docs = []
-    for text in render.render(values).values():
+    for text in rendered.values():
         docs += [d for d in yaml.safe_load_all(text) if d]
     return docs
+
+
+def objects(values, online=True):
+    """Every object the chart renders: with cluster access (helm install) or, online=False,
+    without (helm template, Argo CD)."""
+    return parse(render.render(values, chart_dir=online_chart() if online else render.CHART))
 
 
 def find(objs, kind, suffix):
@@ -118,10 +169,45 @@ def binary():
     assert BIN.is_file(), f"{BIN} not built: cargo build -p damselfly --bin damselfly"
 
 
-def test_helm_lint_is_clean():
-    report = helm_python.lint(HELM / "damselfly", strict=True, kube_version=f"v{KUBE_VERSION}.0")
-    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
-    assert not problems, problems
+def lint_problems(values):
+    report = helm_python.lint(HELM / "damselfly", values, strict=True,
+                              kube_version=f"v{KUBE_VERSION}.0")
+    return [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+
+
+@pytest.mark.parametrize("values", [{}, EXISTING_PKI, CERT_MANAGER],
+                         ids=["default", "existing", "cert-manager"])
+def test_helm_lint_is_clean(values):
+    """Lint renders without a cluster but in lint mode, where `fail` only logs: the default
+    pki.mode=generate lints clean too."""
+    assert not lint_problems(values)
+
+
+GITOPS_ADVICE = ("pki.mode=existingSecret", "pki.existingSecret", "pki.existingTrackerSecret",
+                 "deploy/manifests/README.md", "pki.mode=certManager", "helm template",
+                 "Argo CD", "--dry-run=server")
+
+
+@pytest.mark.parametrize("values", [{}, {"pki": {"mode": "generate"}}, {"seedPeer": {"enabled": True}}])
+def test_generate_without_cluster_access_fails_with_gitops_advice(values):
+    """`helm template` (Argo CD) cannot read back the generated PKI, so each render would make
+    a new CA and split the swarm: the render fails and says what to use instead."""
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        objects(values, online=False)
+    message = str(e.value)
+    for advice in GITOPS_ADVICE:
+        assert advice in message, (advice, message)
+
+
+@pytest.mark.parametrize("values", [EXISTING_PKI, CERT_MANAGER,
+                                    EXISTING_PKI | {"seedPeer": {"enabled": True},
+                                                    "jaeger": {"enabled": True}}],
+                         ids=["existing", "cert-manager", "existing+seed+jaeger"])
+def test_gitops_modes_render_without_cluster_access(values):
+    """What Argo CD renders is what `helm install` installs: no lookup in these modes."""
+    offline = objects(values, online=False)
+    assert offline == objects(values)
+    assert not [o for o in offline if o["kind"] == "Secret"]
 
 
 @pytest.mark.parametrize("values", [
@@ -140,10 +226,16 @@ def test_helm_lint_is_clean():
     {"tracing": {"otlpEndpoint": "jaeger:4317"}},
     {"registries": ["registry.example.com:5000"]},
     {"agnet": {}},
+    {"ca": {"restartSpread": "1h"}},
+    {"ca": {"restartSpread": 60}},
+    {"cleanup": {"timeoutSeconds": 5}},
+    {"cleanup": {"enabled": "yes"}},
+    {"networkPolicy": {"nodeCIDRs": ["10.0.0.1"]}},
+    {"ipv6": "true"},
 ])
 def test_schema_rejects_bad_values(values):
     with pytest.raises(helm_python.HelmValuesError):
-        render.render(values)
+        render.render(values, chart_dir=online_chart())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -160,24 +252,30 @@ def test_every_object_is_valid_kubernetes_1_30(rendered, variant):
         assert o["metadata"]["namespace"] == "damselfly" or o["kind"] == "Namespace"
 
 
+def accepted_by_the_binary(args, what):
+    """Flag names are in --help, and the binary parses every value (clap checks each value
+    as it reads it, and stops at the trailing --help before starting anything)."""
+    sub = ("ca", "install") if args[0] == "ca" else (args[0],)
+    unknown = flags(args) - help_flags(*sub)
+    assert not unknown, f"{what}: flags the binary lacks: {unknown}"
+    run = subprocess.run([BIN, *args, "--help"], capture_output=True, text=True,
+                         env=clean_env())
+    assert run.returncode == 0, f"{what} {args}: {run.stderr}"
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_command_is_accepted_by_the_binary(rendered, variant):
-    """Flag names are in --help, and the binary parses every value (clap checks each
-    value as it reads it, and stops at the trailing --help before starting anything)."""
-    known = {"agent": help_flags("agent"), "tracker": help_flags("tracker"),
-             "ca": help_flags("ca", "install")}
-    fields = {"HOST_IP": "192.0.2.10", "POD_IP": "10.244.1.5"}
+    # IPv6 addresses for the IPv6 variant: --peer-advertise takes either.
+    v6 = variant == "ipv6"
+    fields = {"HOST_IP": "2001:db8::10" if v6 else "192.0.2.10",
+              "POD_IP": "fd00:10::5" if v6 else "10.244.1.5"}
     seen = set()
     for owner, c in damselfly_containers(rendered[variant]):
         args = [re.sub(r"\$\((\w+)\)", lambda m: fields[m[1]], a) for a in c["args"]]
-        sub = args[0]
-        seen.add(sub)
-        unknown = flags(args) - known[sub]
-        assert not unknown, f"{owner}/{c['name']}: flags the binary lacks: {unknown}"
-        run = subprocess.run([BIN, *args, "--help"], capture_output=True, text=True,
-                             env=clean_env())
-        assert run.returncode == 0, f"{owner}/{c['name']} {args}: {run.stderr}"
+        seen.add(args[0])
+        accepted_by_the_binary(args, f"{owner}/{c['name']}")
     assert {"agent", "tracker", "ca"} <= seen
+    assert ("cleanup" in seen and "cleanup-wait" in seen) == (variant != "no-cleanup")
 
 
 @pytest.mark.parametrize("variant", ["default", "capabilities"])
@@ -200,6 +298,8 @@ def test_agent_daemonset_security_and_mounts(rendered, variant):
     assert "hostPID" not in spec
     assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert spec["tolerations"] == [{"operator": "Exists"}]
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert spec["priorityClassName"] == "system-node-critical"
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                             "rollingUpdate": {"maxUnavailable": 1}}
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -232,7 +332,9 @@ def test_agent_identity_and_steering_args(rendered):
     assert env["DAMSELFLY_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
     args = agent["args"]
-    assert arg(args, "--peer-advertise") == "$(HOST_IP):7401"
+    # A bare IP (v4 or v6): the port is --peer-listen's.
+    assert arg(args, "--peer-advertise") == "$(HOST_IP)"
+    assert arg(args, "--peer-listen") == "0.0.0.0:7401"
     assert arg(args, "--steer-ports") == "443,80"
     assert arg(args, "--steer-exclude") == "10.96.0.0/12,10.244.0.0/16"
     assert arg(args, "--steer-comm").split(",")[0] == "containerd"
@@ -240,46 +342,68 @@ def test_agent_identity_and_steering_args(rendered):
         assert arg(args, f).startswith("/etc/damselfly/pki/")
 
 
-@pytest.mark.parametrize("restart", [True, False])
-def test_ca_install_init_container(restart):
-    objs = objects({"ca": {"restartRuntime": restart}, "registries": ["r.example.com"]})
+@pytest.mark.parametrize("restart,spread,flag", [
+    (True, None, "60s"), (True, "5m", "5m"), (True, "0s", None), (False, "60s", None)])
+def test_ca_install_init_container(restart, spread, flag):
+    ca = {"restartRuntime": restart} | ({"restartSpread": spread} if spread else {})
+    objs = objects({"ca": ca, "registries": ["r.example.com"]})
     spec = pod(objs, "DaemonSet", "-agent")
     init = container(spec, "ca-install", init=True)
     args = init["args"]
     assert args[0] == "ca" and "install" in args
     assert arg(args, "--host-root") == "/host"
     assert ("--restart-runtime" in args) == restart
+    # The random wait before a restart, given only with the restart and when not zero.
+    assert arg(args, "--restart-spread") == flag
     # The CA's name constraints come from the registry list: the same as the agent's.
     assert arg(args, "--registry") == arg(container(spec, "agent")["args"], "--registry")
     assert arg(args, "--state-dir") == "/var/lib/damselfly"
 
 
-def test_ca_install_and_uninstall_as_rendered_cover_docker_and_podman():
-    """The init containers' own command lines, run on a stand-in host root: the node CA
-    lands in the trust store and in Docker's and containers/image's certs.d for every
-    exact registry host, and ca-uninstall.yaml takes it all out again."""
-    objs = objects({"registries": ["r.example.com", "*.mirror.example.com"]})
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def healthz(port):
+    """The status of GET /healthz, or None while nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+def test_ca_install_and_cleanup_as_rendered_cover_docker_and_podman():
+    """The init container's and the uninstall hook's own command lines, run on a stand-in
+    host root: the node CA lands in the trust store and in Docker's and containers/image's
+    certs.d for every exact registry host, and the cleanup takes it all out again, with the
+    state directory, and then says so on /healthz."""
+    # No random wait before the (stand-in) restart.
+    objs = objects({"registries": ["r.example.com", "*.mirror.example.com"],
+                    "ca": {"restartSpread": "0s"}})
     install = container(pod(objs, "DaemonSet", "-agent"), "ca-install", init=True)["args"]
-    uninstall_objs = [d for d in yaml.safe_load_all((ROOT / "deploy/ca-uninstall.yaml").read_text())
-                      if d]
-    uninstall = container(pod(uninstall_objs, "DaemonSet", "-ca-uninstall"), "ca-uninstall",
-                          init=True)["args"]
+    cleanup = container(pod(objs, "DaemonSet", "-cleanup"), "cleanup")["args"]
     with tempfile.TemporaryDirectory(prefix="dfly-chart-") as tmp:
-        host, state = Path(tmp, "host"), Path(tmp, "state")
+        host, state, bpffs = Path(tmp, "host"), Path(tmp, "state"), Path(tmp, "bpffs")
         (host / "etc").mkdir(parents=True)
         (host / "etc/debian_version").write_text("12\n")
+        bpffs.mkdir()
+        port = free_port()
 
-        def run(args):
-            args = [f"--host-root={host}" if a.startswith("--host-root=") else
-                    f"--state-dir={state}" if a.startswith("--state-dir=") else a for a in args]
-            # No update-ca-certificates or systemctl on the stand-in host.
-            env = clean_env() | {"DAMSELFLY_CA_UPDATE_COMMAND": "true",
-                                 "DAMSELFLY_CA_RESTART_COMMAND": "true"}
-            done = subprocess.run([BIN, *args], capture_output=True, text=True, env=env)
-            assert done.returncode == 0, done.stderr
-            return done.stdout
+        def local(args):
+            swap = {"--host-root": f"--host-root={host}", "--state-dir": f"--state-dir={state}",
+                    "--bpffs": f"--bpffs={bpffs}", "--serve": f"--serve=127.0.0.1:{port}"}
+            return [swap.get(a.split("=", 1)[0], a) for a in args]
 
-        run(install)
+        # No update-ca-certificates or systemctl on the stand-in host.
+        env = clean_env() | {"DAMSELFLY_CA_UPDATE_COMMAND": "true",
+                             "DAMSELFLY_CA_RESTART_COMMAND": "true"}
+        done = subprocess.run([BIN, *local(install)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
         pem = (state / "ca/ca.crt").read_text()
         assert (host / "usr/local/share/ca-certificates/damselfly-node-ca.crt").read_text() == pem
         for certs_d in ("etc/docker/certs.d", "etc/containers/certs.d"):
@@ -287,9 +411,24 @@ def test_ca_install_and_uninstall_as_rendered_cover_docker_and_podman():
                 assert (host / certs_d / registry / "damselfly-node-ca.crt").read_text() == pem
             assert not [p for p in (host / certs_d).iterdir() if "*" in p.name]
 
-        run(uninstall)
+        proc = subprocess.Popen([BIN, *local(cleanup)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 30
+            while healthz(port) != 200 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert healthz(port) == 200, f"not clean (exit code {proc.poll()})"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        assert proc.returncode == 0, err
         assert not (host / "usr/local/share/ca-certificates/damselfly-node-ca.crt").exists()
         assert not (host / "etc/docker").exists() and not (host / "etc/containers").exists()
+        assert not (state / "ca").exists()
 
 
 @pytest.mark.parametrize("variant,replicas", [("default", 2), ("everything", 3)])
@@ -335,7 +474,8 @@ def test_seed_peers(rendered):
     assert args[:2] == ["agent", "--seed"]
     assert arg(args, "--admin") == "0.0.0.0:7402"
     assert arg(args, "--cache-size") == "45GiB"
-    assert arg(args, "--peer-advertise") == "$(POD_IP):7401"
+    assert arg(args, "--peer-advertise") == "$(POD_IP)"
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
     agent_args = container(pod(objs, "DaemonSet", "-agent"), "agent")["args"]
     for f in ("--cluster-ca", "--cluster-cert", "--cluster-key", "--tracker"):
         assert arg(args, f) == arg(agent_args, f)
@@ -392,8 +532,12 @@ def test_generated_pki_is_a_cluster_ca_a_peer_and_a_tracker_certificate(rendered
     tracker = find(rendered["default"], "Secret", "-tracker-pki")
     b64 = __import__("base64").b64decode
     for secret in (peer, tracker):
-        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        # Uninstall leaves nothing: the Secrets go too (cleanup.enabled, the default).
+        assert "helm.sh/resource-policy" not in secret["metadata"].get("annotations", {})
         assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    for secret in (find(rendered["no-cleanup"], "Secret", s) for s in ("-cluster-pki",
+                                                                       "-tracker-pki")):
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert peer["data"]["ca.crt"] == tracker["data"]["ca.crt"], "one CA for both"
     with tempfile.TemporaryDirectory() as d:
         Path(d, "ca.crt").write_bytes(b64(peer["data"]["ca.crt"]))
@@ -478,24 +622,211 @@ def test_service_monitor_and_dashboard(rendered):
         assert metric in exprs
 
 
-def test_ca_uninstall_daemonset():
-    objs = [d for d in yaml.safe_load_all((ROOT / "deploy/ca-uninstall.yaml").read_text()) if d]
-    for o in objs:
-        kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
-    spec = pod(objs, "DaemonSet", "-ca-uninstall")
-    init = container(spec, "ca-uninstall", init=True)
-    assert init["args"][:2] == ["ca", "uninstall"]
-    assert flags(init["args"]) <= help_flags("ca", "uninstall")
-    run = subprocess.run([BIN, *init["args"], "--help"], capture_output=True, env=clean_env())
-    assert run.returncode == 0, run.stderr
-    assert spec["tolerations"] == [{"operator": "Exists"}]
+def hooks(objs):
+    return [o for o in objs
+            if o["metadata"].get("annotations", {}).get("helm.sh/hook") == "post-delete"]
+
+
+def matches(selector, labels):
+    return selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("variant", ["default", "everything", "capabilities"])
+def test_uninstall_cleans_every_node_the_agent_ran_on(rendered, variant):
+    objs = rendered[variant]
+    hooked = hooks(objs)
+    assert {(o["kind"], o["metadata"]["name"]) for o in hooked} >= {
+        ("DaemonSet", "damselfly-cleanup"), ("Service", "damselfly-cleanup"),
+        ("Job", "damselfly-cleanup")}
+    for o in hooked:
+        policy = o["metadata"]["annotations"]["helm.sh/hook-delete-policy"].split(",")
+        # Re-creatable on a second uninstall attempt; left for inspection when it fails.
+        assert set(policy) == {"before-hook-creation", "hook-succeeded"}, o["metadata"]["name"]
+    weight = {o["kind"]: int(o["metadata"]["annotations"]["helm.sh/hook-weight"])
+              for o in hooked}
+    # Helm creates hooks by weight and waits only for the Job: the pods it waits for and
+    # the Service it reaches them by must exist first.
+    assert weight["DaemonSet"] < weight["Job"] and weight["Service"] < weight["Job"]
+    assert not [o for o in objs if o not in hooked and "cleanup" in o["metadata"]["name"]]
+
+    agent = pod(objs, "DaemonSet", "-agent")
+    ds = find(objs, "DaemonSet", "-cleanup")
+    spec = ds["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "affinity", "tolerations", "priorityClassName"):
+        assert spec.get(key) == agent.get(key), key
+    assert not spec.get("hostNetwork")
+    assert spec["automountServiceAccountToken"] is False
+    c = container(spec, "cleanup")
+    assert c["securityContext"] == container(agent, "ca-install", init=True)["securityContext"]
+    args = c["args"]
+    assert args[0] == "cleanup"
+    agent_args = container(agent, "agent")["args"]
+    for f in ("--state-dir", "--instance"):
+        assert arg(args, f) == arg(agent_args, f), f
+    assert arg(args, "--host-root") == "/host" and arg(args, "--bpffs") == "/sys/fs/bpf"
+    assert arg(args, "--serve").endswith(":7409")
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert volumes[mounts["/host"]["name"]]["path"] == "/" and not mounts["/host"].get("readOnly")
+    assert volumes[mounts[arg(args, "--state-dir")]["name"]]["path"] == arg(args, "--state-dir")
+    assert volumes[mounts["/sys/fs/bpf"]["name"]]["path"] == "/sys/fs/bpf"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 7409, "protocol": "TCP"} in c["ports"]
+
+    svc = find(objs, "Service", "-cleanup")["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"] is True
+    assert svc["ports"] == [{"name": "health", "port": 7409, "targetPort": "health",
+                             "protocol": "TCP"}]
+    assert matches(svc["selector"], ds["spec"]["template"]["metadata"]["labels"])
+    job = find(objs, "Job", "-cleanup")
+    assert not matches(svc["selector"], job["spec"]["template"]["metadata"]["labels"])
+    wait = container(job["spec"]["template"]["spec"], "cleanup-wait")["args"]
+    assert wait[0] == "cleanup-wait"
+    assert arg(wait, "--endpoint") == "damselfly-cleanup.damselfly.svc:7409"
+    timeout = 900 if variant == "everything" else 240
+    assert arg(wait, "--timeout") == f"{timeout}s"
+    assert job["spec"]["activeDeadlineSeconds"] > timeout
+    assert 0 < job["spec"]["backoffLimit"] <= 3
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    if variant == "everything":
+        # The seed peers' caches go too, and the quota that admits the agents' priority
+        # class outlives Helm's deletion of the release's own (it is a hook as well).
+        assert find(objs, "StatefulSet", "-seed")["spec"]["persistentVolumeClaimRetentionPolicy"] \
+            == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+        quota = find(objs, "ResourceQuota", "-cleanup-critical-pods")
+        assert quota in hooked
+        assert int(quota["metadata"]["annotations"]["helm.sh/hook-weight"]) < weight["DaemonSet"]
+
+
+def test_without_cleanup_uninstall_removes_only_the_release(rendered):
+    objs = rendered["no-cleanup"]
+    assert not hooks(objs)
+    assert "persistentVolumeClaimRetentionPolicy" not in find(objs, "StatefulSet", "-seed")["spec"]
+
+
+def test_priority_class_quota(rendered):
+    objs = rendered["everything"]
+    agent = pod(objs, "DaemonSet", "-agent")
+    assert agent["priorityClassName"] == "node-agents"
+    for suffix in ("damselfly-critical-pods", "-cleanup-critical-pods"):
+        quota = find(objs, "ResourceQuota", suffix)["spec"]
+        assert quota["scopeSelector"]["matchExpressions"] == [
+            {"scopeName": "PriorityClass", "operator": "In", "values": ["node-agents"]}]
+    assert not [o for o in rendered["default"] if o["kind"] == "ResourceQuota"]
+
+
+def test_network_policy_lets_only_nodes_and_seeds_reach_the_tracker(rendered):
+    objs = rendered["network-policy"]
+    policy = find(objs, "NetworkPolicy", "-tracker")["spec"]
+    tracker = find(objs, "StatefulSet", "-tracker")["spec"]["template"]["metadata"]["labels"]
+    seed = find(objs, "StatefulSet", "-seed")["spec"]["template"]["metadata"]["labels"]
+    agent = find(objs, "DaemonSet", "-agent")["spec"]["template"]["metadata"]["labels"]
+    assert matches(policy["podSelector"]["matchLabels"], tracker)
+    assert not matches(policy["podSelector"]["matchLabels"], seed)
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"port": 7400, "protocol": "TCP"}]
+    blocks = [p["ipBlock"]["cidr"] for p in rule["from"] if "ipBlock" in p]
+    assert blocks == ["192.168.0.0/16", "fd00:10::/64"]
+    pods = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+    assert len(pods) == 1 and matches(pods[0], seed) and not matches(pods[0], agent)
+    assert not [o for o in rendered["default"] if o["kind"] == "NetworkPolicy"]
+    with pytest.raises(helm_python.HelmRenderError, match="networkPolicy.nodeCIDRs is required"):
+        objects({"networkPolicy": {"enabled": True}})
+
+
+LISTEN_FLAGS = ("--listen", "--peer-listen", "--admin", "--serve")
+
+
+@pytest.mark.parametrize("variant,prefix", [("ipv6", "[::]:"), ("default", "0.0.0.0:")])
+def test_listen_addresses(rendered, variant, prefix):
+    seen = 0
+    for _, c in damselfly_containers(rendered[variant]):
+        for f in LISTEN_FLAGS:
+            value = arg(c["args"], f)
+            assert value is None or value.startswith(prefix), (c["name"], f, value)
+            seen += value is not None
+    assert seen >= 4
+
+
+def test_workloads_run_on_linux_nodes(rendered):
+    for o in rendered["everything"] + rendered["jaeger"]:
+        spec = o.get("spec", {}).get("template", {}).get("spec")
+        if spec:
+            assert spec["nodeSelector"]["kubernetes.io/os"] == "linux", o["metadata"]["name"]
+
+
+def test_registries_comment_lists_the_agents_built_in_registries():
+    """values.yaml names the registries intercepted without configuration: the agent's
+    DEFAULT_REGISTRIES, all of them, in its order, and no others."""
+    source = (ROOT / "agent/src/registry/hosts.rs").read_text()
+    block = re.search(r"DEFAULT_REGISTRIES: &\[&str\] = &\[(.*?)\];", source, re.S)
+    built_in = re.findall(r'"([^"]+)"', block[1])
+    assert "docker.io" in built_in
+    values = (HELM / "damselfly/values.yaml").read_text()
+    comment = re.search(r"((?:^#.*\n)+)registries:", values, re.M)[1].replace("#", " ")
+    listed = re.search(r"built-in public ones:(.*?)\. `\*`", comment, re.S)[1]
+    assert [h.strip() for h in listed.split(",")] == built_in
+
+
+def notes_commands(text):
+    """The shell command lines NOTES.txt shows (indented by two spaces)."""
+    return [line.strip() for line in text.splitlines()
+            if re.match(r"  ((kubectl|sleep|curl|helm)\b|[A-Z_]+=)", line)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_notes_commands_work_as_written(variant):
+    """Every command in NOTES.txt can be pasted as is: valid shell, every variable set
+    before it is used, nothing after a port-forward that blocks, the namespace on every
+    kubectl call, and each damselfly command accepted by the binary."""
+    text = render.notes(VARIANTS[variant], chart_dir=online_chart())
+    lines = notes_commands(text)
+    assert len(lines) >= 8, text
+    script = "\n".join(lines) + "\n"
+    check = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert not re.search(r"<[a-z ]+>|\bNODE\b", script), "a placeholder in a command"
+    defined = {"!"}
+    for line in lines:
+        for used in re.findall(r"\$\{?([A-Za-z_!][A-Za-z0-9_]*)", line):
+            assert used in defined, f"${used} used before it is set: {line}"
+        defined |= set(re.findall(r"(?:^|;\s*)([A-Z_]+)=", line))
+        if "port-forward" in line:
+            # A port-forward blocks: only in the background may anything follow it.
+            after = line[line.index("port-forward"):]
+            assert "&&" not in after, line
+            assert after.endswith("&") or not re.search(r"[;|&]", after), line
+        if line.startswith("kubectl") and " get --raw " not in line:
+            assert " -n damselfly " in line, line
+        if " -- damselfly " in line:
+            accepted_by_the_binary(line.split(" -- damselfly ", 1)[1].split(), "NOTES.txt")
+    assert "bpftool cgroup tree /sys/fs/cgroup" in script
+    assert "exec $POD -c agent -- damselfly status" in script
+
+
+def test_manifests_readme_uninstall_uses_the_rendered_cleanup():
+    """deploy/manifests/README.md tells how to clean up without Helm: the objects it names
+    are the ones deploy/manifests/cleanup holds."""
+    readme = (render.MANIFESTS / "README.md").read_text()
+    cleanup = parse({"c": (render.MANIFESTS / "cleanup/cleanup.yaml").read_text()})
+    job = next(o for o in cleanup if o["kind"] == "Job")["metadata"]["name"]
+    assert "kubectl apply -k deploy/manifests/cleanup" in readme
+    assert f"job/{job}" in readme
+    assert "daemonset damselfly-agent" in readme
+    kustomization = yaml.safe_load((render.MANIFESTS / "cleanup/kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["cleanup.yaml"]
+    main = yaml.safe_load((render.MANIFESTS / "kustomization.yaml").read_text())
+    assert "cleanup.yaml" not in main["resources"]
+    for name in main["resources"]:
+        docs = parse({"m": (render.MANIFESTS / name).read_text()})
+        assert not hooks(docs), f"{name}: a post-delete hook would run at once with kubectl"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_pod_gets_a_service_account_token(rendered, variant):
     """Nothing in Damselfly talks to the Kubernetes API: a token in a pod is only loot."""
-    ca_uninstall = [d for d in yaml.safe_load_all((ROOT / "deploy/ca-uninstall.yaml").read_text()) if d]
-    for o in rendered[variant] + ca_uninstall:
+    for o in rendered[variant]:
         spec = o.get("spec", {}).get("template", {}).get("spec")
         if spec:
             assert spec.get("automountServiceAccountToken") is False, o["metadata"]["name"]

@@ -41,6 +41,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when this render can read the cluster (helm install/upgrade, Flux's helm-controller),
+empty under `helm template` (Argo CD, kustomize's helmCharts, `helm install --dry-run`
+without =server), where every `lookup` returns nothing. The probe lists Secrets in the
+release namespace: Helm itself needs that permission to keep its release records, so a
+namespace-scoped installer has it too; a list answers even before the namespace exists
+(a get of a Namespace would be NotFound on a first install with --create-namespace, or
+Forbidden for a namespace-scoped installer).
+*/}}
+{{- define "damselfly.clusterAccess" -}}
+{{- if lookup "v1" "Secret" .Release.Namespace "" }}true{{ end }}
+{{- end }}
+
+{{/* The address every listener binds: IPv4, or a dual-stack IPv6 socket with ipv6=true. */}}
+{{- define "damselfly.anyAddress" -}}
+{{- .Values.ipv6 | ternary "[::]" "0.0.0.0" }}
+{{- end }}
+
 {{- define "damselfly.pkiSecretName" -}}
 {{- if eq .Values.pki.mode "existingSecret" }}
 {{- required "pki.existingSecret is required with pki.mode=existingSecret" .Values.pki.existingSecret }}
@@ -74,7 +92,7 @@ StatefulSet's stable pod names give it (a Deployment's pods have no stable DNS n
 {{/* Arguments shared by the node agents and the seed peers (swarm, PKI, limits). */}}
 {{- define "damselfly.peerArgs" -}}
 - --tracker={{ include "damselfly.trackers" . }}
-- --peer-listen=0.0.0.0:7401
+- --peer-listen={{ include "damselfly.anyAddress" . }}:7401
 - --cluster-ca=/etc/damselfly/pki/ca.crt
 - --cluster-cert=/etc/damselfly/pki/tls.crt
 - --cluster-key=/etc/damselfly/pki/tls.key
