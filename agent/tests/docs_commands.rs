@@ -24,7 +24,7 @@ const DOCS: &[&str] = &[
 /// with `\` continuations joined and shell comments, pipes and redirections
 /// cut off; each with whether it came from an inline span (prose may name a
 /// flag there without its value).
-fn commands(text: &str) -> Vec<(String, bool)> {
+fn commands(text: &str, indented_is_code: bool) -> Vec<(String, bool)> {
     let mut found = Vec::new();
     let mut in_block = false;
     let mut pending = String::new();
@@ -33,8 +33,9 @@ fn commands(text: &str) -> Vec<(String, bool)> {
             in_block = !in_block;
             continue;
         }
-        let pieces: Vec<String> = if in_block || line.starts_with("  ") {
-            // Code blocks, and the indented commands of NOTES.txt.
+        let code = in_block || (indented_is_code && line.starts_with("  "));
+        let pieces: Vec<String> = if code {
+            // Code blocks, and the indented lines of a text file (NOTES.txt).
             pending.push_str(line.trim_end_matches('\\'));
             if line.ends_with('\\') {
                 pending.push(' ');
@@ -49,7 +50,7 @@ fn commands(text: &str) -> Vec<(String, bool)> {
                 .map(String::from)
                 .collect()
         };
-        let inline = !(in_block || line.starts_with("  "));
+        let inline = !code;
         for piece in pieces {
             let piece = strip_inline_comments(&piece);
             for (start, _) in piece.match_indices("damselfly ") {
@@ -181,7 +182,7 @@ fn every_damselfly_command_in_the_docs_parses() {
     for doc in DOCS {
         let text = std::fs::read_to_string(format!("{root}/{doc}"))
             .unwrap_or_else(|e| panic!("reading {doc}: {e}"));
-        for (cmd, inline) in commands(&text) {
+        for (cmd, inline) in commands(&text, !doc.ends_with(".md")) {
             checked += 1;
             let words = words(&cmd);
             let Err(e) = Cli::try_parse_from(&words) else {
@@ -228,7 +229,7 @@ fn extraction_finds_commands_where_a_user_would_run_them() {
                kubectl exec POD -- damselfly ca show | openssl x509 -noout\n\
                echo damselfly is a word here\n\
                ```\n";
-    let cmds: Vec<String> = commands(doc).into_iter().map(|(c, _)| c).collect();
+    let cmds: Vec<String> = commands(doc, false).into_iter().map(|(c, _)| c).collect();
     assert_eq!(
         cmds,
         [
