@@ -33,7 +33,9 @@ pub struct PreheatArgs {
     pub reference: String,
     /// Seed agents' admin URLs: https://HOST:7402 from anywhere in the cluster
     /// (mutual TLS with --cluster-*; the chart's seeds are
-    /// `<release>-seed-N.<release>-seed:7402`), or http:// on the seed's own node.
+    /// `FULLNAME-seed-N.FULLNAME-seed:7402`, FULLNAME being the release name
+    /// if it contains "damselfly", else RELEASE-damselfly), or http:// on the
+    /// seed's own node.
     #[arg(
         long = "seed",
         env = "DAMSELFLY_SEED_ADMIN",
