@@ -266,7 +266,7 @@ fn start_swarm(
     client_cfg.bytes_in = Some(metrics.peer_bytes_hook("in"));
     let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
     let advertise = match args.peer_advertise {
-        Some(a) => a,
+        Some(a) => a.resolve(server.local_addr().port()),
         None => SocketAddr::new(
             route_to(&args.tracker[0], args.peer_listen.ip())?,
             server.local_addr().port(),
