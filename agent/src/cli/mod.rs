@@ -30,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: steer registry connections and carry them on.
     Agent(Box<AgentArgs>),
-    /// Show a running agent's programs, rules and counters.
+    /// Show a running agent: tracker, peers, cache, node CA trust, recent errors, steering.
     Status(StatusArgs),
     /// The node CA: show it, install it into the host trust store, remove it, rotate it.
     Ca(ca::CaArgs),
