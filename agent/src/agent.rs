@@ -11,7 +11,9 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{Admin, TlsAcceptor, fetch::Fetcher, metrics::Metrics},
+    admin::{
+        Admin, SwarmParts, TlsAcceptor, fetch::Fetcher, metrics::Metrics, recent::RecentErrors,
+    },
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
@@ -64,6 +66,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(GatewayParts::open(&args, pki.as_ref(), &mut metrics)?)
     };
     let metrics = Arc::new(metrics);
+    // What /status reads, kept before the gateway takes the parts.
+    let store = parts.as_ref().and_then(|p| p.store.clone());
+    let swarm_parts = parts.as_ref().and_then(|p| {
+        Some(SwarmParts {
+            swarm: p.swarm.clone()?,
+            server: p.peer_server.clone()?,
+        })
+    });
     let gateway = parts.map(|p| p.into_gateway(metrics.clone()));
     let fetch = gateway.as_ref().map(|g| Fetcher {
         hosts: g.hosts.clone(),
@@ -114,7 +124,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         steering: steering.clone(),
         metrics,
         fetch,
-        trust: Some(trust),
+        // Only an agent that terminates TLS learns whether clients trust the CA.
+        trust: (!args.seed && !args.splice_only).then_some(trust),
+        swarm: swarm_parts,
+        store,
+        recent: RecentErrors::global().clone(),
     });
     // With a cluster PKI the admin port also speaks mutual TLS: how seeds are
     // preheated from elsewhere in the cluster (see admin's module docs).
@@ -178,6 +192,7 @@ struct GatewayParts {
     upstream: Upstream,
     store: Option<Store>,
     swarm: Option<Arc<Swarm>>,
+    peer_server: Option<Arc<PeerServer>>,
     origin_rate: u64,
 }
 
@@ -217,9 +232,12 @@ impl GatewayParts {
                 None
             }
         };
-        let swarm = match (&store, pki) {
-            (Some(store), Some(pki)) => Some(start_swarm(args, pki, store, metrics)?),
-            _ => None,
+        let (swarm, peer_server) = match (&store, pki) {
+            (Some(store), Some(pki)) => {
+                let (swarm, server) = start_swarm(args, pki, store, metrics)?;
+                (Some(swarm), Some(server))
+            }
+            _ => (None, None),
         };
         Ok(Self {
             hosts,
@@ -227,6 +245,7 @@ impl GatewayParts {
             upstream,
             store,
             swarm,
+            peer_server,
             origin_rate: args.origin_rate,
         })
     }
@@ -249,7 +268,7 @@ fn start_swarm(
     pki: &ClusterPki,
     store: &Store,
     metrics: &mut Metrics,
-) -> anyhow::Result<Arc<Swarm>> {
+) -> anyhow::Result<(Arc<Swarm>, Arc<PeerServer>)> {
     let tls = PeerTls::new(pki).context("cluster certificates")?;
     let mut server_cfg = ServerConfig::new(args.peer_listen);
     server_cfg.max_upload_peers = Some(args.max_upload_peers);
@@ -266,7 +285,7 @@ fn start_swarm(
     client_cfg.bytes_in = Some(metrics.peer_bytes_hook("in"));
     let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
     let advertise = match args.peer_advertise {
-        Some(a) => a,
+        Some(a) => a.resolve(server.local_addr().port()),
         None => SocketAddr::new(
             route_to(&args.tracker[0], args.peer_listen.ip())?,
             server.local_addr().port(),
@@ -333,7 +352,6 @@ fn start_swarm(
     info!(%advertise, replicas = ?args.tracker, "joined the swarm");
     let (swarm2, store) = (swarm.clone(), store.clone());
     tokio::spawn(async move {
-        let _server = server;
         swarm2.tracker.spawn_heartbeat();
         // What the cache already holds is worth announcing at once.
         for digest in store.complete() {
@@ -341,9 +359,8 @@ fn start_swarm(
                 swarm2.announce_complete(reader).await;
             }
         }
-        std::future::pending::<()>().await;
     });
-    Ok(swarm)
+    Ok((swarm, server))
 }
 
 fn unspecified(like: SocketAddr) -> std::net::IpAddr {

@@ -639,4 +639,28 @@ fn a_runtime_that_does_not_trust_the_node_ca_still_pulls() {
     let refused = &status["refused_ca"];
     assert_eq!(refused[0]["comm"], "containerd", "{status}");
     assert_eq!(refused[0]["host"], REGISTRY, "{status}");
+    let containerd = |agent: &Agent| {
+        let (_, status) = agent.node.http_get(agent.admin, "/status").unwrap();
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["ca_trust"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["comm"] == "containerd")
+            .cloned()
+            .unwrap_or_else(|| panic!("{status}"))
+    };
+    let v = containerd(&agent3);
+    assert_eq!(
+        (&v["verdict"], &v["reason"], &v["host"]),
+        (&"not trusted".into(), &"refused".into(), &REGISTRY.into()),
+        "{v}"
+    );
+    assert!(v["spliced_until"].is_string(), "{v}");
+    let v = containerd(&agent1);
+    assert_eq!(
+        (&v["verdict"], &v["reason"]),
+        (&"not trusted".into(), &"started-before-ca".into()),
+        "{v}"
+    );
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use damselfly_testbed::{
     Agent, Testbed,
+    agent::damselfly_bin,
     cluster::{Cluster, peer_flags},
     containerd::Containerd,
     image::Image,
@@ -283,9 +284,56 @@ fn an_agent_with_a_certificate_from_another_ca_cannot_register_or_fetch() {
     );
 }
 
+/// `damselfly status` (`--json` or the text) run in the agent's node.
+fn status_cli(agent: &Agent, json: bool) -> String {
+    let mut cmd = agent.node.command(damselfly_bin().unwrap()).unwrap();
+    cmd.arg("status");
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn status(agent: &Agent) -> serde_json::Value {
+    serde_json::from_str(&status_cli(agent, true)).unwrap()
+}
+
+/// Until `ok` holds for `damselfly status --json` (heartbeats are 5 s apart).
+fn wait_status(agent: &Agent, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let st = status(agent);
+        if ok(&st) || Instant::now() > deadline {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The tracker is unreachable, and the agent's last errors say so.
+fn tracker_down(st: &serde_json::Value, tracker: &str) -> bool {
+    st["tracker"][0]["reachable"] == false
+        && st["tracker"][0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(tracker))
+        && st["last_errors"].as_array().unwrap().iter().any(|e| {
+            e["level"] == "WARN"
+                && e["target"] == "damselfly::tracker::client"
+                && e["message"].as_str().unwrap().contains(tracker)
+        })
+}
+
 #[test]
 fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it() {
     let mut s = swarm(2);
+    let tracker = s.cluster.tracker_addr.to_string();
     let img =
         Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[12 * MB, 3 * MB], 13).unwrap();
     s.cluster.tracker.kill();
@@ -296,6 +344,10 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
         "a pull waited on the dead tracker"
     );
     wait_cached(&s, 1, &img);
+    // `damselfly status` says why the swarm did not help.
+    let st = wait_status(&s.agents[0], |st| tracker_down(st, &tracker));
+    assert!(tracker_down(&st, &tracker), "{st:#}");
+    assert_eq!(st["tracker"][0]["addr"], tracker.as_str(), "{st:#}");
 
     // A fresh tracker knows nothing; the agents re-register and node 1
     // re-announces within a heartbeat (5 s), without being restarted.
@@ -304,7 +356,8 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
     let before = s
         .origin
         .wait_blob_bytes(img.total_blob_bytes, Duration::from_secs(5));
-    s.containerds[1].ctr_pull(&img.reference, None).unwrap();
+    // Pulled by the containerd daemon itself, as the kubelet has it do.
+    s.containerds[1].cri_pull(&img.reference, None).unwrap();
     wait_cached(&s, 2, &img);
     assert_eq!(
         s.origin.wait_blob_bytes(before + 1, Duration::from_secs(1)),
@@ -315,6 +368,57 @@ fn with_the_tracker_down_pulls_use_the_origin_and_the_swarm_comes_back_with_it()
     assert!(
         m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}") >= img.layer_bytes() as f64
     );
+
+    // After the pull, `damselfly status` on node 2 answers the first questions.
+    let st = status(&s.agents[1]);
+    let replica = &st["tracker"][0];
+    assert_eq!(
+        (
+            &replica["addr"],
+            &replica["reachable"],
+            &replica["registered"]
+        ),
+        (&tracker.as_str().into(), &true.into(), &true.into()),
+        "{st:#}"
+    );
+    let cache = &st["cache"];
+    assert!(
+        cache["used_bytes"].as_u64().unwrap() >= img.total_blob_bytes,
+        "{st:#}"
+    );
+    assert_eq!(cache["blobs"], img.blob_digests().len(), "{st:#}");
+    assert_eq!(cache["partial_blobs"], 0, "{st:#}");
+    assert!(
+        st["peers"]["seen_recently"].as_u64().unwrap() >= 1,
+        "{st:#}"
+    );
+    let verdict = |comm: &str| {
+        st["ca_trust"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["comm"] == comm)
+            .map(|v| v["verdict"].clone())
+            .unwrap_or_else(|| panic!("no verdict for {comm}: {st:#}"))
+    };
+    assert_eq!(verdict("containerd"), "trusted", "{st:#}");
+    // A steered name that made no TLS connection yet.
+    assert_eq!(verdict("crio"), "unknown", "{st:#}");
+    let text = status_cli(&s.agents[1], false);
+    assert!(text.contains("1 of 1 replicas reachable"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("containerd") && l.contains(" trusted ")),
+        "{text}"
+    );
+
+    // The tracker stops: the next heartbeat shows it.
+    s.cluster.tracker.kill();
+    let st = wait_status(&s.agents[1], |st| tracker_down(st, &tracker));
+    assert!(tracker_down(&st, &tracker), "{st:#}");
+    let text = status_cli(&s.agents[1], false);
+    assert!(text.contains("0 of 1 replicas reachable"), "{text}");
+    assert!(text.contains("UNREACHABLE"), "{text}");
 }
 
 #[test]

@@ -10,6 +10,9 @@
 
 pub mod fetch;
 pub mod metrics;
+pub mod recent;
+pub mod stamp;
+pub mod status;
 pub mod trace;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
@@ -18,7 +21,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Serialize};
 use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
@@ -26,34 +28,11 @@ use tokio::{
 pub use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use crate::{
-    intercept::trust::{ClientTrust, Refusal},
-    steer::{AttachedProgram, PortCounters, Rules, Steering},
-    upstream::Body,
-};
+use crate::{intercept::trust::ClientTrust, steer::Steering, store::Store, upstream::Body};
 use fetch::Fetcher;
-use metrics::{InterceptTotals, Metrics};
-
-/// What `/status` returns and `damselfly status` prints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub instance: String,
-    /// A seed steers nothing: cgroup, pins, programs and counters are empty.
-    #[serde(default)]
-    pub seed: bool,
-    pub pid: u32,
-    pub cgroup: String,
-    pub pin_dir: String,
-    pub listen: Vec<SocketAddr>,
-    pub programs: Vec<AttachedProgram>,
-    pub rules: Rules,
-    pub counters: Vec<PortCounters>,
-    pub intercept: InterceptTotals,
-    /// Clients whose connections are spliced because they refused the node
-    /// CA's certificate: the runtime does not trust the CA (yet).
-    #[serde(default)]
-    pub refused_ca: Vec<Refusal>,
-}
+use metrics::Metrics;
+use recent::RecentErrors;
+pub use status::{Status, SwarmParts};
 
 pub struct Admin {
     pub instance: String,
@@ -63,50 +42,17 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// `None` with --splice-only (no cache, no registry client).
     pub fetch: Option<Fetcher>,
+    /// `None` where no TLS is terminated (a seed, --splice-only).
     pub trust: Option<Arc<ClientTrust>>,
+    /// `None` without a tracker or a cache.
+    pub swarm: Option<SwarmParts>,
+    /// `None` with --splice-only, or when the cache could not be opened.
+    pub store: Option<Store>,
+    /// The last warnings and errors logged.
+    pub recent: RecentErrors,
 }
 
 impl Admin {
-    pub fn status(&self) -> Status {
-        let intercept = self.metrics.intercept_totals();
-        let Some(s) = &self.steering else {
-            return Status {
-                instance: self.instance.clone(),
-                seed: true,
-                pid: std::process::id(),
-                cgroup: String::new(),
-                pin_dir: String::new(),
-                listen: self.listen.clone(),
-                programs: Vec::new(),
-                rules: Rules {
-                    ports: Vec::new(),
-                    comms: Vec::new(),
-                    exclude: Vec::new(),
-                },
-                counters: Vec::new(),
-                intercept,
-                refused_ca: Vec::new(),
-            };
-        };
-        Status {
-            instance: self.instance.clone(),
-            seed: false,
-            pid: std::process::id(),
-            cgroup: s.cgroup.display().to_string(),
-            pin_dir: s.pin_dir.display().to_string(),
-            listen: self.listen.clone(),
-            programs: s.attached.clone(),
-            rules: s.rules.clone(),
-            counters: s.counters(),
-            intercept,
-            refused_ca: self
-                .trust
-                .as_ref()
-                .map(|t| t.refusals())
-                .unwrap_or_default(),
-        }
-    }
-
     /// Serve `listener`; with `tls`, a connection whose first byte is a TLS
     /// handshake is served over TLS, its client certificate checked by `tls`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {

@@ -1,4 +1,5 @@
-//! Logs and traces. Logs always go to stderr (`DAMSELFLY_LOG`); with
+//! Logs and traces. Logs always go to stderr (`DAMSELFLY_LOG`), and the last
+//! warnings and errors also to a small ring for `/status` ([`RecentErrors`]); with
 //! `--otlp-endpoint`, the agent's and the tracker's spans also go to an
 //! OpenTelemetry collector over OTLP/gRPC, which is what Jaeger ingests.
 //!
@@ -23,6 +24,8 @@ use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tracing::{Level, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::recent::RecentErrors;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -81,6 +84,7 @@ impl Telemetry {
     pub fn logs_only() -> Result<Self, TelemetryError> {
         tracing_subscriber::registry()
             .with(log_layer())
+            .with(RecentErrors::global().layer())
             .try_init()?;
         Ok(Self { provider: None })
     }
@@ -116,6 +120,7 @@ impl Telemetry {
             .with_filter(Targets::new().with_target("damselfly", Level::INFO));
         tracing_subscriber::registry()
             .with(log_layer())
+            .with(RecentErrors::global().layer())
             .with(otel)
             .try_init()?;
         // W3C traceparent on tracker RPCs, so the tracker's spans join the

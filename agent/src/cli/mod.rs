@@ -1,5 +1,6 @@
 //! The command line: the product's interface. Flags also read `DAMSELFLY_*`.
 
+pub mod advertise;
 pub mod ca;
 pub mod get;
 pub mod preheat;
@@ -29,7 +30,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent: steer registry connections and carry them on.
     Agent(Box<AgentArgs>),
-    /// Show a running agent's programs, rules and counters.
+    /// Show a running agent: tracker, peers, cache, node CA trust, recent errors, steering.
     Status(StatusArgs),
     /// The node CA: show it, install it into the host trust store, remove it, rotate it.
     Ca(ca::CaArgs),
@@ -107,9 +108,11 @@ pub struct AgentArgs {
     /// QUIC address serving pieces to other nodes.
     #[arg(long, env = "DAMSELFLY_PEER_LISTEN", default_value = "0.0.0.0:7401")]
     pub peer_listen: SocketAddr,
-    /// Address other nodes reach us at [default: the one routing to the tracker].
-    #[arg(long, env = "DAMSELFLY_PEER_ADVERTISE")]
-    pub peer_advertise: Option<SocketAddr>,
+    /// Address other nodes reach us at: an IP (IPv4 or IPv6, brackets optional;
+    /// the port is --peer-listen's) or IP:PORT ([V6]:PORT for IPv6)
+    /// [default: our IP on the route to the tracker].
+    #[arg(long, env = "DAMSELFLY_PEER_ADVERTISE", value_name = "IP|IP:PORT")]
+    pub peer_advertise: Option<advertise::PeerAdvertise>,
     #[command(flatten)]
     pub cluster: ClusterPkiArgs,
     /// Node name told to the tracker [default: the host name].
@@ -273,6 +276,31 @@ mod tests {
             );
         }
         assert!(Cli::try_parse_from(["damselfly", "agent", "--steer-ports", "70000"]).is_err());
+    }
+
+    #[test]
+    fn peer_advertise_takes_an_ip_alone_or_with_a_port() {
+        let advertise = |v: &str| {
+            let cli = Cli::try_parse_from(["damselfly", "agent", "--peer-advertise", v])?;
+            let Command::Agent(a) = cli.command else {
+                panic!()
+            };
+            Ok::<_, clap::Error>(a.peer_advertise.unwrap().resolve(7401))
+        };
+        assert_eq!(
+            advertise("fd00::7").unwrap(),
+            "[fd00::7]:7401".parse().unwrap()
+        );
+        assert_eq!(
+            advertise("10.1.2.3").unwrap(),
+            "10.1.2.3:7401".parse().unwrap()
+        );
+        assert_eq!(
+            advertise("[fd00::7]:30401").unwrap(),
+            "[fd00::7]:30401".parse().unwrap()
+        );
+        let e = advertise("node-1:7401").unwrap_err().to_string();
+        assert!(e.contains("not an IP address"), "{e}");
     }
 
     #[test]

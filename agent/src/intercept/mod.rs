@@ -201,7 +201,10 @@ impl Interceptor {
         if tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(gw.tls.clone());
             match acceptor.accept(stream).await {
-                Ok(s) => serve_http(s, gw.service.clone(), origin, &self.drain).await,
+                Ok(s) => {
+                    self.trust.trusted(&original.client, &origin.host);
+                    serve_http(s, gw.service.clone(), origin, &self.drain).await
+                }
                 Err(e) => {
                     if trust::is_refusal(&e) {
                         self.refused(&original.client, &origin.host);

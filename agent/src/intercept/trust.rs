@@ -26,7 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::steer::Client;
+use crate::{admin::stamp::Stamp, steer::Client};
 
 /// How long a refusal stands before the client is offered our certificate again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);
@@ -60,8 +60,75 @@ pub struct Refusal {
     pub seconds_ago: u64,
 }
 
+/// Whether a client (by name) trusts the node CA, as `/status` shows it:
+/// from the latest TLS outcome the agent saw for it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrustVerdict {
+    pub comm: String,
+    pub verdict: Verdict,
+    /// Why it is not trusted: `refused` (it answered our certificate with an
+    /// alert) or `started-before-ca` (it cannot have the CA among its roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The registry host of that outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// When that outcome was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Stamp>,
+    /// After a refusal: until when its connections to `host` are spliced
+    /// (then it is offered our certificate again). A client that started
+    /// before the CA is spliced until it restarts, so it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spliced_until: Option<Stamp>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Verdict {
+    /// A handshake with our certificate completed.
+    #[serde(rename = "trusted")]
+    Trusted,
+    /// It refused our certificate, or cannot have the CA: spliced.
+    #[serde(rename = "not trusted")]
+    NotTrusted,
+    /// No TLS connection to a registry yet.
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+impl Verdict {
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Trusted => "trusted",
+            Verdict::NotTrusted => "not trusted",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
+/// The latest TLS outcome for one client name.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Trusted { host: String, at: Instant },
+    Refused { host: String, at: Instant },
+    StartedBeforeCa { host: String, at: Instant },
+}
+
+impl Outcome {
+    fn at(&self) -> Instant {
+        match self {
+            Outcome::Trusted { at, .. }
+            | Outcome::Refused { at, .. }
+            | Outcome::StartedBeforeCa { at, .. } => *at,
+        }
+    }
+}
+
 pub struct ClientTrust {
     refused: Mutex<HashMap<(String, String), Instant>>,
+    /// Per client name, for `/status`; kept apart from `refused`, which
+    /// forgets a refusal when it is retried.
+    outcomes: Mutex<HashMap<String, Outcome>>,
     /// When the node CA's certificate file was last written.
     ca_written: Option<SystemTime>,
     /// `/proc/<tgid>` names the client only if we share the kernel's pid
@@ -73,6 +140,7 @@ impl ClientTrust {
     pub fn new(ca_written: Option<SystemTime>, proc_is_global: bool) -> Self {
         Self {
             refused: Mutex::new(HashMap::new()),
+            outcomes: Mutex::new(HashMap::new()),
             ca_written,
             proc_is_global,
         }
@@ -99,9 +167,97 @@ impl ClientTrust {
             }
             None => {}
         }
+        drop(refused);
         let before_ca = self.proc_is_global
             && matches!((started, self.ca_written), (Some(s), Some(ca)) if s < ca);
+        if before_ca {
+            self.note(
+                &client.comm,
+                Outcome::StartedBeforeCa {
+                    host: host.to_string(),
+                    at: now,
+                },
+            );
+        }
         before_ca.then_some(Untrusted::StartedBeforeCa)
+    }
+
+    /// `client` completed a handshake with our certificate for `host`.
+    pub fn trusted(&self, client: &Client, host: &str) {
+        self.note(
+            &client.comm,
+            Outcome::Trusted {
+                host: host.to_string(),
+                at: Instant::now(),
+            },
+        );
+    }
+
+    fn note(&self, comm: &str, outcome: Outcome) {
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        if outcomes.len() >= MAX_ENTRIES && !outcomes.contains_key(comm) {
+            let oldest = outcomes
+                .iter()
+                .min_by_key(|(_, o)| o.at())
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                outcomes.remove(&k);
+            }
+        }
+        outcomes.insert(comm.to_string(), outcome);
+    }
+
+    /// One verdict per client name: each of `comms` (the steered names),
+    /// then any other name seen, by name.
+    pub fn verdicts(&self, comms: &[String]) -> Vec<TrustVerdict> {
+        self.verdicts_at(comms, Instant::now(), SystemTime::now())
+    }
+
+    fn verdicts_at(&self, comms: &[String], now: Instant, wall: SystemTime) -> Vec<TrustVerdict> {
+        let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut others: Vec<&String> = outcomes.keys().filter(|c| !comms.contains(c)).collect();
+        others.sort();
+        // Instants are monotonic; the wall clock is read once, here.
+        let stamp =
+            |at: Instant| Stamp::from(wall.checked_sub(now.duration_since(at)).unwrap_or(wall));
+        comms
+            .iter()
+            .chain(others)
+            .map(|comm| {
+                let mut v = TrustVerdict {
+                    comm: comm.clone(),
+                    verdict: Verdict::Unknown,
+                    reason: None,
+                    host: None,
+                    at: None,
+                    spliced_until: None,
+                };
+                let Some(o) = outcomes.get(comm) else {
+                    return v;
+                };
+                v.at = Some(stamp(o.at()));
+                match o {
+                    Outcome::Trusted { host, .. } => {
+                        v.verdict = Verdict::Trusted;
+                        v.host = Some(host.clone());
+                    }
+                    Outcome::Refused { host, at } => {
+                        v.verdict = Verdict::NotTrusted;
+                        v.reason = Some("refused".into());
+                        v.host = Some(host.clone());
+                        v.spliced_until = Some(Stamp::from(
+                            wall + RETRY_AFTER.saturating_sub(now.duration_since(*at)),
+                        ));
+                    }
+                    Outcome::StartedBeforeCa { host, .. } => {
+                        v.verdict = Verdict::NotTrusted;
+                        v.reason = Some("started-before-ca".into());
+                        v.host = Some(host.clone());
+                    }
+                }
+                v
+            })
+            .collect()
     }
 
     /// `client` answered our certificate for `host` with an alert.
@@ -121,6 +277,14 @@ impl ClientTrust {
             }
         }
         refused.insert((client.comm.clone(), host.to_string()), now);
+        drop(refused);
+        self.note(
+            &client.comm,
+            Outcome::Refused {
+                host: host.to_string(),
+                at: now,
+            },
+        );
     }
 
     /// The refusals standing now, for `/status`.
@@ -252,6 +416,51 @@ mod tests {
         assert_eq!(trust.refusals().len(), MAX_ENTRIES);
         // The oldest went first.
         assert_eq!(trust.check_at(&client("p0"), "ghcr.io", t0, None), None);
+    }
+
+    #[test]
+    fn each_client_gets_the_verdict_of_its_latest_tls_outcome() {
+        let ca = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let trust = ClientTrust::new(Some(ca), true);
+        let t0 = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(2_000_000);
+        trust.refused_at(&client("containerd"), "ghcr.io", t0);
+        trust.trusted(&client("ctr"), "quay.io");
+        let old = Some(ca - Duration::from_secs(1));
+        trust.check_at(&client("dockerd"), "ghcr.io", t0, old);
+        trust.trusted(&client("skopeo2"), "ghcr.io");
+        let comms: Vec<String> = ["containerd", "ctr", "dockerd", "crio"]
+            .map(String::from)
+            .into();
+        let later = t0 + Duration::from_secs(100);
+        let v = trust.verdicts_at(&comms, later, wall);
+        let names: Vec<&str> = v.iter().map(|v| v.comm.as_str()).collect();
+        assert_eq!(names, ["containerd", "ctr", "dockerd", "crio", "skopeo2"]);
+
+        assert_eq!(v[0].verdict, Verdict::NotTrusted);
+        assert_eq!(v[0].reason.as_deref(), Some("refused"));
+        assert_eq!(v[0].host.as_deref(), Some("ghcr.io"));
+        assert_eq!(v[0].at, Some(Stamp::from(wall - Duration::from_secs(100))));
+        assert_eq!(
+            v[0].spliced_until,
+            Some(Stamp::from(wall + RETRY_AFTER - Duration::from_secs(100)))
+        );
+        assert_eq!(v[1].verdict, Verdict::Trusted);
+        assert_eq!(v[1].spliced_until, None);
+        assert_eq!(v[2].verdict, Verdict::NotTrusted);
+        assert_eq!(v[2].reason.as_deref(), Some("started-before-ca"));
+        assert_eq!(v[2].spliced_until, None);
+        assert_eq!(v[3].verdict, Verdict::Unknown);
+        assert_eq!(v[3].at, None);
+
+        // The runtime was restarted with the CA: its next handshake completes.
+        trust.trusted(&client("containerd"), "ghcr.io");
+        let v = trust.verdicts(&comms);
+        assert_eq!(v[0].verdict, Verdict::Trusted);
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json[0]["verdict"], "trusted");
+        assert_eq!(json[2]["verdict"], "not trusted");
+        assert_eq!(json[3]["verdict"], "unknown");
     }
 
     #[test]

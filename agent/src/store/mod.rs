@@ -138,6 +138,18 @@ fn bad_meta(path: &Path, reason: impl ToString) -> StoreError {
     }
 }
 
+/// The cache's size and contents, as `/status` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub capacity: u64,
+    /// Complete and partial blobs (partial ones at full size).
+    pub used_bytes: u64,
+    /// Complete blobs.
+    pub blobs: usize,
+    /// Blobs being downloaded, or left partial for a resume.
+    pub partial: usize,
+}
+
 /// A handle to the store; clones share it.
 #[derive(Clone)]
 pub struct Store {
@@ -328,6 +340,25 @@ impl Store {
     /// Bytes of complete and partial blobs (partial ones at full size).
     pub fn used_bytes(&self) -> u64 {
         self.inner.lock().acct.used()
+    }
+
+    /// What the cache holds, from the accounting (no disk access).
+    pub fn usage(&self) -> Usage {
+        let st = self.inner.lock();
+        let (mut blobs, mut partial) = (0, 0);
+        for (_, e) in st.acct.iter() {
+            if e.complete {
+                blobs += 1;
+            } else {
+                partial += 1;
+            }
+        }
+        Usage {
+            capacity: st.acct.capacity(),
+            used_bytes: st.acct.used(),
+            blobs,
+            partial,
+        }
     }
 
     /// A complete blob, pinned and marked used; `None` if there is none (or

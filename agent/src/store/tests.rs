@@ -178,6 +178,37 @@ fn a_partial_of_another_size_restarts() {
 }
 
 #[test]
+fn usage_counts_complete_and_partial_blobs() {
+    let dir = TempDir::new("store");
+    let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
+    let empty = Usage {
+        capacity: 1 << 20,
+        used_bytes: 0,
+        blobs: 0,
+        partial: 0,
+    };
+    assert_eq!(store.usage(), empty);
+    let (a, b) = (blob(3000, 5), blob(2000, 6));
+    let mut w = store.begin(&Digest::of(&a), 3000).unwrap();
+    for i in 0..3 {
+        w.write_piece(i, piece(&a, i)).unwrap();
+    }
+    drop(w.commit().unwrap());
+    let mut w = store.begin(&Digest::of(&b), 2000).unwrap();
+    w.write_piece(0, piece(&b, 0)).unwrap();
+    drop(w);
+    assert_eq!(
+        store.usage(),
+        Usage {
+            used_bytes: 5000,
+            blobs: 1,
+            partial: 1,
+            ..empty
+        }
+    );
+}
+
+#[test]
 fn a_corrupted_piece_is_detected_on_read() {
     let dir = TempDir::new("store");
     let store = Store::open(&dir.0, 1 << 20, PS).unwrap();

@@ -18,7 +18,7 @@ use std::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use damselfly_proto::tracker::{self as pb, tracker_client::TrackerClient as Rpc};
@@ -115,6 +115,38 @@ struct Replica {
     synced: AtomicBool,
     /// One re-register-and-replay at a time per replica.
     resync: tokio::sync::Mutex<()>,
+    /// What the calls so far say about it, for `/status`.
+    health: Mutex<Health>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Health {
+    last_ok: Option<SystemTime>,
+    last_error: Option<(SystemTime, String)>,
+}
+
+/// One replica as the client knows it from its own calls (heartbeats every
+/// few seconds keep it fresh); asking for it dials nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    pub addr: String,
+    /// It holds our lease and our announcements.
+    pub registered: bool,
+    /// When a call to it last succeeded.
+    pub last_ok: Option<SystemTime>,
+    /// When a call to it last failed, and why.
+    pub last_error: Option<(SystemTime, String)>,
+}
+
+impl ReplicaHealth {
+    /// The latest call to it succeeded.
+    pub fn reachable(&self) -> bool {
+        match (&self.last_ok, &self.last_error) {
+            (Some(ok), Some((err, _))) => ok >= err,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
 }
 
 struct Inner {
@@ -171,6 +203,7 @@ impl TrackerClient {
                     addr,
                     synced: AtomicBool::new(false),
                     resync: tokio::sync::Mutex::new(()),
+                    health: Mutex::new(Health::default()),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -203,6 +236,23 @@ impl TrackerClient {
     /// The replica addresses, in the order given.
     pub fn replicas(&self) -> &[String] {
         &self.inner.addrs
+    }
+
+    /// Each replica, in the order given, as the latest calls left it.
+    pub fn health(&self) -> Vec<ReplicaHealth> {
+        self.inner
+            .replicas
+            .iter()
+            .map(|r| {
+                let h = r.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                ReplicaHealth {
+                    addr: r.addr.clone(),
+                    registered: r.synced.load(Ordering::Relaxed),
+                    last_ok: h.last_ok,
+                    last_error: h.last_error,
+                }
+            })
+            .collect()
     }
 
     /// The replica address that owns `digest`.
@@ -483,6 +533,13 @@ impl TrackerClient {
         if let Some(m) = self.inner.metrics.get() {
             m(rpc, if res.is_ok() { "ok" } else { "error" });
         }
+        {
+            let mut h = r.health.lock().unwrap_or_else(|e| e.into_inner());
+            match &res {
+                Ok(_) => h.last_ok = Some(SystemTime::now()),
+                Err(e) => h.last_error = Some((SystemTime::now(), e.to_string())),
+            }
+        }
         span.record("result", if res.is_ok() { "ok" } else { "error" });
         if let Err(e) = &res {
             span.record("otel.status_code", "ERROR");
@@ -507,6 +564,56 @@ mod tests {
 
     fn digests(n: u32) -> impl Iterator<Item = Digest> {
         (0..n).map(|i| Digest::of(&i.to_le_bytes()))
+    }
+
+    #[test]
+    fn a_replica_is_reachable_when_its_latest_call_succeeded() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let h = |ok: Option<u64>, err: Option<u64>| ReplicaHealth {
+            addr: "t0:7400".into(),
+            registered: false,
+            last_ok: ok.map(|s| t + Duration::from_secs(s)),
+            last_error: err.map(|s| (t + Duration::from_secs(s), "down".into())),
+        };
+        assert!(!h(None, None).reachable(), "never asked");
+        assert!(!h(None, Some(1)).reachable());
+        assert!(h(Some(1), None).reachable());
+        assert!(h(Some(5), Some(1)).reachable(), "answered again");
+        assert!(!h(Some(1), Some(5)).reachable(), "failed since");
+    }
+
+    #[tokio::test]
+    async fn health_records_each_call_without_dialling_for_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        );
+        // Nothing listens on port 1 of loopback: every call fails at once.
+        let me = PeerInfo {
+            id: "n1/1/127.0.0.1:7401".into(),
+            quic_addr: "127.0.0.1:7401".into(),
+            node: "n1".into(),
+            zone: String::new(),
+            upload_capacity: 0,
+        };
+        let c = TrackerClient::new(vec!["127.0.0.1:1".into()], me, Duration::from_secs(5), tls)
+            .unwrap();
+        let before = c.health();
+        assert_eq!(before.len(), 1);
+        assert_eq!(
+            (before[0].last_ok, before[0].last_error.clone()),
+            (None, None)
+        );
+        assert!(c.find(&Digest::of(b"x")).await.is_err());
+        let after = c.health();
+        assert!(!after[0].reachable() && !after[0].registered);
+        let (_, why) = after[0]
+            .last_error
+            .clone()
+            .expect("the failure is recorded");
+        assert!(why.contains("127.0.0.1:1"), "{why}");
     }
 
     #[test]

@@ -11,5 +11,5 @@ pub mod server;
 pub mod state;
 pub mod tls;
 
-pub use client::{FindResult, MetricsHook, TrackerClient, TrackerError, rendezvous};
+pub use client::{FindResult, MetricsHook, ReplicaHealth, TrackerClient, TrackerError, rendezvous};
 pub use state::{Caller, Candidate, Limits, PeerInfo, PieceHash};

@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -56,6 +56,19 @@ pub struct PeerClient {
 struct Slot {
     conn: Option<Connection>,
     dial: Arc<tokio::sync::Mutex<()>>,
+    /// When the peer last completed a handshake or gave us a piece.
+    seen: Option<Instant>,
+}
+
+/// The peers this node fetches from, from the client's own table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCounts {
+    /// Peers dialled since they were last disconnected (e.g. banned).
+    pub known: usize,
+    /// Of those, the ones that answered within the window asked for.
+    pub seen_recently: usize,
+    /// Open connections to them.
+    pub connected: usize,
 }
 
 impl PeerClient {
@@ -91,8 +104,9 @@ impl PeerClient {
         let result = tokio::time::timeout(limit, self.fetch(addr, req, expected_len))
             .await
             .unwrap_or(Err(PeerError::Timeout(limit)));
-        if let Err(e) = &result {
-            debug!(%addr, %digest, index, error = %e, "piece fetch failed");
+        match &result {
+            Ok(_) => self.saw(addr),
+            Err(e) => debug!(%addr, %digest, index, error = %e, "piece fetch failed"),
         }
         result
     }
@@ -194,8 +208,17 @@ impl PeerClient {
         })?;
         let conn = connecting.await?;
         debug!(%addr, "connected to peer");
-        self.lock().entry(addr).or_default().conn = Some(conn.clone());
+        let mut conns = self.lock();
+        let slot = conns.entry(addr).or_default();
+        slot.conn = Some(conn.clone());
+        slot.seen = Some(Instant::now());
         Ok(conn)
+    }
+
+    fn saw(&self, addr: SocketAddr) {
+        if let Some(slot) = self.lock().get_mut(&addr) {
+            slot.seen = Some(Instant::now());
+        }
     }
 
     /// Drops `conn` from the cache if it is still the one cached for `addr`.
@@ -226,6 +249,19 @@ impl PeerClient {
             .values()
             .filter(|s| live(&s.conn).is_some())
             .count()
+    }
+
+    /// Known, recently seen (within `recent`) and connected peers.
+    pub fn counts(&self, recent: Duration) -> PeerCounts {
+        let conns = self.lock();
+        PeerCounts {
+            known: conns.len(),
+            seen_recently: conns
+                .values()
+                .filter(|s| s.seen.is_some_and(|t| t.elapsed() < recent))
+                .count(),
+            connected: conns.values().filter(|s| live(&s.conn).is_some()).count(),
+        }
     }
 
     /// Closes every connection and waits (briefly) for the peers to be told.

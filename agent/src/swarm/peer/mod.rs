@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::store::{Digest, Store, StoreError};
 
-pub use client::{ClientConfig, PeerClient};
+pub use client::{ClientConfig, PeerClient, PeerCounts};
 pub use server::{CORRUPT_UPLOADS_ENV, PeerServer, ServerConfig};
 pub use tls::{ALPN, PEER_SERVER_NAME, PeerTls, TlsError};
 pub use wire::WireError;

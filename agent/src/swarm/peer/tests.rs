@@ -213,8 +213,14 @@ async fn closed_connections_are_dialled_again() {
     let addr = srv.local_addr();
     let p0 = piece(&fx.data, 0);
     assert_eq!(c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(), p0);
+    let recent = Duration::from_secs(600);
     c.disconnect(addr);
     assert_eq!(c.peers_connected(), 0);
+    assert_eq!(
+        c.counts(recent).known,
+        0,
+        "a disconnected peer is forgotten"
+    );
     assert_eq!(c.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(), p0);
     assert_eq!(c.peers_connected(), 1);
 
@@ -222,6 +228,13 @@ async fn closed_connections_are_dialled_again() {
     srv.shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(c.peers_connected(), 0);
+    // Still known and recently seen, no longer connected.
+    let counts = c.counts(recent);
+    assert_eq!(
+        (counts.known, counts.seen_recently, counts.connected),
+        (1, 1, 0)
+    );
+    assert_eq!(c.counts(Duration::ZERO).seen_recently, 0);
     let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |cfg| {
         cfg.listen = addr
     });
