@@ -128,7 +128,7 @@ pub const MARKERS: &[(&str, Family)] = &[
 /// The os-release IDs recognised, for messages.
 pub const KNOWN_IDS: &str = "debian, ubuntu, alpine, rhel, centos, fedora, rocky, almalinux, \
                              amzn, ol, azurelinux, mariner, sles, sled, suse, opensuse*, \
-                             sl-micro, flatcar (refused: bottlerocket, talos)";
+                             sl-micro, flatcar";
 
 /// Recognise the distro of the host mounted at `root`.
 pub fn detect(root: &Path) -> Result<Detected, (PathBuf, io::Error)> {

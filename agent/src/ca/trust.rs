@@ -24,8 +24,8 @@ pub const ANCHOR_NAME: &str = "damselfly-node-ca.crt";
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error(
-        "no known trust store under {root}: {os_release} names none of {KNOWN_IDS} (ID or \
-         ID_LIKE), and none of the marker files {markers} exists; is --host-root the host's / ?",
+        "no known trust store under {root}: {os_release}: neither ID nor ID_LIKE is one of \
+         {KNOWN_IDS}, and none of the marker files {markers} exists; is --host-root the host's / ?",
         markers = marker_list()
     )]
     UnknownDistro { root: PathBuf, os_release: String },
