@@ -115,9 +115,23 @@ impl Trust {
 }
 
 /// `damselfly ca --state-dir S --registry R... <action> --host-root H`, with
-/// the trust-store update replaced by `true` (the stand-in has no
-/// update-ca-certificates; the anchor file is still written).
+/// the trust-store update replaced by a stand-in (the stand-in host has no
+/// update-ca-certificates): it makes the bundle of the local CAs, as the real
+/// one would, since `ca install` checks that the bundle holds the CA.
 fn ca_cli(agent: &Agent, action: &str, host_root: &Path) -> anyhow::Result<()> {
+    let update = host_root.with_extension("update-ca-certificates");
+    let root = host_root.display();
+    fs::write(
+        &update,
+        format!(
+            "#!/bin/sh\nmkdir -p {root}/etc/ssl/certs\ncat /dev/null {root}/usr/local/share/ca-certificates/*.crt \
+             > {root}/etc/ssl/certs/ca-certificates.crt 2>/dev/null\nexit 0\n"
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&update, fs::Permissions::from_mode(0o755))?;
+    }
     let mut cmd = Command::new(damselfly_bin()?);
     cmd.arg("ca").arg("--state-dir").arg(&agent.state_dir);
     for r in agent.registries() {
@@ -126,7 +140,8 @@ fn ca_cli(agent: &Agent, action: &str, host_root: &Path) -> anyhow::Result<()> {
     cmd.arg(action)
         .arg("--host-root")
         .arg(host_root)
-        .args(["--update-command", "true"]);
+        .arg("--update-command")
+        .arg(&update);
     tools::run(&mut cmd).with_context(|| format!("damselfly ca {action}"))?;
     Ok(())
 }

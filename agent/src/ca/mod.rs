@@ -59,7 +59,9 @@
 
 pub mod constraints;
 mod der;
+mod distro;
 mod leaf;
+pub mod runtime;
 pub mod trust;
 
 use std::{

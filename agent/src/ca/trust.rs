@@ -14,17 +14,32 @@ use std::{
     process::Command,
 };
 
-/// File name of the CA in the distro's anchor directory.
+pub use super::distro::Family;
+use super::distro::{self, Detected, KNOWN_IDS, MARKERS};
+
+/// File name of the CA in the distro's anchor directory (but Flatcar's,
+/// [`Family::anchor_name`]) and in the runtimes' `certs.d` directories.
 pub const ANCHOR_NAME: &str = "damselfly-node-ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     #[error(
-        "no known trust store under {root}: looked for Debian/Ubuntu (etc/debian_version, \
-         usr/sbin/update-ca-certificates), SUSE (etc/pki/trust/anchors) and RHEL/Fedora \
-         (etc/redhat-release, usr/bin/update-ca-trust); is --host-root the host's / ?"
+        "no known trust store under {root}: {os_release}: neither ID nor ID_LIKE is one of \
+         {KNOWN_IDS}, and none of the marker files {markers} exists; is --host-root the host's / ?",
+        markers = marker_list()
     )]
-    UnknownDistro { root: PathBuf },
+    UnknownDistro { root: PathBuf, os_release: String },
+    #[error("refusing to install into {distro}'s trust store: {advice}")]
+    Refused {
+        distro: &'static str,
+        advice: &'static str,
+    },
+    #[error(
+        "{action} {path}: the file system is read-only, so this host's trust store cannot be \
+         changed from here; trust the node CA (`damselfly ca show`) through the distro's own \
+         configuration and run the agent without `ca install`"
+    )]
+    ReadOnly { action: &'static str, path: PathBuf },
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -33,39 +48,47 @@ pub enum TrustError {
     },
     #[error("`{command}` {outcome}")]
     Command { command: String, outcome: String },
+    #[error(
+        "the CA is not in {bundle} after `{command}`, so TLS clients would not trust it; \
+         {anchor} was taken back out"
+    )]
+    NotInBundle {
+        bundle: PathBuf,
+        command: String,
+        anchor: PathBuf,
+    },
+    #[error(
+        "the CA is still in {bundle} after `{command}`; {anchor} was put back, so that \
+         `damselfly ca uninstall` tries again"
+    )]
+    StillInBundle {
+        bundle: PathBuf,
+        command: String,
+        anchor: PathBuf,
+    },
+}
+
+fn marker_list() -> String {
+    MARKERS
+        .iter()
+        .map(|(m, _)| *m)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> TrustError + 'a {
-    move |source| TrustError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// Debian, Ubuntu (and Alpine): `update-ca-certificates`.
-    Debian,
-    /// SUSE: `update-ca-certificates` with anchors under /etc/pki/trust.
-    Suse,
-    /// RHEL, Fedora, Amazon Linux: `update-ca-trust`.
-    Rhel,
-}
-
-impl Family {
-    fn anchor_dir(self) -> &'static str {
-        match self {
-            Family::Debian => "usr/local/share/ca-certificates",
-            Family::Suse => "etc/pki/trust/anchors",
-            Family::Rhel => "etc/pki/ca-trust/source/anchors",
-        }
-    }
-
-    fn update_argv(self) -> &'static [&'static str] {
-        match self {
-            Family::Debian | Family::Suse => &["update-ca-certificates"],
-            Family::Rhel => &["update-ca-trust", "extract"],
+    move |source| {
+        if source.raw_os_error() == Some(libc::EROFS) {
+            TrustError::ReadOnly {
+                action,
+                path: path.to_path_buf(),
+            }
+        } else {
+            TrustError::Io {
+                action,
+                path: path.to_path_buf(),
+                source,
+            }
         }
     }
 }
@@ -73,16 +96,17 @@ impl Family {
 /// What `install` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Installed {
-    /// This very CA was already there; nothing was run.
+    /// This very CA was already there and in the bundle; nothing was run.
     AlreadyTrusted,
-    /// Written (replacing a different damselfly CA if `replaced`) and the
-    /// trust store updated.
+    /// Written (replacing a different damselfly CA if `replaced`), the
+    /// trust store updated, and the CA found in its bundle.
     NewlyTrusted { replaced: bool },
 }
 
 /// What `uninstall` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removed {
+    /// Removed, the store updated, and the CA no longer in its bundle.
     Removed,
     NotInstalled,
 }
@@ -92,38 +116,50 @@ pub enum Removed {
 pub struct TrustStore {
     root: PathBuf,
     family: Family,
+    by: String,
 }
 
 impl TrustStore {
-    /// Recognise the distro family under `root` by its marker files.
+    /// Recognise the distro under `root` ([`distro::detect`]); refuses one
+    /// whose trust store is not changed through its files, and an unknown one.
     pub fn detect(root: &Path) -> Result<Self, TrustError> {
-        let has = |p: &str| root.join(p).exists();
-        let family = if has("etc/debian_version") {
-            Family::Debian
-        } else if root.join("etc/pki/trust/anchors").is_dir() {
-            Family::Suse
-        } else if has("usr/sbin/update-ca-certificates") {
-            Family::Debian
-        } else if has("etc/redhat-release") || has("usr/bin/update-ca-trust") {
-            Family::Rhel
-        } else {
-            return Err(TrustError::UnknownDistro {
+        let detected = distro::detect(root).map_err(|(path, e)| io_err("reading", &path)(e))?;
+        match detected {
+            Detected::Store { family, by } => Ok(Self {
                 root: root.to_path_buf(),
-            });
-        };
-        Ok(Self {
-            root: root.to_path_buf(),
-            family,
-        })
+                family,
+                by,
+            }),
+            Detected::Refused(r) => Err(TrustError::Refused {
+                distro: r.distro,
+                advice: r.advice,
+            }),
+            Detected::Unknown { os_release } => Err(TrustError::UnknownDistro {
+                root: root.to_path_buf(),
+                os_release,
+            }),
+        }
     }
 
     pub fn family(&self) -> Family {
         self.family
     }
 
+    /// How the family was recognised (os-release fields or a marker file).
+    pub fn recognised_by(&self) -> &str {
+        &self.by
+    }
+
     /// Where the CA goes, as seen from here (under the host root).
     pub fn anchor_path(&self) -> PathBuf {
-        self.root.join(self.family.anchor_dir()).join(ANCHOR_NAME)
+        self.root
+            .join(self.family.anchor_dir())
+            .join(self.family.anchor_name())
+    }
+
+    /// The bundle the update writes, as seen from here.
+    pub fn bundle_path(&self) -> PathBuf {
+        self.root.join(self.family.bundle())
     }
 
     /// The distro's update command, chrooted into the host root unless that is `/`.
@@ -131,23 +167,40 @@ impl TrustStore {
         in_host(&self.root, self.family.update_argv())
     }
 
-    /// Is exactly `pem` installed?
+    /// Is exactly `pem` installed, and in the bundle?
     pub fn is_installed(&self, pem: &str) -> Result<bool, TrustError> {
         let path = self.anchor_path();
         match fs::read_to_string(&path) {
-            Ok(s) => Ok(s == pem),
+            Ok(s) if s == pem => self.in_bundle(pem),
+            Ok(_) => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(io_err("reading", &path)(e)),
         }
     }
 
-    /// Install `pem` and run `update` (normally [`Self::update_command`]).
-    /// If the update fails, the previous anchor file is put back, so a
-    /// present file always means the store was updated with it.
+    /// Does the bundle hold the certificate of `pem`? (No bundle: no.)
+    pub fn in_bundle(&self, pem: &str) -> Result<bool, TrustError> {
+        let Some(ours) = pem_bodies(pem).next() else {
+            return Ok(false);
+        };
+        let bundle = self.bundle_path();
+        match fs::read_to_string(&bundle) {
+            Ok(text) => Ok(pem_bodies(&text).any(|b| b == ours)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("reading", &bundle)(e)),
+        }
+    }
+
+    /// Install `pem`, run `update` (normally [`Self::update_command`]) and
+    /// check that the bundle then holds it. If the update fails or the CA is
+    /// not in the bundle, the previous anchor file is put back (none if it
+    /// held this CA but the bundle did not), so a present file always means
+    /// the store was updated with it, and a retry runs the update again.
     pub fn install(&self, pem: &str, update: &[String]) -> Result<Installed, TrustError> {
         let path = self.anchor_path();
         let previous = match fs::read_to_string(&path) {
-            Ok(s) if s == pem => return Ok(Installed::AlreadyTrusted),
+            Ok(s) if s == pem && self.in_bundle(pem)? => return Ok(Installed::AlreadyTrusted),
+            Ok(s) if s == pem => None,
             Ok(s) => Some(s),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_err("reading", &path)(e)),
@@ -155,11 +208,26 @@ impl TrustStore {
         let dir = path.parent().expect("anchor path has a parent");
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
         write_public(&path, pem)?;
-        if let Err(e) = run(update) {
+        let outcome = run(update).and_then(|()| {
+            if self.in_bundle(pem)? {
+                Ok(())
+            } else {
+                Err(TrustError::NotInBundle {
+                    bundle: self.bundle_path(),
+                    command: update.join(" "),
+                    anchor: path.clone(),
+                })
+            }
+        });
+        if let Err(e) = outcome {
             let _ = match &previous {
                 Some(old) => write_public(&path, old),
                 None => fs::remove_file(&path).map_err(io_err("removing", &path)),
             };
+            // Let the store forget it again; the error to report is `e`.
+            if matches!(e, TrustError::NotInBundle { .. }) {
+                let _ = run(update);
+            }
             return Err(e);
         }
         Ok(Installed::NewlyTrusted {
@@ -167,17 +235,52 @@ impl TrustStore {
         })
     }
 
-    /// Remove the damselfly CA (whichever one is there) and run `update`.
+    /// Remove the damselfly CA (whichever one is there), run `update` and
+    /// check that the bundle no longer holds it. On failure the anchor file
+    /// is put back, so that a retry does not find "nothing installed".
     pub fn uninstall(&self, update: &[String]) -> Result<Removed, TrustError> {
         let path = self.anchor_path();
-        match fs::remove_file(&path) {
-            Ok(()) => {}
+        let pem = match fs::read_to_string(&path) {
+            Ok(s) => s,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::NotInstalled),
-            Err(e) => return Err(io_err("removing", &path)(e)),
+            Err(e) => return Err(io_err("reading", &path)(e)),
+        };
+        fs::remove_file(&path).map_err(io_err("removing", &path))?;
+        let outcome = run(update).and_then(|()| {
+            if self.in_bundle(&pem)? {
+                Err(TrustError::StillInBundle {
+                    bundle: self.bundle_path(),
+                    command: update.join(" "),
+                    anchor: path.clone(),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = outcome {
+            let _ = write_public(&path, &pem);
+            return Err(e);
         }
-        run(update)?;
         Ok(Removed::Removed)
     }
+}
+
+/// The base64 bodies of the `CERTIFICATE` blocks in `pem`, whitespace
+/// removed: the same certificate has the same body whatever tool wrote the
+/// bundle (line length, comments between blocks and other block types aside).
+fn pem_bodies(pem: &str) -> impl Iterator<Item = String> + '_ {
+    let mut lines = pem.lines().map(str::trim);
+    std::iter::from_fn(move || {
+        lines.find(|l| *l == "-----BEGIN CERTIFICATE-----")?;
+        let mut body = String::new();
+        for l in lines.by_ref() {
+            if l == "-----END CERTIFICATE-----" {
+                return Some(body);
+            }
+            body.extend(l.chars().filter(|c| !c.is_whitespace()));
+        }
+        None
+    })
 }
 
 /// The per-registry CA directories, relative to the host root: Docker
@@ -329,6 +432,28 @@ pub fn in_host(root: &Path, argv: &[&str]) -> Vec<String> {
 
 /// Run `argv`, turning a failure into an error that carries its output.
 pub fn run(argv: &[String]) -> Result<(), TrustError> {
+    let (command, out) = output(argv)?;
+    if out.status.success() {
+        tracing::debug!(%command, stdout = %String::from_utf8_lossy(&out.stdout), "ran");
+        return Ok(());
+    }
+    Err(TrustError::Command {
+        command,
+        outcome: format!(
+            "failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+    })
+}
+
+/// Run `argv` as a question: did it exit 0? An error only if it could not run.
+pub fn succeeds(argv: &[String]) -> Result<bool, TrustError> {
+    Ok(output(argv)?.1.status.success())
+}
+
+fn output(argv: &[String]) -> Result<(String, std::process::Output), TrustError> {
     let command = argv.join(" ");
     let Some((prog, args)) = argv.split_first() else {
         return Err(TrustError::Command {
@@ -343,19 +468,7 @@ pub fn run(argv: &[String]) -> Result<(), TrustError> {
             command: command.clone(),
             outcome: format!("could not start: {e}"),
         })?;
-    if out.status.success() {
-        tracing::debug!(%command, stdout = %String::from_utf8_lossy(&out.stdout), "ran");
-        return Ok(());
-    }
-    Err(TrustError::Command {
-        command,
-        outcome: format!(
-            "failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim(),
-            String::from_utf8_lossy(&out.stdout).trim()
-        ),
-    })
+    Ok((command, out))
 }
 
 /// A certificate is public: 0644, through a rename so the update tool never
@@ -394,10 +507,6 @@ mod tests {
     }
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-
-    fn ok() -> Vec<String> {
-        vec!["true".into()]
-    }
 
     #[test]
     fn families_are_recognised_by_their_markers() {
@@ -458,11 +567,28 @@ mod tests {
         );
     }
 
+    /// A stand-in for the distro's update: the bundle becomes the anchor
+    /// directory's files (of the family's name pattern), as the real tools
+    /// rebuild it from their sources.
+    fn rebuilds_bundle(t: &TrustStore) -> Vec<String> {
+        let dir = t.anchor_path().parent().unwrap().to_path_buf();
+        let bundle = t.bundle_path();
+        let script = format!(
+            "mkdir -p '{}' && : > '{b}' && for f in '{}'/damselfly-node-ca.*; do \
+             if [ -f \"$f\" ]; then cat \"$f\" >> '{b}'; fi; done",
+            bundle.parent().unwrap().display(),
+            dir.display(),
+            b = bundle.display()
+        );
+        vec!["sh".into(), "-c".into(), script]
+    }
+
     #[test]
     fn install_is_idempotent_and_a_failed_update_leaves_nothing() {
         let root = TempRoot::new("install");
         root.touch("etc/debian_version");
         let t = TrustStore::detect(&root.0).unwrap();
+        let ok = rebuilds_bundle(&t);
         let fail = vec!["false".to_string()];
         assert!(matches!(
             t.install(PEM, &fail),
@@ -471,7 +597,7 @@ mod tests {
         assert!(!t.anchor_path().exists());
 
         assert_eq!(
-            t.install(PEM, &ok()).unwrap(),
+            t.install(PEM, &ok).unwrap(),
             Installed::NewlyTrusted { replaced: false }
         );
         assert_eq!(fs::read_to_string(t.anchor_path()).unwrap(), PEM);
@@ -483,13 +609,294 @@ mod tests {
         assert!(t.install(&other, &fail).is_err());
         assert_eq!(fs::read_to_string(t.anchor_path()).unwrap(), PEM);
         assert_eq!(
-            t.install(&other, &ok()).unwrap(),
+            t.install(&other, &ok).unwrap(),
             Installed::NewlyTrusted { replaced: true }
         );
+        assert!(t.in_bundle(&other).unwrap() && !t.in_bundle(PEM).unwrap());
 
-        assert_eq!(t.uninstall(&ok()).unwrap(), Removed::Removed);
+        assert_eq!(t.uninstall(&ok).unwrap(), Removed::Removed);
         assert!(!t.anchor_path().exists());
+        assert!(!t.in_bundle(&other).unwrap());
         assert_eq!(t.uninstall(&fail).unwrap(), Removed::NotInstalled);
+    }
+
+    fn os_release_root(tag: &str, os_release: &str) -> TempRoot {
+        let root = TempRoot::new(tag);
+        root.touch("etc/os-release");
+        fs::write(root.0.join("etc/os-release"), os_release).unwrap();
+        root
+    }
+
+    #[test]
+    fn every_supported_distro_is_recognised_by_its_os_release_and_installs_and_uninstalls() {
+        for (os_release, family, anchor, bundle) in [
+            (
+                "ID=debian\nVERSION_ID=\"12\"\n",
+                Family::Debian,
+                "usr/local/share/ca-certificates/damselfly-node-ca.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+            (
+                "NAME=\"Ubuntu\"\nID=ubuntu\nID_LIKE=debian\n",
+                Family::Debian,
+                "usr/local/share/ca-certificates/damselfly-node-ca.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+            (
+                "ID=pop\nID_LIKE=\"ubuntu debian\"\n",
+                Family::Debian,
+                "usr/local/share/ca-certificates/damselfly-node-ca.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+            (
+                "ID=alpine\nVERSION_ID=3.20.0\n",
+                Family::Alpine,
+                "usr/local/share/ca-certificates/damselfly-node-ca.crt",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+            (
+                "ID=\"rhel\"\nID_LIKE=\"fedora\"\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "ID=fedora\nVARIANT_ID=coreos\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "ID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "ID=\"almalinux\"\nID_LIKE=\"rhel centos fedora\"\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "ID=\"centos\"\nID_LIKE=\"rhel fedora\"\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "NAME=\"Amazon Linux\"\nID=\"amzn\"\nID_LIKE=\"fedora\"\n",
+                Family::Rhel,
+                "etc/pki/ca-trust/source/anchors/damselfly-node-ca.crt",
+                "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+            ),
+            (
+                "ID=\"sles\"\nID_LIKE=\"suse\"\n",
+                Family::Suse,
+                "etc/pki/trust/anchors/damselfly-node-ca.crt",
+                "var/lib/ca-certificates/ca-bundle.pem",
+            ),
+            (
+                "ID=\"opensuse-leap\"\nID_LIKE=\"suse opensuse\"\n",
+                Family::Suse,
+                "etc/pki/trust/anchors/damselfly-node-ca.crt",
+                "var/lib/ca-certificates/ca-bundle.pem",
+            ),
+            (
+                "NAME=\"Flatcar Container Linux by Kinvolk\"\nID=flatcar\nID_LIKE=coreos\n",
+                Family::Flatcar,
+                "etc/ssl/certs/damselfly-node-ca.pem",
+                "etc/ssl/certs/ca-certificates.crt",
+            ),
+        ] {
+            let root = os_release_root("os-release", os_release);
+            let t = TrustStore::detect(&root.0).unwrap();
+            assert_eq!(t.family(), family, "{os_release}");
+            assert_eq!(t.anchor_path(), root.0.join(anchor), "{os_release}");
+            assert_eq!(t.bundle_path(), root.0.join(bundle), "{os_release}");
+            assert!(t.recognised_by().contains("os-release"), "{os_release}");
+            assert_eq!(
+                &t.update_command()[2..],
+                family.update_argv(),
+                "{os_release}"
+            );
+            let update = rebuilds_bundle(&t);
+            assert_eq!(
+                t.install(PEM, &update).unwrap(),
+                Installed::NewlyTrusted { replaced: false },
+                "{os_release}"
+            );
+            assert!(t.in_bundle(PEM).unwrap(), "{os_release}");
+            assert_eq!(t.uninstall(&update).unwrap(), Removed::Removed);
+            assert!(!t.in_bundle(PEM).unwrap(), "{os_release}");
+        }
+    }
+
+    #[test]
+    fn os_release_is_read_in_the_hosts_terms() {
+        // /etc/os-release -> /usr/lib/os-release, absolute: the host's, not ours.
+        let root = TempRoot::new("os-release-link");
+        root.touch("usr/lib/os-release");
+        fs::write(root.0.join("usr/lib/os-release"), "ID='alpine'\n").unwrap();
+        fs::create_dir_all(root.0.join("etc")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/os-release", root.0.join("etc/os-release")).unwrap();
+        assert_eq!(
+            TrustStore::detect(&root.0).unwrap().family(),
+            Family::Alpine
+        );
+        // No etc/os-release at all: usr/lib/os-release.
+        fs::remove_file(root.0.join("etc/os-release")).unwrap();
+        assert_eq!(
+            TrustStore::detect(&root.0).unwrap().family(),
+            Family::Alpine
+        );
+    }
+
+    #[test]
+    fn an_unknown_os_release_falls_back_to_markers_then_is_refused_naming_what_was_looked_for() {
+        let root = os_release_root("unknown", "ID=plan9\nID_LIKE=\"bell\"\n");
+        let e = TrustStore::detect(&root.0).unwrap_err().to_string();
+        for looked_for in [
+            "ID=\"plan9\"",
+            "debian",
+            "rhel",
+            "flatcar",
+            "etc/debian_version",
+            "usr/bin/update-ca-trust",
+            "--host-root",
+        ] {
+            assert!(e.contains(looked_for), "{looked_for} not in: {e}");
+        }
+        root.touch("etc/redhat-release");
+        let t = TrustStore::detect(&root.0).unwrap();
+        assert_eq!(t.family(), Family::Rhel);
+        assert!(t.recognised_by().contains("etc/redhat-release"), "{t:?}");
+    }
+
+    #[test]
+    fn read_only_distros_are_refused_with_what_to_do_instead() {
+        for (os_release, says) in [
+            ("ID=bottlerocket\n", ["Bottlerocket", "settings.pki"]),
+            ("ID=talos\n", ["Talos", "TrustedRootsConfig"]),
+        ] {
+            let root = os_release_root("refused", os_release);
+            // Even with a marker that would otherwise pick a family.
+            root.touch("usr/sbin/update-ca-certificates");
+            let e = TrustStore::detect(&root.0).unwrap_err();
+            assert!(matches!(e, TrustError::Refused { .. }), "{e:?}");
+            let e = e.to_string();
+            for s in says.iter().chain(&["read-only", "damselfly ca show"]) {
+                assert!(e.contains(s), "{s} not in: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_only_file_system_is_named_with_its_path() {
+        let path = Path::new("/host/usr/local/share/ca-certificates");
+        let e = io_err("creating", path)(io::Error::from_raw_os_error(libc::EROFS));
+        assert!(matches!(e, TrustError::ReadOnly { .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(
+            e.contains("creating /host/usr/local/share/ca-certificates") && e.contains("read-only"),
+            "{e}"
+        );
+        let other = io_err("creating", path)(io::Error::from_raw_os_error(libc::EACCES));
+        assert!(matches!(other, TrustError::Io { .. }), "{other:?}");
+    }
+
+    #[test]
+    fn an_update_that_leaves_the_ca_out_of_the_bundle_fails_and_rolls_back() {
+        let root = os_release_root("not-in-bundle", "ID=ubuntu\n");
+        let t = TrustStore::detect(&root.0).unwrap();
+        // Runs fine, writes a bundle, but without our CA.
+        let forgetful = vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "mkdir -p '{0}' && echo '# nothing' > '{0}/ca-certificates.crt'",
+                t.bundle_path().parent().unwrap().display()
+            ),
+        ];
+        let e = t.install(PEM, &forgetful).unwrap_err();
+        assert!(matches!(e, TrustError::NotInBundle { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "the CA is not in {} after `sh -c",
+                t.bundle_path().display()
+            )),
+            "{msg}"
+        );
+        assert!(!t.anchor_path().exists(), "the anchor was not taken out");
+
+        // Replacing a trusted CA: the old one is put back.
+        let good = rebuilds_bundle(&t);
+        t.install(PEM, &good).unwrap();
+        let other = PEM.replace("AAAA", "BBBB");
+        assert!(t.install(&other, &forgetful).is_err());
+        assert_eq!(fs::read_to_string(t.anchor_path()).unwrap(), PEM);
+
+        // This CA's file there but not in the bundle: not "already trusted";
+        // the update runs again (and here still fails, so the file goes).
+        fs::write(t.bundle_path(), "").unwrap();
+        assert!(!t.is_installed(PEM).unwrap());
+        assert!(matches!(
+            t.install(PEM, &forgetful),
+            Err(TrustError::NotInBundle { .. })
+        ));
+        assert!(!t.anchor_path().exists());
+        assert_eq!(
+            t.install(PEM, &good).unwrap(),
+            Installed::NewlyTrusted { replaced: false }
+        );
+    }
+
+    #[test]
+    fn an_uninstall_that_leaves_the_ca_in_the_bundle_fails_and_keeps_the_anchor() {
+        let root = os_release_root("still-in-bundle", "ID=debian\n");
+        let t = TrustStore::detect(&root.0).unwrap();
+        t.install(PEM, &rebuilds_bundle(&t)).unwrap();
+        let e = t.uninstall(&["true".to_string()]).unwrap_err();
+        assert!(matches!(e, TrustError::StillInBundle { .. }), "{e:?}");
+        assert!(e.to_string().contains("still in"), "{e}");
+        assert_eq!(fs::read_to_string(t.anchor_path()).unwrap(), PEM);
+        assert!(t.uninstall(&["false".to_string()]).is_err());
+        assert_eq!(fs::read_to_string(t.anchor_path()).unwrap(), PEM);
+        assert_eq!(t.uninstall(&rebuilds_bundle(&t)).unwrap(), Removed::Removed);
+    }
+
+    #[test]
+    fn the_bundle_is_compared_by_certificate_body_whatever_its_layout() {
+        let state = crate::testing::TempDir::new("trust-bundle-body");
+        let ours = node_ca_pem(state.path());
+        let root = os_release_root("bundle-body", "ID=rhel\n");
+        let t = TrustStore::detect(&root.0).unwrap();
+        fs::create_dir_all(t.bundle_path().parent().unwrap()).unwrap();
+        // p11-kit style: comments, other certificates, other line lengths.
+        let body: String = pem_bodies(&ours).next().unwrap();
+        let rewrapped = body
+            .as_bytes()
+            .chunks(76)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let bundle = format!(
+            "# ACCVRAIZ1\n{}\n# Damselfly node CA\n-----BEGIN CERTIFICATE-----\n{rewrapped}\n-----END CERTIFICATE-----\n",
+            other_ca_pem("someone else")
+        );
+        fs::write(t.bundle_path(), &bundle).unwrap();
+        assert!(t.in_bundle(&ours).unwrap());
+        fs::write(t.bundle_path(), other_ca_pem("someone else")).unwrap();
+        assert!(!t.in_bundle(&ours).unwrap());
+        fs::write(
+            t.bundle_path(),
+            format!(
+                "-----BEGIN TRUSTED CERTIFICATE-----\n{body}\n-----END TRUSTED CERTIFICATE-----\n"
+            ),
+        )
+        .unwrap();
+        assert!(!t.in_bundle(&ours).unwrap(), "not a CERTIFICATE block");
     }
 
     fn node_ca_pem(state: &Path) -> String {
