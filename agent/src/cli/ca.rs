@@ -236,7 +236,8 @@ fn install(state_dir: &Path, registries: &RegistryHosts, args: &InstallArgs) -> 
     Ok(())
 }
 
-fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
+/// `ca uninstall`; `damselfly cleanup` runs it too.
+pub fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
     let store = TrustStore::detect(&args.host_root)?;
     let update = args
         .update_command
