@@ -45,6 +45,8 @@ pub const MAX_RESPONSE: usize = 4096;
 const BODY_SHOWN: usize = 300;
 /// Addresses asked at once.
 const PARALLEL: usize = 32;
+/// A failure that stays the same is printed again after this many rounds.
+const REPEAT_EVERY: u64 = 30;
 
 #[derive(Debug, Args)]
 pub struct CleanupWaitArgs {
@@ -379,6 +381,7 @@ pub async fn run(args: CleanupWaitArgs) -> anyhow::Result<()> {
     let mut rounds = Rounds::new(args.threshold);
     let mut ticks = tokio::time::interval(args.period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous = None;
     for n in 1.. {
         if timeout_at(deadline, ticks.tick()).await.is_err() {
             break;
@@ -405,10 +408,13 @@ pub async fn run(args: CleanupWaitArgs) -> anyhow::Result<()> {
                     args.threshold
                 )
             }
+            // The same failure every round says nothing new: now and then.
+            Progress::Streak(_) if line == previous && n % REPEAT_EVERY != 0 => {}
             Progress::Streak(_) => {
-                println!("round {n}: {}", line.unwrap_or_else(|| "not clean".into()))
+                println!("round {n}: {}", line.as_deref().unwrap_or("not clean"))
             }
         }
+        previous = line;
     }
     bail!(
         "cleanup not confirmed within {:?} at {endpoint}: {}",
