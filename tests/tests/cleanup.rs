@@ -294,6 +294,7 @@ fn cleanup_leaves_nothing_on_the_node_and_cleanup_wait_tells_when_every_node_is_
     assert!(!pins.exists(), "the pins are still there:\n{log}");
 
     // Another node whose cleanup refuses a state dir holding what no agent makes.
+    // Its state dir is a mount point, as a hostPath mounted at the agent's path makes it.
     let host2 = tb.dir.join("host-n2");
     fs::create_dir_all(host2.join("etc")).unwrap();
     fs::write(host2.join("etc/debian_version"), "12\n").unwrap();
@@ -302,7 +303,13 @@ fn cleanup_leaves_nothing_on_the_node_and_cleanup_wait_tells_when_every_node_is_
     fs::write(state2.join("notes.txt"), "not the agent's").unwrap();
     let host2_str = host2.to_str().unwrap();
     let cleanup2 = |tb: &Testbed| {
-        let cmd = n2.command(damselfly_bin().unwrap()).unwrap();
+        let own_mount = Mount::Bind {
+            src: state2.clone(),
+            dst: state2.clone(),
+        };
+        let cmd = n2
+            .command_with(damselfly_bin().unwrap(), &[own_mount])
+            .unwrap();
         let host = ["--host-root", host2_str, "--update-command", "true"];
         start_cleanup(tb, &n2, cmd, &host, &state2, "[::]:7409")
     };
@@ -342,6 +349,10 @@ fn cleanup_leaves_nothing_on_the_node_and_cleanup_wait_tells_when_every_node_is_
 
     // Node 2 put right, its cleanup pod restarted: every node is clean.
     fs::remove_file(state2.join("notes.txt")).unwrap();
+    fs::create_dir_all(state2.join("ca")).unwrap();
+    fs::write(state2.join("ca/ca.crt"), &pem).unwrap();
+    fs::create_dir_all(state2.join("blobs")).unwrap();
+    fs::write(state2.join("blobs").join("ab".repeat(32)), "a blob").unwrap();
     c2.kill();
     let mut c2 = cleanup2(&tb);
     assert_eq!(
@@ -350,7 +361,14 @@ fn cleanup_leaves_nothing_on_the_node_and_cleanup_wait_tells_when_every_node_is_
         "{}",
         c2.log_text()
     );
-    assert!(!state2.exists());
+    // Emptied; the directory itself is the pod's mount point and stays.
+    let log = c2.log_text();
+    assert_eq!(fs::read_dir(&state2).unwrap().count(), 0, "{log}");
+    assert!(
+        log.contains("the node CA and its key, 1 cache files (6 bytes)")
+            && log.contains("stays: it is a mount point here"),
+        "{log}"
+    );
     let out = cleanup_wait(&n1, "30s");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", text(&out));
