@@ -416,7 +416,10 @@ mod tests {
             .cert_pem()
             .to_string();
         let store = crate::ca::trust::TrustStore::detect(&host).unwrap();
-        store.install(&pem, &["true".into()]).unwrap();
+        // The anchor as `ca install` leaves it (the real update runs end to end).
+        let anchor = store.anchor_path();
+        std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
+        std::fs::write(&anchor, &pem).unwrap();
         crate::ca::trust::CertsDirs::new(&host)
             .install(&pem, &["registry.dfly.test"])
             .unwrap();
