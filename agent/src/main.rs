@@ -36,6 +36,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Tracker(args) => damselfly::tracker::server::run(args).await,
         Command::Get(args) => damselfly::cli::get::run(args).await,
         Command::Preheat(args) => damselfly::cli::preheat::run(args).await,
+        Command::Cleanup(args) => damselfly::cli::cleanup::run(args).await,
+        Command::CleanupWait(args) => damselfly::cli::cleanup::wait::run(args).await,
         Command::Status(args) => {
             let s = status::fetch(args.admin).await?;
             if args.json {

@@ -337,6 +337,13 @@ impl NodeCa {
         read_stored(&files)?.ok_or(CaError::NoCa(files.dir))
     }
 
+    /// Does an agent sign with the CA under `state_dir` now (holds its
+    /// lease)? Creates nothing: without a lease file no agent ever did.
+    /// For `damselfly cleanup`, which must not delete a CA in use.
+    pub fn in_use(state_dir: &Path) -> Result<bool, CaError> {
+        Lease::held_if_present(&CaFiles::new(state_dir))
+    }
+
     /// What `damselfly ca install` trusts: with no agent signing, the CA
     /// prepared for `registries` as the agent would; with one, the stored
     /// CA as it is (replacing it would leave the host trusting a CA the
@@ -535,8 +542,21 @@ impl Lease {
 
     /// Does some process (this one included) hold the lease now?
     fn held(files: &CaFiles) -> Result<bool, CaError> {
-        let file = Self::open(files)?;
-        match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        Self::test(files, &Self::open(files)?)
+    }
+
+    /// [`Self::held`], creating nothing: `false` if there is no lease file.
+    fn held_if_present(files: &CaFiles) -> Result<bool, CaError> {
+        let path = Self::path(files);
+        match File::open(&path) {
+            Ok(file) => Self::test(files, &file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("opening", &path)(e)),
+        }
+    }
+
+    fn test(files: &CaFiles, file: &File) -> Result<bool, CaError> {
+        match flock(file, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(()) => Ok(false),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
             Err(e) => Err(io_err("locking", &Self::path(files))(e)),

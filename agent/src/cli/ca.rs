@@ -395,7 +395,8 @@ fn unit_names(units: &[RuntimeUnit]) -> String {
         .join(", ")
 }
 
-fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
+/// `ca uninstall`; `damselfly cleanup` runs it too.
+pub fn uninstall(args: &HostArgs) -> anyhow::Result<()> {
     let store = TrustStore::detect(&args.host_root)?;
     println!(
         "trust store: {} ({})",

@@ -2,6 +2,7 @@
 
 pub mod advertise;
 pub mod ca;
+pub mod cleanup;
 pub mod get;
 pub mod preheat;
 pub mod size;
@@ -40,6 +41,11 @@ pub enum Command {
     Get(get::GetArgs),
     /// Have seed agents fetch an image's blobs before a rollout.
     Preheat(preheat::PreheatArgs),
+    /// On a node after `helm uninstall`: remove the node CA from the host,
+    /// the state dir and leftover pins, then serve /healthz (200 when clean).
+    Cleanup(cleanup::CleanupArgs),
+    /// Wait until every `damselfly cleanup` behind a Service answers 200.
+    CleanupWait(cleanup::wait::CleanupWaitArgs),
 }
 
 #[derive(Debug, Args)]

@@ -511,7 +511,9 @@ impl Drop for PinsUntilStarted<'_> {
     }
 }
 
-fn remove_pins(dir: &Path) -> std::io::Result<()> {
+/// Remove the pins in `dir` and `dir` itself; nothing to do if it is absent.
+/// Also `damselfly cleanup`'s, for the pins a SIGKILLed agent left.
+pub fn remove_pins(dir: &Path) -> std::io::Result<()> {
     match fs::read_dir(dir) {
         Ok(entries) => {
             for entry in entries {
