@@ -391,6 +391,9 @@ def test_ca_install_and_cleanup_as_rendered_cover_docker_and_podman():
         host, state, bpffs = Path(tmp, "host"), Path(tmp, "state"), Path(tmp, "bpffs")
         (host / "etc").mkdir(parents=True)
         (host / "etc/debian_version").write_text("12\n")
+        # The runtime the init container restarts (systemctl is a stand-in below).
+        (host / "etc/systemd/system").mkdir(parents=True)
+        (host / "etc/systemd/system/containerd.service").write_text("[Service]\n")
         bpffs.mkdir()
         port = free_port()
 
@@ -399,8 +402,18 @@ def test_ca_install_and_cleanup_as_rendered_cover_docker_and_podman():
                     "--bpffs": f"--bpffs={bpffs}", "--serve": f"--serve=127.0.0.1:{port}"}
             return [swap.get(a.split("=", 1)[0], a) for a in args]
 
-        # No update-ca-certificates or systemctl on the stand-in host.
-        env = clean_env() | {"DAMSELFLY_CA_UPDATE_COMMAND": "true",
+        # No update-ca-certificates or systemctl on the stand-in host: the stand-in update
+        # builds the bundle as the real one would (`ca install` checks the CA is in it).
+        update = Path(tmp, "update-ca-certificates")
+        update.write_text(
+            "#!/bin/sh\n"
+            f"mkdir -p {host}/etc/ssl/certs\n"
+            f"cat /dev/null {host}/usr/local/share/ca-certificates/*.crt "
+            f"> {host}/etc/ssl/certs/ca-certificates.crt 2>/dev/null\n"
+            "exit 0\n")
+        update.chmod(0o755)
+        env = clean_env() | {"DAMSELFLY_CA_UPDATE_COMMAND": str(update),
+                             "DAMSELFLY_CA_UNIT_ACTIVE_COMMAND": "true",
                              "DAMSELFLY_CA_RESTART_COMMAND": "true"}
         done = subprocess.run([BIN, *local(install)], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
@@ -661,14 +674,15 @@ def test_uninstall_cleans_every_node_the_agent_ran_on(rendered, variant):
     args = c["args"]
     assert args[0] == "cleanup"
     agent_args = container(agent, "agent")["args"]
-    for f in ("--state-dir", "--instance"):
-        assert arg(args, f) == arg(agent_args, f), f
+    assert arg(args, "--instance") == arg(agent_args, "--instance")
+    # The agent's state dir, reached through the host root so that it can be removed.
+    assert arg(args, "--state-dir") == "/host" + arg(agent_args, "--state-dir")
     assert arg(args, "--host-root") == "/host" and arg(args, "--bpffs") == "/sys/fs/bpf"
     assert arg(args, "--serve").endswith(":7409")
     volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert volumes[mounts["/host"]["name"]]["path"] == "/" and not mounts["/host"].get("readOnly")
-    assert volumes[mounts[arg(args, "--state-dir")]["name"]]["path"] == arg(args, "--state-dir")
+    assert set(mounts) == {"/host", "/sys/fs/bpf"}
     assert volumes[mounts["/sys/fs/bpf"]["name"]]["path"] == "/sys/fs/bpf"
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 7409, "protocol": "TCP"} in c["ports"]
@@ -770,9 +784,17 @@ def test_registries_comment_lists_the_agents_built_in_registries():
 
 
 def notes_commands(text):
-    """The shell command lines NOTES.txt shows (indented by two spaces)."""
-    return [line.strip() for line in text.splitlines()
-            if re.match(r"  ((kubectl|sleep|curl|helm)\b|[A-Z_]+=)", line)]
+    """The shell command lines NOTES.txt shows (indented by two spaces), with backslash
+    continuations joined."""
+    commands, lines = [], iter(text.splitlines())
+    for line in lines:
+        if not re.match(r"  ((kubectl|sleep|curl|helm)\b|[A-Z_]+=)", line):
+            continue
+        command = line.strip()
+        while command.endswith("\\"):
+            command = command[:-1] + next(lines).strip()
+        commands.append(command)
+    return commands
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
