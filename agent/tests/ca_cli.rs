@@ -11,19 +11,44 @@ use std::{
 
 use damselfly::{ca::NodeCa, registry::RegistryHosts, testing::TempDir};
 
-/// A host root that looks like Debian.
+/// A host root that looks like Debian running containerd, with a stand-in
+/// for update-ca-certificates that builds the bundle as the real one does
+/// (`ca install` checks that the CA is in it).
 fn debian_root() -> TempDir {
     let root = TempDir::new("ca");
-    fs::create_dir_all(root.join("etc")).unwrap();
+    fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
     fs::write(root.join("etc/debian_version"), "13.0\n").unwrap();
+    fs::write(root.join("etc/systemd/system/containerd.service"), "").unwrap();
+    let update = root.join(UPDATE);
+    fs::create_dir_all(update.parent().unwrap()).unwrap();
+    let r = root.0.display();
+    fs::write(
+        &update,
+        format!(
+            "#!/bin/sh\nmkdir -p {r}/etc/ssl/certs\n\
+             cat /dev/null {r}/usr/local/share/ca-certificates/*.crt \
+             > {r}/etc/ssl/certs/ca-certificates.crt 2>/dev/null\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&update, fs::Permissions::from_mode(0o755)).unwrap();
     root
 }
+
+/// The stand-in update, inside the stand-in root.
+const UPDATE: &str = "usr/local/sbin/update-ca-certificates";
 
 const ANCHOR: &str = "usr/local/share/ca-certificates/damselfly-node-ca.crt";
 
 /// `damselfly ca ARGS` with a clean DAMSELFLY_* environment, the update
-/// command replaced by `true`, and the restart command by `restart`.
+/// command replaced by the stand-in of the `--host-root` in ARGS, every
+/// runtime unit there reported active, and the restart command by `restart`.
 fn ca(state: &Path, args: &[&str], restart: &str) -> Output {
+    let update = args
+        .iter()
+        .position(|a| *a == "--host-root")
+        .map(|i| Path::new(args[i + 1]).join(UPDATE).display().to_string())
+        .unwrap_or_else(|| "true".into());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_damselfly"));
     for (k, _) in std::env::vars() {
         if k.starts_with("DAMSELFLY_") {
@@ -34,7 +59,8 @@ fn ca(state: &Path, args: &[&str], restart: &str) -> Output {
         .args(args)
         .arg("--state-dir")
         .arg(state)
-        .env("DAMSELFLY_CA_UPDATE_COMMAND", "true")
+        .env("DAMSELFLY_CA_UPDATE_COMMAND", update)
+        .env("DAMSELFLY_CA_UNIT_ACTIVE_COMMAND", "true")
         .env("DAMSELFLY_CA_RESTART_COMMAND", restart)
         .output()
         .unwrap()
@@ -120,7 +146,7 @@ fn install_is_idempotent_and_uninstall_removes_it() {
         &restart,
     ));
     assert!(out.contains("newly trusted"), "{out}");
-    assert!(out.contains("restart it once"), "{out}");
+    assert!(out.contains("restarted containerd"), "{out}");
     assert!(marker.exists(), "containerd restarted once: {out}");
     let pem = ok(ca(&state.0, &["show"], "false"));
     assert_eq!(fs::read_to_string(root.join(ANCHOR)).unwrap(), pem);
@@ -145,7 +171,7 @@ fn install_is_idempotent_and_uninstall_removes_it() {
 fn a_failed_restart_says_how_to_do_it_by_hand() {
     let state = TempDir::new("ca");
     let root = debian_root();
-    let out = ok(ca(
+    let out = ca(
         &state.0,
         &[
             "install",
@@ -154,11 +180,14 @@ fn a_failed_restart_says_how_to_do_it_by_hand() {
             root.0.to_str().unwrap(),
         ],
         "false",
-    ));
-    assert!(out.contains("newly trusted"), "{out}");
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = failed(out);
+    assert!(stdout.contains("newly trusted"), "{stdout}");
     assert!(
-        out.contains("restart it by hand on the host: systemctl restart containerd"),
-        "{out}"
+        err.contains("restart failed for containerd")
+            && err.contains("systemctl restart containerd"),
+        "{err}"
     );
 }
 
