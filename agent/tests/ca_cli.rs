@@ -136,8 +136,16 @@ fn show_prints_what_is_there_and_changes_nothing() {
 fn install_is_idempotent_and_uninstall_removes_it() {
     let state = TempDir::new("ca");
     let root = debian_root();
-    let marker = root.join("containerd-restarted");
-    let restart = format!("touch {}", marker.display());
+    // The stand-in restart gets the unit as its last argument.
+    let marker = root.join("restarted-containerd");
+    let restart_script = root.join("restart");
+    fs::write(
+        &restart_script,
+        format!("#!/bin/sh\ntouch {}/restarted-$1\n", root.0.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&restart_script, fs::Permissions::from_mode(0o755)).unwrap();
+    let restart = restart_script.display().to_string();
     let host = ["--host-root", root.0.to_str().unwrap()];
 
     let out = ok(ca(
