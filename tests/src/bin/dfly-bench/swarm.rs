@@ -481,7 +481,8 @@ impl Bed {
         cmd.env("HOME", &home)
             .env_remove("RUST_BACKTRACE")
             .args(["preheat", &img.reference, "--seed"])
-            .arg(format!("http://{}", node.addr4(7402)))
+            // On the seed's own node: /v1/fetch answers plain HTTP on loopback only.
+            .arg("http://127.0.0.1:7402")
             .arg("--upstream-ca")
             .arg(&self.origin.ca_pem);
         node.spawn(cmd, &self.tb.dir.join(format!("preheat-{}.log", img.tag)))
