@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let result = match cli.command {
         Command::Agent(args) => damselfly::agent::run(*args).await,
         Command::Ca(args) => damselfly::cli::ca::run(args),
-        Command::Tracker(args) => damselfly::tracker::server::run(args).await,
+        Command::Tracker(args) => damselfly::cli::tracker::run(args).await,
         Command::Get(args) => damselfly::cli::get::run(args).await,
         Command::Preheat(args) => damselfly::cli::preheat::run(args).await,
         Command::Cleanup(args) => damselfly::cli::cleanup::run(args).await,

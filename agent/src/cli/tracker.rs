@@ -1,10 +1,20 @@
-//! `damselfly tracker`: the tracker service's flags.
+//! `damselfly tracker`: the tracker service's flags, and running it.
 
 use std::{net::SocketAddr, time::Duration};
 
+use anyhow::Context as _;
 use clap::Args;
+use tokio::signal::unix::{SignalKind, signal};
 
 use super::{ClusterPkiArgs, size::parse_size};
+use crate::{
+    pki::Role,
+    tracker::{
+        Limits,
+        server::{Config, serve},
+        tls,
+    },
+};
 
 #[derive(Debug, Args)]
 pub struct TrackerArgs {
@@ -66,6 +76,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: must be positive"));
     }
     Ok(d)
+}
+
+/// `damselfly tracker`: check the cluster PKI, bind, serve, stop on
+/// SIGTERM/SIGINT.
+pub async fn run(args: TrackerArgs) -> anyhow::Result<()> {
+    // Checked before binding: a tracker agents cannot verify, or that
+    // cannot verify them, would answer nobody.
+    let pki = args.cluster.load("damselfly tracker", Role::Tracker)?;
+    let tls = tls::server_config(&pki).context("cluster certificates")?;
+    let cfg = Config {
+        heartbeat: args.heartbeat,
+        limits: Limits::with_max_bytes(args.max_state),
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        heartbeat = ?cfg.heartbeat,
+        max_state = cfg.limits.max_bytes,
+        max_connections = cfg.max_connections,
+        memory_bound = cfg.memory_bound(10 << 20),
+        "tracker listening (TLS)"
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+    };
+    serve(listener, tls, cfg, shutdown).await?;
+    Ok(())
 }
 
 #[cfg(test)]

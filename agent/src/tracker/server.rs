@@ -175,46 +175,6 @@ pub async fn serve(
     result
 }
 
-/// `damselfly tracker`: check the cluster PKI, bind, serve, stop on
-/// SIGTERM/SIGINT.
-pub async fn run(args: crate::cli::tracker::TrackerArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    use tokio::signal::unix::{SignalKind, signal};
-    // Checked before binding: a tracker agents cannot verify, or that
-    // cannot verify them, would answer nobody.
-    let pki = args
-        .cluster
-        .load("damselfly tracker", crate::pki::Role::Tracker)?;
-    let tls = super::tls::server_config(&pki).context("cluster certificates")?;
-    let cfg = Config {
-        heartbeat: args.heartbeat,
-        limits: Limits::with_max_bytes(args.max_state),
-        max_connections: args.max_connections,
-        max_in_flight: args.max_in_flight,
-    };
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding --listen {}", args.listen))?;
-    info!(
-        addr = %listener.local_addr()?,
-        heartbeat = ?cfg.heartbeat,
-        max_state = cfg.limits.max_bytes,
-        max_connections = cfg.max_connections,
-        memory_bound = cfg.memory_bound(10 << 20),
-        "tracker listening (TLS)"
-    );
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
-        }
-    };
-    serve(listener, tls, cfg, shutdown).await?;
-    Ok(())
-}
-
 /// At most `permits` requests at once, each holding its slot until its
 /// answer's body is done (sent, or dropped with its connection): a request
 /// past the limit is refused at once rather than queued, so neither decoded
