@@ -11,9 +11,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{
-        Admin, SwarmParts, TlsAcceptor, fetch::Fetcher, metrics::Metrics, recent::RecentErrors,
-    },
+    admin::{Admin, SwarmParts, TlsAcceptor, fetch::Fetcher},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
@@ -27,6 +25,7 @@ use crate::{
         rate::RateLimiter,
         sched::Config as SchedConfig,
     },
+    telemetry::{metrics::Metrics, recent::RecentErrors},
     tracker::{PeerInfo, TrackerClient},
     upstream::Upstream,
 };

@@ -12,6 +12,7 @@ pub mod registry;
 pub mod steer;
 pub mod store;
 pub mod swarm;
+pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 pub mod tracker;

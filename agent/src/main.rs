@@ -1,7 +1,7 @@
 use clap::Parser;
 use damselfly::{
-    admin::trace::{Identity, Telemetry},
     cli::{Cli, Command, status},
+    telemetry::trace::{Identity, Telemetry},
 };
 
 #[tokio::main]

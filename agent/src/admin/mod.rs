@@ -9,11 +9,7 @@
 //! same port, told apart by its first byte, when the agent has a cluster PKI.
 
 pub mod fetch;
-pub mod metrics;
-pub mod recent;
-pub mod stamp;
 pub mod status;
-pub mod trace;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -28,10 +24,14 @@ use tokio::{
 pub use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
-use crate::{intercept::trust::ClientTrust, steer::Steering, store::Store, upstream::Body};
+use crate::{
+    intercept::trust::ClientTrust,
+    steer::Steering,
+    store::Store,
+    telemetry::{metrics::Metrics, recent::RecentErrors},
+    upstream::Body,
+};
 use fetch::Fetcher;
-use metrics::Metrics;
-use recent::RecentErrors;
 pub use status::{Status, SwarmParts};
 
 pub struct Admin {

@@ -8,7 +8,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Admin, metrics::InterceptTotals, recent::LogEvent, stamp::Stamp};
+use super::Admin;
+use crate::telemetry::{metrics::InterceptTotals, recent::LogEvent, stamp::Stamp};
 use crate::{
     intercept::trust::{Refusal, TrustVerdict},
     steer::{AttachedProgram, PortCounters, Rules},

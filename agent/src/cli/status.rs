@@ -11,8 +11,9 @@ use tokio::net::TcpStream;
 
 use super::size::format_size;
 use crate::{
-    admin::{Status, stamp::Stamp, status::PEERS_RECENT},
+    admin::{Status, status::PEERS_RECENT},
     intercept::trust::{TrustVerdict, Verdict},
+    telemetry::stamp::Stamp,
 };
 
 pub async fn fetch(admin: SocketAddr) -> anyhow::Result<Status> {
@@ -315,13 +316,10 @@ fn table<const N: usize>(out: &mut String, head: [&str; N], rows: &[[String; N]]
 mod tests {
     use super::*;
     use crate::{
-        admin::{
-            metrics::InterceptTotals,
-            recent::LogEvent,
-            status::{CacheStatus, PeerStatus, ReplicaStatus},
-        },
+        admin::status::{CacheStatus, PeerStatus, ReplicaStatus},
         intercept::trust::Refusal,
         steer::{AttachedProgram, PortCounters, Rules},
+        telemetry::{metrics::InterceptTotals, recent::LogEvent},
     };
 
     fn at(s: &str) -> Stamp {

@@ -22,9 +22,9 @@ use tokio::{
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::{
-    admin::metrics::Metrics,
     registry::{RegistryHosts, hosts, proxy::OriginRef, service::RegistryService},
     steer::{Client, Steering},
+    telemetry::metrics::Metrics,
 };
 use drain::Drain;
 use peek::{PEEK_LIMIT, Peek};

@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, Span, debug, field, info, info_span, instrument, warn};
 
 use crate::{
-    admin::{metrics::Metrics, trace::SourceBytes},
     registry::{
         authz::{AuthzCache, Subject, Verdict},
         proxy::{self, OriginRef},
@@ -35,6 +34,7 @@ use crate::{
         progress::Progress,
         rate::RateLimiter,
     },
+    telemetry::{metrics::Metrics, trace::SourceBytes},
     upstream::{Body, BoxError, Upstream},
 };
 

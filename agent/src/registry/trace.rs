@@ -24,8 +24,8 @@ use tracing::{Span, field, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
-    admin::trace::SourceBytes,
     registry::proxy::OriginRef,
+    telemetry::trace::SourceBytes,
     upstream::{Body, BoxError},
 };
 

@@ -23,13 +23,13 @@ use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::{
-    admin::{metrics::Metrics, trace::SourceBytes},
     store::{BlobWriter, Digest, bitmap::Bitmap},
     swarm::{
         peer::PeerClient,
         progress::Progress,
         sched::{Action, Config, PeerId, Scheduler, Source},
     },
+    telemetry::{metrics::Metrics, trace::SourceBytes},
     upstream::BoxError,
 };
 

@@ -571,11 +571,11 @@ async fn upload_rate_limit_bounds_throughput() {
 #[tokio::test]
 async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
     use crate::{
-        admin::metrics::Metrics,
         swarm::{
             fetch::{Fetch, Holders, RangeFetcher},
             sched::Config,
         },
+        telemetry::metrics::Metrics,
     };
     let ca = Ca::new("cluster");
     let real = blob(3 * PS as usize + 100, 1);
