@@ -39,6 +39,25 @@ impl Drop for TempDir {
     }
 }
 
+/// Writes at `script` a stand-in for Debian's update-ca-certificates on the
+/// host root `root`: it bundles the local CAs into
+/// `etc/ssl/certs/ca-certificates.crt` as the real one does, since `ca
+/// install` checks that the bundle holds the CA. For `--update-command`.
+pub fn stand_in_update_ca_certificates(root: &Path, script: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let r = root.display();
+    fs::write(
+        script,
+        format!(
+            "#!/bin/sh\nmkdir -p {r}/etc/ssl/certs\n\
+             cat /dev/null {r}/usr/local/share/ca-certificates/*.crt \
+             > {r}/etc/ssl/certs/ca-certificates.crt 2>/dev/null\nexit 0\n"
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(script, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 /// A throwaway cluster CA issuing certificates the way the chart does, for
 /// tests of everything that speaks the cluster's TLS.
 pub struct TestCa {

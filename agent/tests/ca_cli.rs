@@ -9,7 +9,11 @@ use std::{
     process::{Command, Output},
 };
 
-use damselfly::{ca::NodeCa, registry::RegistryHosts, testing::TempDir};
+use damselfly::{
+    ca::NodeCa,
+    registry::RegistryHosts,
+    testing::{TempDir, stand_in_update_ca_certificates},
+};
 
 /// A host root that looks like Debian running containerd, with a stand-in
 /// for update-ca-certificates that builds the bundle as the real one does
@@ -21,17 +25,7 @@ fn debian_root() -> TempDir {
     fs::write(root.join("etc/systemd/system/containerd.service"), "").unwrap();
     let update = root.join(UPDATE);
     fs::create_dir_all(update.parent().unwrap()).unwrap();
-    let r = root.0.display();
-    fs::write(
-        &update,
-        format!(
-            "#!/bin/sh\nmkdir -p {r}/etc/ssl/certs\n\
-             cat /dev/null {r}/usr/local/share/ca-certificates/*.crt \
-             > {r}/etc/ssl/certs/ca-certificates.crt 2>/dev/null\nexit 0\n"
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&update, fs::Permissions::from_mode(0o755)).unwrap();
+    stand_in_update_ca_certificates(&root.0, &update);
     root
 }
 

@@ -568,14 +568,7 @@ mod tests {
                 std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             };
-            let r = root.display();
-            script(
-                "update",
-                &format!(
-                    "mkdir -p {r}/etc/ssl/certs && cat /dev/null {r}/usr/local/share/ca-certificates/*.crt \
-                     > {r}/etc/ssl/certs/ca-certificates.crt 2>/dev/null; true"
-                ),
-            );
+            crate::testing::stand_in_update_ca_certificates(&root, &dir.join("update"));
             let log = dir.join("restarts");
             script("restart-ok", &format!("echo \"$1\" >> {}", log.display()));
             script(
