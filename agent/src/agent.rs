@@ -308,31 +308,7 @@ fn start_swarm(
     let swarm = Arc::new(Swarm {
         tracker,
         peers: peers.clone(),
-        // Origin bytes are what the swarm saves: go there only when the
-        // client is waiting on a piece, or the origin is much faster.
-        config: SchedConfig {
-            // Per-request rates understate a peer serving several pieces at
-            // once, so speed alone never sends a piece a peer can give to the origin.
-            origin_margin: f64::INFINITY,
-            busy_window: Some(0),
-            rescue_factor: 4,
-            rescue_floor: Duration::from_secs(10),
-            // A peer serving many nodes at once answers each request slowly
-            // but surely; a dead one shows as a connection error long before
-            // these run out. Timing out a slow request would send its piece
-            // to the origin.
-            min_timeout: Duration::from_secs(30),
-            initial_timeout: Duration::from_secs(60),
-            // Nodes pulling together wait for the one fetching from the
-            // origin while its pieces keep coming.
-            // Seeds too: a seed the tracker names no holder to is the one
-            // that fetches from the origin (the join decides that); one that
-            // finds another node already fetching waits for its pieces like
-            // anyone, or several seeds preheating together would each take
-            // the image from the origin.
-            patience: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
+        config: SchedConfig::production(),
         piece_size: store.piece_size(),
     });
     let counted = peers.clone();

@@ -605,7 +605,7 @@ async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
         peers: Arc::new(client(&ca.tls(&ca, "victim"))),
         origin,
         metrics: Arc::new(Metrics::new()),
-        config: Config::default(),
+        config: Config::eager(),
         refresh: None,
         progress: None,
         bytes: Default::default(),
