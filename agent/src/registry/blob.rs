@@ -30,7 +30,7 @@ use crate::{
     store::{BlobReader, BlobWriter, Digest, Store},
     swarm::{
         Swarm,
-        fetch::{Fetch, Holders, RangeFetcher, on_writer},
+        driver::{Driver, Holders, RangeFetcher, on_writer},
         progress::Progress,
         rate::RateLimiter,
     },
@@ -660,7 +660,7 @@ impl Blobs {
                 origin_range(&upstream, &origin, &path, headers, &rate, start, end).await
             })
         });
-        let job = Fetch {
+        let job = Driver {
             digest,
             peers: swarm.peers.clone(),
             origin: range,

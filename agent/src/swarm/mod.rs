@@ -1,7 +1,8 @@
 //! Fetching a blob's pieces from peers and the origin. The decisions live in
 //! the pure [`sched`] state machine; the IO around it stays thin.
 
-pub mod fetch;
+pub mod driver;
+pub mod in_order;
 pub mod peer;
 pub mod progress;
 pub mod rate;
@@ -34,7 +35,7 @@ impl Swarm {
     /// disagree with the origin. Either way the tracker now counts us as
     /// fetching it, so of nodes asking together only the first hears `None`.
     #[instrument(name = "swarm.join", skip_all, fields(peers = 0, hashes = field::Empty))]
-    pub async fn join(&self, digest: &Digest, size: u64) -> Option<fetch::Holders> {
+    pub async fn join(&self, digest: &Digest, size: u64) -> Option<driver::Holders> {
         let join = Some((size, self.piece_size));
         let holders = self.find(digest, size, join).await?;
         let known = holders.hashes.iter().filter(|h| h.is_some()).count();
@@ -45,7 +46,7 @@ impl Swarm {
     }
 
     /// A fresh look at who holds what, for a fetch in progress.
-    pub fn refresher(self: &Arc<Self>, digest: Digest, size: u64) -> fetch::Refresh {
+    pub fn refresher(self: &Arc<Self>, digest: Digest, size: u64) -> driver::Refresh {
         let this = self.clone();
         Arc::new(move || {
             let this = this.clone();
@@ -58,7 +59,7 @@ impl Swarm {
         digest: &Digest,
         size: u64,
         join: Option<(u64, u64)>,
-    ) -> Option<fetch::Holders> {
+    ) -> Option<driver::Holders> {
         let ask = self.tracker.find_and_join(digest, join);
         let found = match tokio::time::timeout(FIND_TIMEOUT, ask).await {
             Ok(Ok(f)) => f,
@@ -82,7 +83,7 @@ impl Swarm {
         if peers.is_empty() {
             return None;
         }
-        Some(fetch::Holders {
+        Some(driver::Holders {
             peers,
             hashes: found.hashes,
         })

@@ -572,7 +572,7 @@ async fn upload_rate_limit_bounds_throughput() {
 async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
     use crate::{
         swarm::{
-            fetch::{Fetch, Holders, RangeFetcher},
+            driver::{Driver, Holders, RangeFetcher},
             sched::Config,
         },
         telemetry::metrics::Metrics,
@@ -600,7 +600,7 @@ async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
         let b = origin_bytes.slice(start as usize..end as usize);
         Box::pin(async move { Ok(b) })
     });
-    let job = Fetch {
+    let job = Driver {
         digest,
         peers: Arc::new(client(&ca.tls(&ca, "victim"))),
         origin,
