@@ -15,19 +15,20 @@ use crate::{
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
     intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
+    origin::OriginClient,
+    origin::RegistryHosts,
     pki::{ClusterPki, Role},
-    registry::{RegistryHosts, blob::Blobs, service::RegistryService},
+    registry::{blob::Blobs, service::RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
     swarm::{
         Swarm,
         peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig},
-        rate::RateLimiter,
         sched::Config as SchedConfig,
     },
     telemetry::{metrics::Metrics, recent::RecentErrors},
     tracker::{PeerInfo, TrackerClient},
-    upstream::Upstream,
+    vocab::RateLimiter,
 };
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -56,7 +57,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding --admin {}", args.admin))?;
     let mut metrics = Metrics::new();
     if let Some((steering, _)) = &steered {
-        metrics.attach_steering(steering);
+        let steering = Arc::downgrade(steering);
+        metrics.attach_port_counters(move || {
+            steering.upgrade().map(|s| s.counters()).unwrap_or_default()
+        });
     }
 
     let parts = if args.splice_only {
@@ -188,7 +192,7 @@ async fn attach(args: &AgentArgs) -> anyhow::Result<(Arc<Steering>, Vec<TcpListe
 struct GatewayParts {
     hosts: RegistryHosts,
     tls: rustls::ServerConfig,
-    upstream: Upstream,
+    upstream: OriginClient,
     store: Option<Store>,
     swarm: Option<Arc<Swarm>>,
     peer_server: Option<Arc<PeerServer>>,
@@ -214,7 +218,7 @@ impl GatewayParts {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(ca.resolver()));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let upstream = Upstream::new(args.upstream_ca.as_deref())?;
+        let upstream = OriginClient::new(args.upstream_ca.as_deref())?;
         // A cache that cannot open costs speed, never a pull: blobs stream through.
         let store = match Store::open(&args.state_dir, args.cache_size, args.piece_size) {
             Ok(s) => {

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cli;
 pub mod intercept;
 pub mod oci;
+pub mod origin;
 pub mod pki;
 pub mod registry;
 pub mod steer;
@@ -16,4 +17,4 @@ pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 pub mod tracker;
-pub mod upstream;
+pub mod vocab;

@@ -11,7 +11,7 @@ use std::{
 
 use damselfly::{
     ca::NodeCa,
-    registry::RegistryHosts,
+    origin::RegistryHosts,
     testing::{TempDir, stand_in_update_ca_certificates},
 };
 

@@ -8,9 +8,9 @@ use std::{
 };
 
 use damselfly::{
-    store::Digest,
     testing::TestCa,
     tracker::{FindResult, PeerInfo, TrackerClient, rendezvous, server, tls},
+    vocab::Digest,
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 

@@ -12,9 +12,9 @@ use std::{
 
 use damselfly::{
     pki::{ClusterPki, PEER_SERVER_NAME},
-    store::{Digest, bitmap::Bitmap},
     testing::{TempDir, TestCa},
     tracker::{Limits, server, tls},
+    vocab::{Bitmap, Digest},
 };
 use damselfly_proto::tracker::{self as pb, tracker_client::TrackerClient};
 use tonic::{Code, transport::Channel};

@@ -15,7 +15,7 @@ use std::{
 
 use arbitrary::Arbitrary;
 use damselfly::{
-    store::Digest,
+    vocab::Digest,
     tracker::state::{Announce, Caller, DEFAULT_MAX_PEERS, PeerInfo, State},
 };
 use libfuzzer_sys::fuzz_target;

@@ -13,8 +13,9 @@ use hyper::{
 
 use crate::{
     oci::{BlobUrl, percent_encode, query_param},
-    registry::{RegistryHosts, proxy::error_response, service::RegistryService},
-    upstream::Body,
+    origin::Body,
+    origin::RegistryHosts,
+    registry::{proxy::error_response, service::RegistryService},
 };
 
 pub const PATH: &str = "/v1/fetch";

@@ -26,10 +26,10 @@ use tracing::warn;
 
 use crate::{
     intercept::trust::ClientTrust,
+    origin::Body,
     steer::Steering,
     store::Store,
     telemetry::{metrics::Metrics, recent::RecentErrors},
-    upstream::Body,
 };
 use fetch::Fetcher;
 pub use status::{Status, SwarmParts};

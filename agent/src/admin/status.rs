@@ -12,9 +12,10 @@ use super::Admin;
 use crate::telemetry::{metrics::InterceptTotals, recent::LogEvent, stamp::Stamp};
 use crate::{
     intercept::trust::{Refusal, TrustVerdict},
-    steer::{AttachedProgram, PortCounters, Rules},
+    steer::{AttachedProgram, Rules},
     swarm::{Swarm, peer::PeerServer},
     tracker::ReplicaHealth,
+    vocab::PortCounters,
 };
 
 /// A peer that answered within this long counts as recently seen.

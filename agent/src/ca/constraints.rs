@@ -72,7 +72,7 @@ fn is_below(name: &str, parent: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::RegistryHosts;
+    use crate::origin::RegistryHosts;
 
     #[test]
     fn wildcards_widen_to_the_part_after_the_last_star() {

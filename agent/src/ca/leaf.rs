@@ -15,7 +15,7 @@ use rustls::{
 use time::{Duration, OffsetDateTime};
 
 use super::{Issuer, Watch};
-use crate::registry::RegistryHosts;
+use crate::origin::RegistryHosts;
 
 /// What "now" is; replaceable so tests can walk a leaf towards expiry.
 pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;

@@ -94,7 +94,7 @@ use time::{Duration, OffsetDateTime};
 pub use constraints::{Unconstrainable, permitted_dns_subtrees};
 pub use leaf::{LeafPolicy, LeafResolver};
 
-use crate::registry::RegistryHosts;
+use crate::origin::RegistryHosts;
 
 /// The node CA's subject is `O=Damselfly, CN=Damselfly node CA <key tag>`:
 /// what tells it apart from other CAs in a directory it shares with them.

@@ -900,7 +900,7 @@ mod tests {
     }
 
     fn node_ca_pem(state: &Path) -> String {
-        let registries = crate::registry::RegistryHosts::new(&[]).unwrap();
+        let registries = crate::origin::RegistryHosts::new(&[]).unwrap();
         crate::ca::NodeCa::load_or_create(state, &registries)
             .unwrap()
             .cert_pem()

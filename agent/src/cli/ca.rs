@@ -22,7 +22,7 @@ use crate::{
         runtime::{RUNTIME_UNITS, RuntimeUnit, Systemd},
         trust::{CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
     },
-    registry::RegistryHosts,
+    origin::RegistryHosts,
 };
 
 #[derive(Debug, Args)]

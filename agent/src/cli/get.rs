@@ -23,8 +23,8 @@ use crate::{
         client::Platforms,
         manifest::{Descriptor, OCI_INDEX, Platform, REF_NAME},
     },
-    registry::proxy::OriginRef,
-    store::Digest,
+    origin::OriginRef,
+    vocab::Digest,
 };
 
 /// Blobs downloaded at once.

@@ -23,8 +23,8 @@ use crate::{
         client::{Platforms, RegistryClient},
         manifest::{Descriptor, Platform},
     },
+    origin::OriginClient,
     swarm::peer::PeerTls,
-    upstream::Upstream,
 };
 
 #[derive(Debug, Args)]
@@ -87,7 +87,7 @@ pub async fn run(args: PreheatArgs) -> anyhow::Result<()> {
             .load("an https:// --seed", crate::pki::Role::Peer)?;
         let tls = PeerTls::new(&pki)?.tls_client(b"http/1.1")?;
         Arc::new(RegistryClient::new(
-            Upstream::with_tls(tls),
+            OriginClient::with_tls(tls),
             args.registry.credential(&reference.registry)?,
         ))
     } else {

@@ -318,8 +318,9 @@ mod tests {
     use crate::{
         admin::status::{CacheStatus, PeerStatus, ReplicaStatus},
         intercept::trust::Refusal,
-        steer::{AttachedProgram, PortCounters, Rules},
+        steer::{AttachedProgram, Rules},
         telemetry::{metrics::InterceptTotals, recent::LogEvent},
+        vocab::PortCounters,
     };
 
     fn at(s: &str) -> Stamp {

@@ -21,7 +21,7 @@ use crate::{
         auth::Credential,
         client::{ClientError, RegistryClient, error_message},
     },
-    upstream::{Upstream, UpstreamError},
+    origin::{OriginClient, OriginError},
 };
 
 #[derive(Debug, Clone, Args)]
@@ -62,7 +62,7 @@ impl RegistryArgs {
     }
 
     pub fn client(&self, registry: &str) -> anyhow::Result<Arc<RegistryClient>> {
-        let upstream = Upstream::new(self.upstream_ca.as_deref()).context("registry client")?;
+        let upstream = OriginClient::new(self.upstream_ca.as_deref()).context("registry client")?;
         Ok(Arc::new(RegistryClient::new(
             upstream,
             self.credential(registry)?,
@@ -102,7 +102,7 @@ impl AgentFetch {
             Err(ClientError::Unreachable { source, .. }) => {
                 // The upstream client's own wording speaks of "the origin"; here it is the agent.
                 let cause = match source {
-                    UpstreamError::Request(e) => anyhow::Error::new(e),
+                    OriginError::Request(e) => anyhow::Error::new(e),
                     other => anyhow::Error::new(other),
                 };
                 return Err(cause.context(format!(
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn agent_addresses_without_a_scheme_are_http() {
-        let c = Arc::new(RegistryClient::new(Upstream::new(None).unwrap(), None));
+        let c = Arc::new(RegistryClient::new(OriginClient::new(None).unwrap(), None));
         assert_eq!(
             AgentFetch::new("127.0.0.1:7402/", c.clone()).base,
             "http://127.0.0.1:7402"

@@ -22,7 +22,8 @@ use tokio::{
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::{
-    registry::{RegistryHosts, hosts, proxy::OriginRef, service::RegistryService},
+    origin::{OriginRef, RegistryHosts, hosts},
+    registry::service::RegistryService,
     steer::{Client, Steering},
     telemetry::metrics::Metrics,
 };

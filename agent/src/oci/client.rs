@@ -21,9 +21,9 @@ use crate::{
         percent_encode,
         reference::Reference,
     },
-    registry::proxy::OriginRef,
-    store::Digest,
-    upstream::{Upstream, UpstreamError},
+    origin::OriginRef,
+    origin::{OriginClient, OriginError},
+    vocab::Digest,
 };
 
 /// Manifests are small; anything bigger is not one.
@@ -49,7 +49,7 @@ pub enum ClientError {
     Unreachable {
         what: String,
         #[source]
-        source: UpstreamError,
+        source: OriginError,
     },
     #[error("token endpoint {realm}: {message}")]
     Token { realm: String, message: String },
@@ -135,14 +135,14 @@ pub enum Platforms {
 }
 
 pub struct RegistryClient {
-    upstream: Upstream,
+    upstream: OriginClient,
     credential: Option<Credential>,
     /// The `Authorization` that worked last: Basic, or a Bearer token.
     auth: Mutex<Option<HeaderValue>>,
 }
 
 impl RegistryClient {
-    pub fn new(upstream: Upstream, credential: Option<Credential>) -> Self {
+    pub fn new(upstream: OriginClient, credential: Option<Credential>) -> Self {
         let auth = credential
             .as_ref()
             .and_then(|c| HeaderValue::from_str(&c.basic()).ok());

@@ -23,7 +23,7 @@ use super::{
     percent_decode, percent_encode, query_param,
     reference::Reference,
 };
-use crate::upstream::Upstream;
+use crate::origin::OriginClient;
 
 const TOKEN: &str = "tok-123";
 
@@ -120,7 +120,7 @@ fn answer(addr: SocketAddr, tokens: &AtomicUsize, req: Request<Incoming>) -> Res
         return reply(401, &[("www-authenticate", challenge)], unauthorized.into());
     }
     let image = manifest_json();
-    let image_digest = crate::store::Digest::of(image.as_bytes()).to_string();
+    let image_digest = crate::vocab::Digest::of(image.as_bytes()).to_string();
     match path.as_str() {
         "/v2/team/app/manifests/v1" => reply(200, &[("content-type", OCI_MANIFEST.into())], image),
         "/v2/team/app/manifests/multi" => reply(
@@ -141,7 +141,7 @@ fn answer(addr: SocketAddr, tokens: &AtomicUsize, req: Request<Incoming>) -> Res
 
 fn client(creds: Option<&str>) -> RegistryClient {
     RegistryClient::new(
-        Upstream::new(None).unwrap(),
+        OriginClient::new(None).unwrap(),
         creds.map(|c| Credential::parse(c).unwrap()),
     )
 }

@@ -21,21 +21,22 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, Span, debug, field, info, info_span, instrument, warn};
 
 use crate::{
+    origin::{Body, BoxError, OriginClient, OriginRef},
     registry::{
         authz::{AuthzCache, Subject, Verdict},
-        proxy::{self, OriginRef},
+        proxy,
         range::{self, ByteRange},
         trace::BlobTrace,
     },
-    store::{BlobReader, BlobWriter, Digest, Store},
+    store::{BlobReader, BlobWriter, Store},
     swarm::{
         Swarm,
         driver::{Driver, Holders, RangeFetcher, on_writer},
         progress::Progress,
-        rate::RateLimiter,
     },
     telemetry::{metrics::Metrics, trace::SourceBytes},
-    upstream::{Body, BoxError, Upstream},
+    vocab::Digest,
+    vocab::RateLimiter,
 };
 
 /// Chunks in flight between a producer and a client connection.
@@ -44,7 +45,7 @@ const CHANNEL_DEPTH: usize = 8;
 const HIT_SLICE: usize = 256 * 1024;
 
 pub struct Blobs {
-    pub upstream: Upstream,
+    pub upstream: OriginClient,
     pub store: Option<Store>,
     pub metrics: Arc<Metrics>,
     /// Peers to fetch from; `None` without a tracker.
@@ -91,7 +92,7 @@ pub struct Served {
 
 impl Blobs {
     pub fn new(
-        upstream: Upstream,
+        upstream: OriginClient,
         store: Option<Store>,
         metrics: Arc<Metrics>,
         swarm: Option<Arc<Swarm>>,
@@ -263,7 +264,7 @@ impl Blobs {
     /// Ask the origin (HEAD, the client's own headers) whether it would
     /// serve this client this blob, following redirects as the client's HTTP
     /// library would (credentials stay on the registry's host: see
-    /// [`crate::upstream::carries_credentials`]); only a final 2xx is a yes.
+    /// [`crate::origin::carries_credentials`]); only a final 2xx is a yes.
     /// A yes is remembered for a minute (see [`AuthzCache`]).
     #[instrument(name = "authz", skip_all, fields(cached = false, result = field::Empty, status = field::Empty, redirects = field::Empty))]
     async fn authorize(
@@ -384,7 +385,7 @@ impl Blobs {
         };
         let head = req.method() == Method::HEAD;
         let body = if head {
-            crate::upstream::empty()
+            crate::origin::empty()
         } else {
             let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
             let ctx = Continuation {
@@ -537,7 +538,7 @@ impl Blobs {
         }
         let resp = origin
             .upstream(&self.upstream)
-            .send(req.body(crate::upstream::empty()).ok()?)
+            .send(req.body(crate::origin::empty()).ok()?)
             .await
             .ok()?;
         let size = resp
@@ -564,7 +565,7 @@ impl Blobs {
         path: &str,
         headers: &HeaderMap,
         from: Option<u64>,
-    ) -> Result<Response<Incoming>, crate::upstream::UpstreamError> {
+    ) -> Result<Response<Incoming>, crate::origin::OriginError> {
         let mut headers = headers.clone();
         if let Some(off) = from {
             headers.insert(header::RANGE, hv(format!("bytes={off}-")));
@@ -897,7 +898,7 @@ impl Download {
 
 /// What serving the rest of a hit from the origin takes, should a piece be corrupt.
 struct Continuation {
-    upstream: Upstream,
+    upstream: OriginClient,
     rate: Arc<RateLimiter>,
     store: Option<Store>,
     metrics: Arc<Metrics>,
@@ -1015,7 +1016,7 @@ async fn stream_hit(
 /// Bytes `[start, end)` of a blob from the origin, with the client's credential.
 #[instrument(name = "origin.range", skip_all, fields(start, end, status = field::Empty))]
 async fn origin_range(
-    upstream: &Upstream,
+    upstream: &OriginClient,
     origin: &OriginRef,
     path: &str,
     mut headers: HeaderMap,
@@ -1133,7 +1134,7 @@ mod tests {
 
     fn blobs(pki: &Pki) -> Blobs {
         Blobs::new(
-            Upstream::with_roots(pki.roots()),
+            OriginClient::with_roots(pki.roots()),
             None,
             Arc::new(Metrics::new()),
             None,

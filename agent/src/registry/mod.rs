@@ -3,11 +3,8 @@
 
 pub mod authz;
 pub mod blob;
-pub mod hosts;
 pub mod proxy;
 pub mod range;
 pub mod route;
 pub mod service;
 pub mod trace;
-
-pub use hosts::RegistryHosts;

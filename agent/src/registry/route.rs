@@ -4,6 +4,8 @@
 
 use hyper::Method;
 
+use crate::oci::reference::valid_repo;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     Blob {
@@ -41,48 +43,6 @@ pub fn route(method: &Method, path: &str) -> Route {
         hex: hex.to_string(),
         head,
     }
-}
-
-/// The distribution spec's repository name grammar: path components of
-/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*` joined by `/`.
-pub(crate) fn valid_repo(repo: &str) -> bool {
-    !repo.is_empty() && repo.len() <= 255 && repo.split('/').all(valid_component)
-}
-
-fn valid_component(c: &str) -> bool {
-    let b = c.as_bytes();
-    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
-    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return false;
-    }
-    let mut i = 0;
-    while i < b.len() {
-        if alnum(b[i]) {
-            i += 1;
-            continue;
-        }
-        // A separator run: ".", "_", "__" or "-+", followed by an alnum.
-        let start = i;
-        match b[i] {
-            b'.' => i += 1,
-            b'_' => {
-                i += 1;
-                if i < b.len() && b[i] == b'_' {
-                    i += 1;
-                }
-            }
-            b'-' => {
-                while i < b.len() && b[i] == b'-' {
-                    i += 1;
-                }
-            }
-            _ => return false,
-        }
-        if i == start || i >= b.len() || !alnum(b[i]) {
-            return false;
-        }
-    }
-    true
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@ use hyper::{Request, Response, body::Incoming};
 use tracing::{Instrument, field, info_span};
 
 use crate::{
+    origin::{Body, OriginRef},
     registry::{
         blob::Blobs,
-        proxy::{self, OriginRef},
+        proxy,
         route::{Route, route},
     },
-    upstream::Body,
 };
 
 pub struct RegistryService {
@@ -17,7 +17,7 @@ pub struct RegistryService {
 }
 
 impl RegistryService {
-    pub fn upstream(&self) -> &crate::upstream::Upstream {
+    pub fn upstream(&self) -> &crate::origin::OriginClient {
         &self.blobs.upstream
     }
 

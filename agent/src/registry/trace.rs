@@ -24,9 +24,9 @@ use tracing::{Span, field, info_span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
-    registry::proxy::OriginRef,
+    origin::OriginRef,
+    origin::{Body, BoxError},
     telemetry::trace::SourceBytes,
-    upstream::{Body, BoxError},
 };
 
 tokio::task_local! {

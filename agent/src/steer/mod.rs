@@ -119,12 +119,7 @@ pub struct AttachedProgram {
     pub hook: String,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PortCounters {
-    pub port: u16,
-    pub steered: u64,
-    pub passed: u64,
-}
+use crate::vocab::PortCounters;
 
 /// The loaded, attached steering programs of one agent instance.
 pub struct Steering {

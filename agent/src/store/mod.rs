@@ -40,8 +40,6 @@
 //! survives restarts (approximately: touching it is best effort).
 
 pub mod accounting;
-pub mod bitmap;
-mod digest;
 pub mod layout;
 
 use std::{
@@ -60,11 +58,11 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
+use crate::vocab::Bitmap;
 use accounting::{Accounting, Refused};
-use bitmap::Bitmap;
 use layout::{HEADER_LEN, Header, SUM_LEN};
 
-pub use digest::{BadDigest, Digest};
+use crate::vocab::{BadDigest, Digest};
 
 /// Default piece size: what peers exchange and what a resume loses at most.
 pub const DEFAULT_PIECE_SIZE: u64 = 4 * 1024 * 1024;

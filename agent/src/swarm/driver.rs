@@ -29,7 +29,8 @@ use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::{
-    store::{BlobWriter, Digest, bitmap::Bitmap},
+    origin::BoxError,
+    store::BlobWriter,
     swarm::{
         in_order::{InOrder, Next},
         peer::PeerClient,
@@ -37,7 +38,7 @@ use crate::{
         sched::{Action, Config, PeerId, Scheduler, Source},
     },
     telemetry::{metrics::Metrics, trace::SourceBytes},
-    upstream::BoxError,
+    vocab::{Bitmap, Digest},
 };
 
 /// Fetches bytes `[start, end)` of the blob from the origin.

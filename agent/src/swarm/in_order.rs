@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::store::Digest;
+use crate::vocab::Digest;
 
 /// What the driver does next for the client.
 #[derive(Debug, PartialEq, Eq)]

@@ -5,7 +5,6 @@ pub mod driver;
 pub mod in_order;
 pub mod peer;
 pub mod progress;
-pub mod rate;
 pub mod sched;
 
 use std::{sync::Arc, time::Duration};
@@ -13,8 +12,9 @@ use std::{sync::Arc, time::Duration};
 use tracing::{Span, debug, field, info, instrument, warn};
 
 use crate::{
-    store::{BlobReader, Digest, bitmap::Bitmap},
+    store::BlobReader,
     tracker::TrackerClient,
+    vocab::{Bitmap, Digest},
 };
 
 /// How long a pull waits for the tracker before going to the origin alone.

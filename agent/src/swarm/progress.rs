@@ -14,8 +14,9 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::debug;
 
 use crate::{
-    store::{BlobReader, Digest, bitmap::Bitmap},
+    store::BlobReader,
     swarm::Swarm,
+    vocab::{Bitmap, Digest},
 };
 
 /// Longest a new piece waits to be announced.

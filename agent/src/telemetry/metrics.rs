@@ -1,7 +1,7 @@
 //! Prometheus metrics. The steering counters live in a kernel map and are read
 //! at scrape time; everything else is counted in process.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
@@ -10,7 +10,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::steer::Steering;
+use crate::vocab::PortCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ModeLabel {
@@ -183,10 +183,14 @@ impl Metrics {
             .inc();
     }
 
-    /// Read the kernel's per-port counters on every scrape.
-    pub fn attach_steering(&mut self, steering: &Arc<Steering>) {
+    /// Export the kernel's per-port connect counters, read by `read` on
+    /// every scrape (the wiring hands in the steering programs' map).
+    pub fn attach_port_counters(
+        &mut self,
+        read: impl Fn() -> Vec<PortCounters> + Send + Sync + 'static,
+    ) {
         self.registry
-            .register_collector(Box::new(SteerCollector(Arc::downgrade(steering))));
+            .register_collector(Box::new(SteerCollector(Box::new(read))));
     }
 
     pub fn intercept_connection(&self, mode: &'static str) {
@@ -258,7 +262,7 @@ impl Collector for GaugeCollector {
     }
 }
 
-struct SteerCollector(Weak<Steering>);
+struct SteerCollector(Box<dyn Fn() -> Vec<PortCounters> + Send + Sync>);
 
 impl std::fmt::Debug for SteerCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -268,10 +272,11 @@ impl std::fmt::Debug for SteerCollector {
 
 impl Collector for SteerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Some(steering) = self.0.upgrade() else {
+        let counters = (self.0)();
+        if counters.is_empty() {
+            // Nothing attached (any more): no family at all.
             return Ok(());
-        };
-        let counters = steering.counters();
+        }
         let mut family = encoder.encode_descriptor(
             "damselfly_steer_connects",
             "TCP connects to a steered port, by whether the kernel steered them to the agent",
@@ -294,6 +299,29 @@ impl Collector for SteerCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_counters_are_read_at_each_scrape_and_absent_when_detached() {
+        let mut m = Metrics::new();
+        let counters = Arc::new(std::sync::Mutex::new(vec![PortCounters {
+            port: 443,
+            steered: 3,
+            passed: 1,
+        }]));
+        let read = counters.clone();
+        m.attach_port_counters(move || read.lock().unwrap().clone());
+        let text = m.encode();
+        for line in [
+            "damselfly_steer_connects_total{port=\"443\",action=\"steered\"} 3",
+            "damselfly_steer_connects_total{port=\"443\",action=\"passed\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        counters.lock().unwrap()[0].steered = 5;
+        assert!(m.encode().contains("action=\"steered\"} 5"));
+        counters.lock().unwrap().clear();
+        assert!(!m.encode().contains("damselfly_steer_connects"));
+    }
 
     #[test]
     fn intercept_counters_are_exported_with_labels() {

@@ -32,10 +32,10 @@ use tonic::{
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::{
-    state::{Candidate, PeerInfo, PieceHash},
+    state::{Candidate, PeerInfo},
     tls::Connector,
 };
-use crate::store::Digest;
+use crate::vocab::{Digest, PieceHash};
 
 /// Connecting to a replica: long enough for a loaded LAN, short enough that a
 /// dead replica costs a pull about a second before it goes to the origin.

@@ -12,4 +12,4 @@ pub mod state;
 pub mod tls;
 
 pub use client::{FindResult, MetricsHook, ReplicaHealth, TrackerClient, TrackerError, rendezvous};
-pub use state::{Caller, Candidate, Limits, PeerInfo, PieceHash};
+pub use state::{Caller, Candidate, Limits, PeerInfo};

@@ -51,7 +51,7 @@ use super::{
     state::{Announce, Caller, Lease, Limits, PeerInfo, State, StateError, check_len},
     tls::{ConnInfo, incoming},
 };
-use crate::store::Digest;
+use crate::vocab::Digest;
 
 /// The interval peers are told to heartbeat at, unless configured otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -319,7 +319,7 @@ fn digest(s: &str) -> Result<Digest, Status> {
     // Checked first: a parse error would quote all of it back.
     check_len("digest", s, 71).map_err(status)?;
     s.parse()
-        .map_err(|e: crate::store::BadDigest| Status::invalid_argument(e.to_string()))
+        .map_err(|e: crate::vocab::BadDigest| Status::invalid_argument(e.to_string()))
 }
 
 /// Who sent `req`: set by the TLS listener on every request.

@@ -773,7 +773,7 @@ def test_workloads_run_on_linux_nodes(rendered):
 def test_registries_comment_lists_the_agents_built_in_registries():
     """values.yaml names the registries intercepted without configuration: the agent's
     DEFAULT_REGISTRIES, all of them, in its order, and no others."""
-    source = (ROOT / "agent/src/registry/hosts.rs").read_text()
+    source = (ROOT / "agent/src/origin/hosts.rs").read_text()
     block = re.search(r"DEFAULT_REGISTRIES: &\[&str\] = &\[(.*?)\];", source, re.S)
     built_in = re.findall(r'"([^"]+)"', block[1])
     assert "docker.io" in built_in

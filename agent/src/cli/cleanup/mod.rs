@@ -379,7 +379,7 @@ mod tests {
         let state = t.join("state");
         assert!(!NodeCa::in_use(&state).unwrap());
         assert!(!state.exists(), "looking created the state dir");
-        let registries = crate::registry::RegistryHosts::new(&[]).unwrap();
+        let registries = crate::origin::RegistryHosts::new(&[]).unwrap();
         let ca = NodeCa::load_or_create(&state, &registries).unwrap();
         assert!(NodeCa::in_use(&state).unwrap());
         // Bounded: an agent that never stops does not stop the cleanup.
@@ -410,7 +410,7 @@ mod tests {
         let (host, state, bpffs) = (t.join("host"), t.join("state"), t.join("bpffs"));
         std::fs::create_dir_all(host.join("etc")).unwrap();
         std::fs::write(host.join("etc/debian_version"), "12\n").unwrap();
-        let registries = crate::registry::RegistryHosts::new(&[]).unwrap();
+        let registries = crate::origin::RegistryHosts::new(&[]).unwrap();
         let pem = NodeCa::load_or_create(&state, &registries)
             .unwrap()
             .cert_pem()

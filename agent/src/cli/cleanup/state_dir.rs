@@ -375,7 +375,7 @@ mod tests {
     }
 
     fn populate(state: &Path) {
-        let registries = crate::registry::RegistryHosts::new(&[]).unwrap();
+        let registries = crate::origin::RegistryHosts::new(&[]).unwrap();
         drop(crate::ca::NodeCa::load_or_create(state, &registries).unwrap());
         fs::create_dir_all(state.join("blobs")).unwrap();
         fs::write(state.join("blobs").join(HEX), b"12345").unwrap();

@@ -16,7 +16,7 @@ use super::{
     BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PEER_SERVER_NAME, PeerError, PeerTls, transport,
     wire::{RESPONSE_HEAD_MAX, Request, ResponseHead},
 };
-use crate::{store::Digest, swarm::rate::RateLimiter};
+use crate::vocab::{Digest, RateLimiter};
 
 pub struct ClientConfig {
     /// Local UDP address, e.g. `0.0.0.0:0`.
@@ -25,7 +25,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
-    /// Downloads take tokens at [`crate::swarm::rate::Priority::High`]: they
+    /// Downloads take tokens at [`crate::vocab::rate::Priority::High`]: they
     /// serve this node's own pulls.
     pub rate: Option<Arc<RateLimiter>>,
     pub bytes_in: Option<BytesHook>,

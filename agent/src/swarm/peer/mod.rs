@@ -27,7 +27,10 @@ use bytes::Bytes;
 use quinn::{TransportConfig, VarInt};
 use sha2::{Digest as _, Sha256};
 
-use crate::store::{Digest, Store, StoreError};
+use crate::{
+    store::{Store, StoreError},
+    vocab::Digest,
+};
 
 pub use client::{ClientConfig, PeerClient, PeerCounts};
 pub use server::{CORRUPT_UPLOADS_ENV, PeerServer, ServerConfig};

@@ -34,7 +34,7 @@ use super::{
     transport,
     wire::{REQUEST_LEN, Request, ResponseHead},
 };
-use crate::{store::StoreError, swarm::rate::RateLimiter};
+use crate::{store::StoreError, vocab::RateLimiter};
 
 /// Set to `1` in an agent's environment to make it flip a byte in every piece
 /// it uploads: end-to-end tests use it to check that receivers catch, ban
@@ -72,7 +72,7 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
-    /// Uploads take tokens at [`crate::swarm::rate::Priority::Low`].
+    /// Uploads take tokens at [`crate::vocab::rate::Priority::Low`].
     pub rate: Option<Arc<RateLimiter>>,
     pub bytes_out: Option<BytesHook>,
     /// Test-only: flip a byte in every piece sent. See [`CORRUPT_UPLOADS_ENV`].

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::*;
 use crate::{
     pki::{ClusterFiles, ClusterPki, Role},
-    swarm::rate::RateLimiter,
+    vocab::RateLimiter,
 };
 
 const PS: u64 = 64 * 1024;
@@ -610,7 +610,7 @@ async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
         progress: None,
         bytes: Default::default(),
     };
-    let mut full = crate::store::bitmap::Bitmap::new(pieces(&real));
+    let mut full = crate::vocab::Bitmap::new(pieces(&real));
     for i in 0..pieces(&real) {
         full.set(i);
     }

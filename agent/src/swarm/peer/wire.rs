@@ -21,7 +21,7 @@
 //! both sides learn from the tracker; the receiver checks the length it
 //! expects before reading, and the piece's sha256 after.
 
-use crate::store::Digest;
+use crate::vocab::Digest;
 
 pub const MAGIC: u8 = 0xDF;
 pub const VERSION: u8 = 1;

@@ -101,7 +101,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::store::bitmap::{BadBitmap, Bitmap};
+use crate::vocab::{BadBitmap, Bitmap};
 
 /// A peer, as the driver numbers them; the scheduler attaches no meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -32,13 +32,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::store::{
-    Digest,
-    bitmap::{BadBitmap, Bitmap},
-};
-
-/// A sha256 of one piece; `None` where the announcer does not know it.
-pub type PieceHash = Option<[u8; 32]>;
+use crate::vocab::PieceHash;
+use crate::vocab::{BadBitmap, Bitmap, Digest};
 
 /// Answers at most this many peers unless asked for fewer: more candidates
 /// than a scheduler can use only cost bandwidth.

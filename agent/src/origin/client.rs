@@ -5,7 +5,7 @@
 //! can name itself `ctr` and send any `Host` or SNI to any address:
 //!
 //! - A steered connection's requests go to its own original destination, on
-//!   a client of its own ([`Upstream::pinned`]): what one connection says
+//!   a client of its own ([`OriginClient::pinned`]): what one connection says
 //!   never decides where another's requests, or the agent's, go.
 //! - The agent's own requests (`/v1/fetch`, preheat) go where the node's
 //!   resolver says, or over TLS to an address a steered client was going to
@@ -52,7 +52,7 @@ const CREDENTIAL_HEADERS: [header::HeaderName; 3] = [
 ];
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub enum OriginError {
     #[error("reading --upstream-ca {path}: {source}")]
     Ca { path: String, source: io::Error },
     #[error("no usable root certificates (system store empty and no --upstream-ca)")]
@@ -128,7 +128,7 @@ impl tower_service::Service<Name> for Resolver {
 type HttpClient = Client<HttpsConnector<HttpConnector<Resolver>>, Body>;
 
 #[derive(Clone)]
-pub struct Upstream {
+pub struct OriginClient {
     /// https requests.
     tls: HttpClient,
     /// Plain http requests (the same client as `tls` when pinned).
@@ -140,15 +140,15 @@ pub struct Upstream {
     pin: Option<(Arc<str>, IpAddr)>,
 }
 
-impl Upstream {
-    pub fn new(extra_ca: Option<&Path>) -> Result<Self, UpstreamError> {
+impl OriginClient {
+    pub fn new(extra_ca: Option<&Path>) -> Result<Self, OriginError> {
         let mut roots = rustls::RootCertStore::empty();
         // Honours SSL_CERT_FILE / SSL_CERT_DIR like the runtimes do.
         for cert in rustls_native_certs::load_native_certs().certs {
             let _ = roots.add(cert);
         }
         if let Some(path) = extra_ca {
-            let ca_err = |source| UpstreamError::Ca {
+            let ca_err = |source| OriginError::Ca {
                 path: path.display().to_string(),
                 source,
             };
@@ -160,7 +160,7 @@ impl Upstream {
             }
         }
         if roots.is_empty() {
-            return Err(UpstreamError::NoRoots);
+            return Err(OriginError::NoRoots);
         }
         Ok(Self::with_roots(roots))
     }
@@ -220,7 +220,7 @@ impl Upstream {
         }
     }
 
-    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, OriginError> {
         let tls = req.uri().scheme() == Some(&uri::Scheme::HTTPS);
         // The certificate was verified for this name at this address.
         let confirms = match (&self.pin, req.uri().host()) {
@@ -238,13 +238,13 @@ impl Upstream {
     }
 
     /// A bodiless request (GET/HEAD) that follows redirects itself, as the
-    /// runtimes' HTTP library does; see [`Upstream::follow`].
+    /// runtimes' HTTP library does; see [`OriginClient::follow`].
     pub async fn fetch_following(
         &self,
         method: hyper::Method,
         uri: Uri,
         headers: &HeaderMap,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, OriginError> {
         Ok(self.follow(method, uri, headers).await?.response)
     }
 
@@ -257,7 +257,7 @@ impl Upstream {
         method: hyper::Method,
         uri: Uri,
         headers: &HeaderMap,
-    ) -> Result<Followed, UpstreamError> {
+    ) -> Result<Followed, OriginError> {
         let initial = uri.clone();
         let mut uri = uri;
         for hops in 0..=MAX_REDIRECTS {
@@ -280,10 +280,10 @@ impl Upstream {
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .ok_or_else(|| UpstreamError::Redirect("redirect without Location".into()))?;
+                .ok_or_else(|| OriginError::Redirect("redirect without Location".into()))?;
             uri = resolve(&uri, location)?;
         }
-        Err(UpstreamError::Redirect(format!(
+        Err(OriginError::Redirect(format!(
             "more than {MAX_REDIRECTS} redirects"
         )))
     }
@@ -335,8 +335,8 @@ pub fn empty() -> Body {
 }
 
 /// A `Location` relative to the URI it came from.
-fn resolve(base: &Uri, location: &str) -> Result<Uri, UpstreamError> {
-    let bad = |_| UpstreamError::Redirect(format!("unusable Location {location:?}"));
+fn resolve(base: &Uri, location: &str) -> Result<Uri, OriginError> {
+    let bad = |_| OriginError::Redirect(format!("unusable Location {location:?}"));
     if location.starts_with("http://") || location.starts_with("https://") {
         return location.parse().map_err(bad);
     }
@@ -458,8 +458,8 @@ mod tests {
         .await
         .unwrap();
 
-        let up =
-            Upstream::with_roots(pki.roots()).pinned("registry.test", "127.0.0.1".parse().unwrap());
+        let up = OriginClient::with_roots(pki.roots())
+            .pinned("registry.test", "127.0.0.1".parse().unwrap());
         let uri: Uri = format!(
             "http://registry.test:{}/v2/r/blobs/sha256:ab",
             port80.addr.port()
@@ -495,7 +495,7 @@ mod tests {
         })
         .await
         .unwrap();
-        let up = Upstream::with_roots(Pki::new().roots());
+        let up = OriginClient::with_roots(Pki::new().roots());
         let uri: Uri = format!("http://{}/v2/r/blobs/sha256:ab", looping.addr)
             .parse()
             .unwrap();
@@ -504,7 +504,7 @@ mod tests {
             .await
             .err()
             .unwrap();
-        assert!(matches!(err, UpstreamError::Redirect(_)), "{err}");
+        assert!(matches!(err, OriginError::Redirect(_)), "{err}");
         assert_eq!(looping.seen().len(), MAX_REDIRECTS + 1);
     }
 
@@ -528,7 +528,7 @@ mod tests {
         }
     }
 
-    async fn get(up: &Upstream, url: &str) -> Result<u16, UpstreamError> {
+    async fn get(up: &OriginClient, url: &str) -> Result<u16, OriginError> {
         let req = Request::get(url).body(empty()).unwrap();
         Ok(up.send(req).await?.status().as_u16())
     }
@@ -536,7 +536,7 @@ mod tests {
     #[tokio::test]
     async fn a_steered_connections_destination_serves_its_own_requests_only() {
         let (real, chosen) = real_and_chosen(None, "127.0.0.2").await;
-        let agent = Upstream::with_roots(Pki::new().roots());
+        let agent = OriginClient::with_roots(Pki::new().roots());
         let steered = agent.pinned("localhost", "127.0.0.2".parse().unwrap());
         let url = format!("http://localhost:{}/v2/", real.addr.port());
         assert_eq!(get(&steered, &url).await.unwrap(), 200);
@@ -557,7 +557,7 @@ mod tests {
         // The resolver's address has no certificate we trust: we can tell
         // by its failure where a request went.
         let https = format!("https://localhost:{}/v2/", real.addr.port());
-        let agent = Upstream::with_roots(pki.roots());
+        let agent = OriginClient::with_roots(pki.roots());
 
         // A destination whose certificate does not verify confirms nothing.
         let steered = agent.pinned("localhost", "127.0.0.2".parse().unwrap());
