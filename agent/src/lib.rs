@@ -1,6 +1,7 @@
 //! Damselfly node agent. One module per concern; the repository's README.md
 //! walks the path of one blob, SECURITY.md says who can reach what.
 
+pub mod acquire;
 pub mod admin;
 pub mod agent;
 pub mod ca;

@@ -22,6 +22,8 @@ const LAYERS: &[&[&str]] = &[
     &["pki", "steer", "telemetry", "origin", "store"],
     &["oci", "ca", "tracker"],
     &["swarm"],
+    // Where a blob's bytes come from: cache, swarm or origin.
+    &["acquire"],
     &["registry"],
     &["intercept"],
     &["admin"],

@@ -8,6 +8,7 @@
 //! - [`hosts`]: which hosts count as registries ([`RegistryHosts`]).
 
 pub mod client;
+pub mod headers;
 pub mod hosts;
 pub mod target;
 

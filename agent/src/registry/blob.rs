@@ -1,70 +1,50 @@
-//! The blob path: authorize with the origin, then serve from the cache, or
-//! fetch from the origin once while streaming to the client and writing the
-//! store; a store that cannot help turns into a plain stream-through.
+//! Blob requests, the HTTP side: ask the origin whether this client may
+//! have the blob, answer HEAD and `Range` requests, and build the responses.
+//! Where the bytes come from (cache, swarm, origin) is [`crate::acquire`]'s
+//! business; without the origin's yes, or without a store, the request goes
+//! to the origin as it came.
 
 use std::{
-    collections::HashMap,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Instant,
 };
 
-use bytes::{Bytes, BytesMut};
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode,
-    body::{Frame, Incoming},
+    body::Incoming,
     header::{self, HeaderValue},
 };
-use tokio::sync::{mpsc, watch};
-use tracing::{Instrument, Span, debug, field, info, info_span, instrument, warn};
+use tokio::sync::mpsc;
+use tracing::{Instrument, Span, debug, field, info, instrument};
 
 use crate::{
-    origin::{Body, BoxError, OriginClient, OriginRef},
+    acquire::{Acquire, Acquired, Chunk, origin::OriginBlob},
+    origin::{
+        Body, OriginClient, OriginRef,
+        headers::{content_length, copy_headers, value as hv, without_range},
+    },
     registry::{
         authz::{AuthzCache, Subject, Verdict},
         proxy,
         range::{self, ByteRange},
         trace::BlobTrace,
     },
-    store::{BlobReader, BlobWriter, Store},
-    swarm::{
-        Swarm,
-        driver::{Driver, Holders, RangeFetcher, on_writer},
-        progress::Progress,
-    },
-    telemetry::{metrics::Metrics, trace::SourceBytes},
-    vocab::Digest,
-    vocab::RateLimiter,
+    store::{BlobReader, Store},
+    swarm::Swarm,
+    telemetry::metrics::Metrics,
+    vocab::{Digest, RateLimiter},
 };
-
-/// Chunks in flight between a producer and a client connection.
-const CHANNEL_DEPTH: usize = 8;
-/// Cache hits are queued in slices of this size (a verified piece is up to 4 MiB).
-const HIT_SLICE: usize = 256 * 1024;
 
 pub struct Blobs {
     pub upstream: OriginClient,
-    pub store: Option<Store>,
     pub metrics: Arc<Metrics>,
-    /// Peers to fetch from; `None` without a tracker.
-    pub swarm: Option<Arc<Swarm>>,
     authz: Mutex<AuthzCache>,
-    /// Downloads in progress, so concurrent requests for a digest share one.
-    inflight: Inflight,
-    /// `--origin-rate`: shared by every blob byte fetched from an origin to
-    /// be cached (blobs only streamed through are not counted).
-    origin_rate: Arc<RateLimiter>,
-    /// Blobs whose swarm copy failed its digest (a poisoned hash list), and
-    /// since when: fetched from the origin alone for [`POISON_TTL`].
-    poisoned: Poisoned,
+    /// Where the bytes come from; `None` without a store: every blob
+    /// request is carried to the origin as it came.
+    acquire: Option<Acquire>,
 }
-
-type Poisoned = Arc<Mutex<HashMap<Digest, Instant>>>;
-
-/// How long a blob whose swarm fetch was poisoned skips the swarm.
-const POISON_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug)]
 enum Authz {
@@ -97,28 +77,27 @@ impl Blobs {
         metrics: Arc<Metrics>,
         swarm: Option<Arc<Swarm>>,
     ) -> Self {
+        let acquire = store.map(|store| {
+            Acquire::new(
+                store,
+                metrics.clone(),
+                swarm,
+                Arc::new(RateLimiter::unlimited()),
+            )
+        });
         Self {
             upstream,
-            store,
             metrics,
-            swarm,
             authz: Mutex::default(),
-            inflight: Arc::default(),
-            origin_rate: Arc::new(RateLimiter::unlimited()),
-            poisoned: Arc::default(),
+            acquire,
         }
-    }
-
-    /// Whether the swarm's copy of `digest` failed its digest lately.
-    fn is_poisoned(&self, digest: &Digest) -> bool {
-        let mut map = self.poisoned.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, since| since.elapsed() < POISON_TTL);
-        map.contains_key(digest)
     }
 
     /// Limits origin blob bytes to `bytes_per_sec` (0: no limit).
     pub fn with_origin_rate(mut self, bytes_per_sec: u64) -> Self {
-        self.origin_rate = Arc::new(RateLimiter::new(bytes_per_sec));
+        if let Some(a) = &mut self.acquire {
+            a.origin_rate = Arc::new(RateLimiter::new(bytes_per_sec));
+        }
         self
     }
 
@@ -164,7 +143,7 @@ impl Blobs {
         repo: &str,
         hex: &str,
     ) -> (Response<Body>, Option<bool>) {
-        let (Some(store), Ok(digest)) = (&self.store, hex.parse::<Digest>()) else {
+        let (Some(acquire), Ok(digest)) = (&self.acquire, hex.parse::<Digest>()) else {
             self.outcome("passthrough");
             return (self.carry(origin, req).await, None);
         };
@@ -195,10 +174,10 @@ impl Blobs {
                 return (self.carry(origin, req).await, None);
             }
         };
-        let held = store.get(&digest);
+        let held = acquire.store.get(&digest);
         let cached = Some(held.is_some());
         (
-            self.serve_allowed(store, held, digest, size, req, origin)
+            self.serve_allowed(acquire, held, digest, size, req, origin)
                 .await,
             cached,
         )
@@ -207,7 +186,7 @@ impl Blobs {
     /// Serves a blob the origin said this client may have.
     async fn serve_allowed(
         &self,
-        store: &Store,
+        acquire: &Acquire,
         held: Option<BlobReader>,
         digest: Digest,
         size: Option<u64>,
@@ -216,7 +195,7 @@ impl Blobs {
     ) -> Response<Body> {
         if let Some(reader) = held {
             self.outcome("hit");
-            return self.hit(reader, &digest, req, origin);
+            return self.hit(acquire, reader, req, origin);
         }
         // A HEAD, or a ranged GET (a client resuming its own partial download),
         // is the origin's to answer: caching starts with a whole-blob GET.
@@ -224,41 +203,39 @@ impl Blobs {
             self.outcome("passthrough");
             return self.carry(origin, req).await;
         }
-
-        // One download per digest on this node: the first request leads, the
-        // rest wait for it and then serve the cached copy.
-        let lead = match self.claim(digest) {
-            Ok(lead) => lead,
-            Err(mut done) => {
-                let ok = done
-                    .wait_for(Option::is_some)
-                    .await
-                    .map(|v| *v == Some(true))
-                    .unwrap_or(false);
-                if let (true, Some(reader)) = (ok, store.get(&digest)) {
-                    self.outcome("hit");
-                    return self.hit(reader, &digest, req, origin);
-                }
-                self.outcome("passthrough");
-                return self.carry(origin, req).await;
+        let blob = self.origin_blob(origin, &req);
+        match acquire
+            .get(digest, size, blob, BlobTrace::current_bytes())
+            .await
+        {
+            Acquired::Cached(reader) => {
+                self.outcome("hit");
+                self.hit(acquire, reader, req, origin)
             }
-        };
-        self.miss(store, lead, size, req, origin).await
+            Acquired::Streaming { size, body } => {
+                self.outcome("miss");
+                blob_response(StatusCode::OK, &digest, size, channel_body(body))
+            }
+            Acquired::Relay(resp) => {
+                self.outcome("passthrough");
+                proxy::relay(resp)
+            }
+            Acquired::Carry => {
+                self.outcome("passthrough");
+                self.carry(origin, req).await
+            }
+            Acquired::Unreachable(e) => proxy::origin_error(&e),
+        }
     }
 
-    /// Become the one downloading `digest`, or get what to wait on.
-    fn claim(&self, digest: Digest) -> Result<Lead, watch::Receiver<Option<bool>>> {
-        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(done) = map.get(&digest) {
-            return Err(done.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        map.insert(digest, rx);
-        Ok(Lead {
-            digest,
-            inflight: self.inflight.clone(),
-            done: Some(tx),
-        })
+    /// The origin's side of this request's blob, with the client's headers.
+    fn origin_blob(&self, origin: &OriginRef, req: &Request<Incoming>) -> OriginBlob {
+        OriginBlob::new(
+            &self.upstream,
+            origin,
+            req.uri().path(),
+            without_range(req.headers()),
+        )
     }
 
     /// Ask the origin (HEAD, the client's own headers) whether it would
@@ -300,7 +277,7 @@ impl Blobs {
             return Authz::Unknown;
         };
         let mut ask = HeaderMap::new();
-        proxy::copy_headers(headers, &mut ask);
+        copy_headers(headers, &mut ask);
         ask.remove(header::RANGE);
         ask.remove(header::IF_RANGE);
         let sent = origin
@@ -358,11 +335,12 @@ impl Blobs {
     /// the response comes from the origin and the copy is dropped.
     fn hit(
         &self,
+        acquire: &Acquire,
         reader: BlobReader,
-        digest: &Digest,
         req: Request<Incoming>,
         origin: &OriginRef,
     ) -> Response<Body> {
+        let digest = &reader.digest();
         let size = reader.size();
         let range = range::parse(
             req.headers()
@@ -387,20 +365,8 @@ impl Blobs {
         let body = if head {
             crate::origin::empty()
         } else {
-            let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-            let ctx = Continuation {
-                upstream: origin.upstream(&self.upstream).clone(),
-                rate: self.origin_rate.clone(),
-                store: self.store.clone(),
-                metrics: self.metrics.clone(),
-                digest: *digest,
-                origin: origin.clone(),
-                headers: req.headers().clone(),
-                path: req.uri().path().to_string(),
-                bytes: BlobTrace::current_bytes(),
-            };
-            let span = info_span!("cache.read", start, end);
-            tokio::spawn(stream_hit(reader, start, end, tx, ctx).instrument(span));
+            let blob = self.origin_blob(origin, &req);
+            let rx = acquire.read(reader, (start, end), blob, BlobTrace::current_bytes());
             channel_body(rx)
         };
         let mut resp = blob_response(status, digest, end - start, body);
@@ -412,674 +378,6 @@ impl Blobs {
         }
         resp
     }
-
-    /// Fetch from the origin, stream to the client and into the store at once.
-    async fn miss(
-        &self,
-        store: &Store,
-        lead: Lead,
-        size: Option<u64>,
-        req: Request<Incoming>,
-        origin: &OriginRef,
-    ) -> Response<Body> {
-        let digest = lead.digest;
-        let headers = strip_range(req.headers());
-        // The authorization answer was cached (or a redirect): a HEAD tells the size
-        // without a blob byte, so the swarm can still be asked.
-        let size = match size {
-            Some(s) => Some(s),
-            None if self.swarm.is_some() => {
-                self.origin_size(origin, req.uri().path(), &headers).await
-            }
-            None => None,
-        };
-        let size = match size {
-            Some(s) => s,
-            // Still unknown: learn it from the GET itself.
-            None => match self
-                .origin_get(origin, req.uri().path(), &headers, None)
-                .await
-            {
-                Ok(resp) if resp.status() == StatusCode::OK => match content_length(resp.headers())
-                {
-                    Some(s) => return self.fetch_with(store, lead, s, resp).await,
-                    None => return self.passthrough(resp),
-                },
-                Ok(resp) => return self.passthrough(resp),
-                Err(e) => return proxy::origin_error(&e),
-            },
-        };
-        let writer = match begin(store, &digest, size).await {
-            Ok(w) => w,
-            Err(e) => {
-                info!(%digest, error = %e, "store cannot take this blob; streaming it through");
-                self.outcome("passthrough");
-                return self.carry(origin, req).await;
-            }
-        };
-        let mut progress = None;
-        if let Some(swarm) = self.swarm.as_ref().filter(|_| !self.is_poisoned(&digest)) {
-            match swarm.join(&digest, size).await {
-                Some(holders) => {
-                    return self.start_swarm(
-                        swarm.clone(),
-                        writer,
-                        lead,
-                        size,
-                        holders,
-                        origin,
-                        req.uri().path(),
-                        headers,
-                    );
-                }
-                // We are the first: others that ask now wait for our pieces.
-                None => progress = Some(progress_of(swarm, &writer)),
-            }
-        }
-        // Resume: what a killed download already wrote stays; fetch from the first gap.
-        let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
-        let offset = first_missing * store.piece_size();
-        let resp = match self
-            .origin_get(
-                origin,
-                req.uri().path(),
-                &headers,
-                (offset > 0).then_some(offset),
-            )
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return proxy::origin_error(&e),
-        };
-        let expected = if offset > 0 {
-            StatusCode::PARTIAL_CONTENT
-        } else {
-            StatusCode::OK
-        };
-        if resp.status() != expected && resp.status() != StatusCode::OK {
-            return self.passthrough(resp);
-        }
-        // A 200 to a range request restarts from byte 0.
-        let body_offset = if resp.status() == StatusCode::OK {
-            0
-        } else {
-            offset
-        };
-        self.start_download(writer, lead, size, resp, body_offset, progress)
-    }
-
-    async fn fetch_with(
-        &self,
-        store: &Store,
-        lead: Lead,
-        size: u64,
-        resp: Response<Incoming>,
-    ) -> Response<Body> {
-        match begin(store, &lead.digest, size).await {
-            // This body starts at byte 0, so pieces a killed download left are rewritten.
-            Ok(w) => self.start_download(w, lead, size, resp, 0, None),
-            Err(e) => {
-                info!(digest = %lead.digest, error = %e, "store cannot take this blob; streaming it through");
-                self.passthrough(resp)
-            }
-        }
-    }
-
-    #[instrument(name = "origin.head", skip_all, fields(size = field::Empty))]
-    async fn origin_size(
-        &self,
-        origin: &OriginRef,
-        path: &str,
-        headers: &HeaderMap,
-    ) -> Option<u64> {
-        let mut req = Request::head(origin.uri(path).ok()?);
-        if let Some(h) = req.headers_mut() {
-            proxy::copy_headers(headers, h);
-        }
-        let resp = origin
-            .upstream(&self.upstream)
-            .send(req.body(crate::origin::empty()).ok()?)
-            .await
-            .ok()?;
-        let size = resp
-            .status()
-            .is_success()
-            .then(|| content_length(resp.headers()))
-            .flatten();
-        if let Some(size) = size {
-            Span::current().record("size", size);
-        }
-        size
-    }
-
-    fn passthrough(&self, resp: Response<Incoming>) -> Response<Body> {
-        self.outcome("passthrough");
-        proxy::relay(resp)
-    }
-
-    /// The response's head; its body is read by the caller (see `origin.download`).
-    #[instrument(name = "origin.get", skip_all, fields(from, status = field::Empty))]
-    async fn origin_get(
-        &self,
-        origin: &OriginRef,
-        path: &str,
-        headers: &HeaderMap,
-        from: Option<u64>,
-    ) -> Result<Response<Incoming>, crate::origin::OriginError> {
-        let mut headers = headers.clone();
-        if let Some(off) = from {
-            headers.insert(header::RANGE, hv(format!("bytes={off}-")));
-        }
-        let resp = origin
-            .upstream(&self.upstream)
-            .fetch_following(Method::GET, origin.uri(path)?, &headers)
-            .await;
-        match &resp {
-            Ok(r) => Span::current().record("status", r.status().as_u16()),
-            Err(_) => Span::current().record("otel.status_code", "ERROR"),
-        };
-        resp
-    }
-
-    fn start_download(
-        &self,
-        writer: BlobWriter,
-        lead: Lead,
-        size: u64,
-        resp: Response<Incoming>,
-        body_offset: u64,
-        progress: Option<Progress>,
-    ) -> Response<Body> {
-        self.outcome("miss");
-        let digest = lead.digest;
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let job = Download {
-            writer: Some(writer),
-            digest,
-            size,
-            metrics: self.metrics.clone(),
-            client: tx,
-            progress,
-            rate: self.origin_rate.clone(),
-            bytes: BlobTrace::current_bytes(),
-        };
-        let body = resp.into_body();
-        let swarm = self.swarm.clone();
-        let span = info_span!(
-            "origin.download",
-            size,
-            offset = body_offset,
-            cached = field::Empty
-        );
-        tokio::spawn(
-            async move {
-                let (cached, progress) = job.run(body, body_offset).await;
-                Span::current().record("cached", cached.is_some());
-                lead.finish(cached.is_some());
-                match (progress, swarm, cached) {
-                    (Some(p), _, cached) => p.finish(cached).await,
-                    (None, Some(swarm), Some(reader)) => swarm.announce_complete(reader).await,
-                    _ => {}
-                }
-            }
-            .instrument(span),
-        );
-        blob_response(StatusCode::OK, &digest, size, channel_body(rx))
-    }
-
-    /// Fetch from peers (and the origin for what they cannot give), streaming
-    /// to the client in order and into the store.
-    #[allow(clippy::too_many_arguments)]
-    fn start_swarm(
-        &self,
-        swarm: Arc<Swarm>,
-        writer: BlobWriter,
-        lead: Lead,
-        size: u64,
-        holders: Holders,
-        origin: &OriginRef,
-        path: &str,
-        headers: HeaderMap,
-    ) -> Response<Body> {
-        self.outcome("miss");
-        let digest = lead.digest;
-        let (upstream, origin, path) = (
-            origin.upstream(&self.upstream).clone(),
-            origin.clone(),
-            path.to_string(),
-        );
-        let rate = self.origin_rate.clone();
-        let range: RangeFetcher = Arc::new(move |start, end| {
-            let (upstream, origin, path, headers, rate) = (
-                upstream.clone(),
-                origin.clone(),
-                path.clone(),
-                headers.clone(),
-                rate.clone(),
-            );
-            Box::pin(async move {
-                origin_range(&upstream, &origin, &path, headers, &rate, start, end).await
-            })
-        });
-        let job = Driver {
-            digest,
-            peers: swarm.peers.clone(),
-            origin: range,
-            metrics: self.metrics.clone(),
-            config: swarm.config.clone(),
-            refresh: Some(swarm.refresher(digest, size)),
-            progress: Some(progress_of(&swarm, &writer)),
-            bytes: BlobTrace::current_bytes(),
-        };
-        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let span = info_span!(
-            "swarm.fetch",
-            size,
-            pieces = writer.pieces(),
-            peers = field::Empty,
-            pieces.peer = field::Empty,
-            pieces.origin = field::Empty,
-            cached = field::Empty,
-            poisoned = field::Empty,
-        );
-        let (poisoned, store) = (self.poisoned.clone(), self.store.clone());
-        tokio::spawn(
-            async move {
-                let outcome = job.run(writer, holders, tx).await;
-                if outcome.poisoned {
-                    Span::current().record("poisoned", true);
-                    // The pieces match the lying hashes: drop them all, tell the
-                    // tracker, and let the client's retry go to the origin.
-                    poisoned
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(digest, Instant::now());
-                    if let Some(store) = store {
-                        let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
-                    }
-                    if let Some(p) = outcome.progress {
-                        p.abandon().await;
-                    }
-                    lead.finish(false);
-                    return;
-                }
-                let committed = match outcome.writer {
-                    Some(w) if w.missing_pieces().is_empty() => {
-                        tokio::task::spawn_blocking(move || w.commit())
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    }
-                    _ => None,
-                };
-                lead.finish(committed.is_some());
-                Span::current().record("cached", committed.is_some());
-                match &committed {
-                    Some(_) => info!(%digest, size, "cached from the swarm"),
-                    None => warn!(%digest, "swarm download not cached"),
-                }
-                if let Some(p) = outcome.progress {
-                    p.finish(committed).await;
-                }
-            }
-            .instrument(span),
-        );
-        blob_response(StatusCode::OK, &digest, size, channel_body(rx))
-    }
-}
-
-/// The right to download one digest; whoever waits on it learns the outcome
-/// when it is finished or dropped (a drop is a failure: followers go to the origin).
-struct Lead {
-    digest: Digest,
-    inflight: Inflight,
-    done: Option<watch::Sender<Option<bool>>>,
-}
-
-impl Lead {
-    fn finish(mut self, ok: bool) {
-        self.release(ok);
-    }
-
-    fn release(&mut self, ok: bool) {
-        if let Some(done) = self.done.take() {
-            self.inflight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&self.digest);
-            let _ = done.send(Some(ok));
-        }
-    }
-}
-
-impl Drop for Lead {
-    fn drop(&mut self) {
-        self.release(false);
-    }
-}
-
-/// Downloads in progress by digest; each receiver learns whether it ended in the cache.
-type Inflight = Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>;
-
-type Chunk = Result<Frame<Bytes>, BoxError>;
-
-/// One origin download: every byte goes to the client that asked (while it
-/// listens) and, piece by piece, into the store.
-struct Download {
-    /// `None` once a store error made us give up caching (the client stream goes on).
-    writer: Option<BlobWriter>,
-    digest: Digest,
-    size: u64,
-    metrics: Arc<Metrics>,
-    client: mpsc::Sender<Chunk>,
-    progress: Option<Progress>,
-    rate: Arc<RateLimiter>,
-    /// This request's bytes by source, for its trace.
-    bytes: SourceBytes,
-}
-
-impl Download {
-    /// Returns the blob as committed to the store, if it was, and the
-    /// progress to finish.
-    async fn run(
-        mut self,
-        body: Incoming,
-        body_offset: u64,
-    ) -> (Option<BlobReader>, Option<Progress>) {
-        let cached = self.fetch(body, body_offset).await;
-        (cached, self.progress.take())
-    }
-
-    async fn fetch(&mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
-        let piece_size = self.writer.as_ref().map(|w| w.piece_size()).unwrap_or(1);
-        let mut client_open = true;
-        // Pieces a killed download left behind go to the client first.
-        let first_piece = body_offset / piece_size;
-        for index in 0..first_piece {
-            let piece = match self.with_writer(move |w| w.read_piece(index)).await {
-                Some(Ok(p)) => p,
-                _ => {
-                    let _ = self
-                        .client
-                        .send(Err("damselfly: resumed piece unreadable".into()))
-                        .await;
-                    return None;
-                }
-            };
-            self.metrics.blob_bytes("cache", piece.len() as u64);
-            self.bytes.add("cache", piece.len() as u64);
-            client_open = self.client.send(Ok(Frame::data(piece))).await.is_ok();
-        }
-
-        let mut pos = body_offset;
-        let mut index = first_piece;
-        let mut buf = BytesMut::new();
-        loop {
-            let frame = match body.frame().await {
-                Some(Ok(f)) => f,
-                Some(Err(e)) => {
-                    warn!(digest = %self.digest, error = %e, "origin body failed");
-                    let _ = self.client.send(Err(Box::new(e))).await;
-                    return None;
-                }
-                None => break,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            pos += data.len() as u64;
-            self.rate.acquire_high(data.len() as u64).await;
-            self.metrics.blob_bytes("origin", data.len() as u64);
-            self.bytes.add("origin", data.len() as u64);
-            if client_open {
-                client_open = self
-                    .client
-                    .send(Ok(Frame::data(data.clone())))
-                    .await
-                    .is_ok();
-            }
-            if self.writer.is_none() {
-                if !client_open {
-                    return None;
-                }
-                continue;
-            }
-            buf.extend_from_slice(&data);
-            while buf.len() as u64 >= piece_size || (pos >= self.size && !buf.is_empty()) {
-                let take = (piece_size as usize).min(buf.len());
-                let piece = buf.split_to(take).freeze();
-                let i = index;
-                match self.with_writer(move |w| w.write_piece(i, &piece)).await {
-                    Some(Ok(sum)) => {
-                        if let Some(p) = &self.progress {
-                            p.piece(i, sum);
-                        }
-                    }
-                    Some(Err(e)) => {
-                        warn!(digest = %self.digest, error = %e, "store write failed; streaming the rest through");
-                        self.writer = None;
-                        break;
-                    }
-                    None => {}
-                }
-                index += 1;
-            }
-        }
-        if pos != self.size {
-            let _ = self
-                .client
-                .send(Err(
-                    format!("origin sent {pos} of {} bytes", self.size).into()
-                ))
-                .await;
-            return None;
-        }
-        let writer = self.writer.take()?;
-        match tokio::task::spawn_blocking(move || writer.commit()).await {
-            Ok(Ok(reader)) => {
-                info!(digest = %self.digest, size = self.size, "cached");
-                Some(reader)
-            }
-            Ok(Err(e)) => {
-                warn!(digest = %self.digest, error = %e, "not cached");
-                None
-            }
-            Err(_) => None,
-        }
-    }
-
-    async fn with_writer<T: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
-    ) -> Option<T> {
-        on_writer(&mut self.writer, f).await
-    }
-}
-
-/// What serving the rest of a hit from the origin takes, should a piece be corrupt.
-struct Continuation {
-    upstream: OriginClient,
-    rate: Arc<RateLimiter>,
-    store: Option<Store>,
-    metrics: Arc<Metrics>,
-    digest: Digest,
-    origin: OriginRef,
-    headers: HeaderMap,
-    path: String,
-    bytes: SourceBytes,
-}
-
-async fn stream_hit(
-    reader: BlobReader,
-    start: u64,
-    end: u64,
-    tx: mpsc::Sender<Chunk>,
-    ctx: Continuation,
-) {
-    let metrics = ctx.metrics.clone();
-    let counted = ctx.bytes.clone();
-    let sender = tx.clone();
-    // Blocking reads on the blocking pool; returns where it stopped if a piece was corrupt.
-    let stopped = tokio::task::spawn_blocking(move || {
-        let mut pos = start;
-        let chunks = match reader.read_range(start, end) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "cached blob unreadable; the rest comes from the origin");
-                return Some(pos);
-            }
-        };
-        for chunk in chunks {
-            match chunk {
-                Ok(mut data) => {
-                    pos += data.len() as u64;
-                    metrics.blob_bytes("cache", data.len() as u64);
-                    counted.add("cache", data.len() as u64);
-                    // Zero-copy slices: the queue holds little more than one piece per client.
-                    while !data.is_empty() {
-                        let slice = data.split_to(data.len().min(HIT_SLICE));
-                        if sender.blocking_send(Ok(Frame::data(slice))).is_err() {
-                            return None;
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "cached blob failed verification; the rest comes from the origin");
-                    return Some(pos);
-                }
-            }
-        }
-        None
-    })
-    .await
-    .unwrap_or(None);
-    let Some(pos) = stopped else { return };
-    let span = info_span!("origin.range", start = pos, end, repair = true);
-    async move {
-        if let Some(store) = &ctx.store {
-            let (store, digest) = (store.clone(), ctx.digest);
-            let _ = tokio::task::spawn_blocking(move || store.remove(&digest)).await;
-        }
-        let mut headers = strip_range(&ctx.headers);
-        headers.insert(header::RANGE, hv(format!("bytes={pos}-{}", end - 1)));
-        let resp = match ctx.origin.uri(&ctx.path) {
-            Ok(uri) => {
-                ctx.upstream
-                    .fetch_following(Method::GET, uri, &headers)
-                    .await
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        let mut body = match resp {
-            Ok(r) if r.status() == StatusCode::PARTIAL_CONTENT => r.into_body(),
-            Ok(r) => {
-                let _ = tx
-                    .send(Err(format!(
-                        "origin answered {} to the repair range",
-                        r.status()
-                    )
-                    .into()))
-                    .await;
-                return;
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Some(d) = f.data_ref() {
-                        ctx.rate.acquire_high(d.len() as u64).await;
-                        ctx.metrics.blob_bytes("origin", d.len() as u64);
-                        ctx.bytes.add("origin", d.len() as u64);
-                    }
-                    if tx.send(Ok(f)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-/// Bytes `[start, end)` of a blob from the origin, with the client's credential.
-#[instrument(name = "origin.range", skip_all, fields(start, end, status = field::Empty))]
-async fn origin_range(
-    upstream: &OriginClient,
-    origin: &OriginRef,
-    path: &str,
-    mut headers: HeaderMap,
-    rate: &RateLimiter,
-    start: u64,
-    end: u64,
-) -> Result<Bytes, BoxError> {
-    headers.insert(header::RANGE, hv(format!("bytes={start}-{}", end - 1)));
-    let resp = upstream
-        .fetch_following(Method::GET, origin.uri(path)?, &headers)
-        .await?;
-    Span::current().record("status", resp.status().as_u16());
-    if resp.status() != StatusCode::PARTIAL_CONTENT {
-        return Err(format!("origin answered {} to a range request", resp.status()).into());
-    }
-    let mut body = resp.into_body();
-    let mut data = BytesMut::with_capacity((end - start) as usize);
-    while let Some(frame) = body.frame().await {
-        if let Ok(chunk) = frame?.into_data() {
-            rate.acquire_high(chunk.len() as u64).await;
-            data.extend_from_slice(&chunk);
-        }
-    }
-    let data = data.freeze();
-    if data.len() as u64 != end - start {
-        return Err(format!("origin sent {} of {} bytes", data.len(), end - start).into());
-    }
-    Ok(data)
-}
-
-/// Starts telling the tracker what we hold of the blob `writer` fills.
-fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
-    let bitmap = writer.bitmap().clone();
-    // Only a resumed download holds pieces already; their sums are a few reads.
-    let hashes = if bitmap.held() > 0 {
-        writer.held_hashes().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    Progress::start(
-        swarm.clone(),
-        writer.digest(),
-        writer.size(),
-        writer.piece_size(),
-        bitmap,
-        hashes,
-    )
-}
-
-async fn begin(
-    store: &Store,
-    digest: &Digest,
-    size: u64,
-) -> Result<BlobWriter, crate::store::StoreError> {
-    let (store, digest) = (store.clone(), *digest);
-    tokio::task::spawn_blocking(move || store.begin(&digest, size))
-        .await
-        .unwrap_or_else(|e| {
-            Err(crate::store::StoreError::Io {
-                path: PathBuf::from("(blocking task)"),
-                source: std::io::Error::other(e),
-            })
-        })
 }
 
 fn channel_body(rx: mpsc::Receiver<Chunk>) -> Body {
@@ -1100,21 +398,6 @@ fn blob_response(status: StatusCode, digest: &Digest, len: u64, body: Body) -> R
     h.insert("docker-content-digest", hv(digest.to_string()));
     h.insert(header::ETAG, hv(format!("\"{digest}\"")));
     r
-}
-
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-fn strip_range(h: &HeaderMap) -> HeaderMap {
-    let mut h = h.clone();
-    h.remove(header::RANGE);
-    h.remove(header::IF_RANGE);
-    h
-}
-
-fn hv(s: String) -> HeaderValue {
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]

@@ -1,40 +1,10 @@
 //! Verbatim forwarding of a request to the origin, streaming both bodies.
 
 use http_body_util::BodyExt;
-use hyper::{
-    HeaderMap, Request, Response, StatusCode,
-    body::Incoming,
-    header::{self, HeaderName},
-};
+use hyper::{Request, Response, StatusCode, body::Incoming, header};
 use tracing::debug;
 
-use crate::origin::{Body, OriginClient, OriginError, OriginRef};
-
-/// Connection-scoped headers (RFC 9110 §7.6.1) never cross a proxy; `Host`
-/// is carried by the URI's authority instead.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-    )
-}
-
-pub fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
-    for (k, v) in from {
-        if !is_hop_by_hop(k) {
-            to.append(k, v.clone());
-        }
-    }
-}
+use crate::origin::{Body, OriginClient, OriginError, OriginRef, headers::copy_headers};
 
 /// `req` as it came, to `origin` (a steered connection's own destination),
 /// its answer back as it came.
@@ -100,24 +70,4 @@ pub fn error_response(code: StatusCode, msg: &str) -> Response<Body> {
         header::HeaderValue::from_static("text/plain"),
     );
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped() {
-        let mut from = HeaderMap::new();
-        from.insert("connection", "close".parse().unwrap());
-        from.insert("host", "x".parse().unwrap());
-        from.insert("authorization", "Bearer t".parse().unwrap());
-        from.append("accept", "a".parse().unwrap());
-        from.append("accept", "b".parse().unwrap());
-        let mut to = HeaderMap::new();
-        copy_headers(&from, &mut to);
-        assert_eq!(to.len(), 3);
-        assert!(to.get("connection").is_none() && to.get("host").is_none());
-        assert_eq!(to.get_all("accept").iter().count(), 2);
-    }
 }

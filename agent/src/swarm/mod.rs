@@ -1,13 +1,13 @@
 //! Fetching a blob's pieces from peers and the origin. The decisions live in
 //! the pure [`sched`] state machine; the IO around it stays thin.
 
-pub mod driver;
-pub mod in_order;
 pub mod peer;
 pub mod progress;
 pub mod sched;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use futures_util::future::BoxFuture;
 
 use tracing::{Span, debug, field, info, instrument, warn};
 
@@ -16,6 +16,16 @@ use crate::{
     tracker::TrackerClient,
     vocab::{Bitmap, Digest},
 };
+
+/// Where the tracker says the pieces are.
+pub struct Holders {
+    pub peers: Vec<(SocketAddr, Vec<u8>)>,
+    /// Per piece: the sha256 the holders agree on.
+    pub hashes: Vec<Option<[u8; 32]>>,
+}
+
+/// Asks the tracker again who holds what (`None`: no answer, nobody).
+pub type Refresh = Arc<dyn Fn() -> BoxFuture<'static, Option<Holders>> + Send + Sync>;
 
 /// How long a pull waits for the tracker before going to the origin alone.
 const FIND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +45,7 @@ impl Swarm {
     /// disagree with the origin. Either way the tracker now counts us as
     /// fetching it, so of nodes asking together only the first hears `None`.
     #[instrument(name = "swarm.join", skip_all, fields(peers = 0, hashes = field::Empty))]
-    pub async fn join(&self, digest: &Digest, size: u64) -> Option<driver::Holders> {
+    pub async fn join(&self, digest: &Digest, size: u64) -> Option<Holders> {
         let join = Some((size, self.piece_size));
         let holders = self.find(digest, size, join).await?;
         let known = holders.hashes.iter().filter(|h| h.is_some()).count();
@@ -46,7 +56,7 @@ impl Swarm {
     }
 
     /// A fresh look at who holds what, for a fetch in progress.
-    pub fn refresher(self: &Arc<Self>, digest: Digest, size: u64) -> driver::Refresh {
+    pub fn refresher(self: &Arc<Self>, digest: Digest, size: u64) -> Refresh {
         let this = self.clone();
         Arc::new(move || {
             let this = this.clone();
@@ -54,12 +64,7 @@ impl Swarm {
         })
     }
 
-    async fn find(
-        &self,
-        digest: &Digest,
-        size: u64,
-        join: Option<(u64, u64)>,
-    ) -> Option<driver::Holders> {
+    async fn find(&self, digest: &Digest, size: u64, join: Option<(u64, u64)>) -> Option<Holders> {
         let ask = self.tracker.find_and_join(digest, join);
         let found = match tokio::time::timeout(FIND_TIMEOUT, ask).await {
             Ok(Ok(f)) => f,
@@ -83,7 +88,7 @@ impl Swarm {
         if peers.is_empty() {
             return None;
         }
-        Some(driver::Holders {
+        Some(Holders {
             peers,
             hashes: found.hashes,
         })

@@ -19,7 +19,7 @@ pub mod tls;
 pub mod wire;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{io, sync::Arc, time::Duration};
 

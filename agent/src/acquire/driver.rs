@@ -29,10 +29,15 @@ use tokio::{sync::mpsc, task::AbortHandle};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::{
+    acquire::{
+        Chunk,
+        in_order::{InOrder, Next},
+        resume::{ResumeError, on_writer, read_back},
+    },
     origin::BoxError,
     store::BlobWriter,
     swarm::{
-        in_order::{InOrder, Next},
+        Holders, Refresh,
         peer::PeerClient,
         progress::Progress,
         sched::{Action, Config, PeerId, Scheduler, Source},
@@ -45,23 +50,11 @@ use crate::{
 pub type RangeFetcher =
     Arc<dyn Fn(u64, u64) -> BoxFuture<'static, Result<Bytes, BoxError>> + Send + Sync>;
 
-pub type Chunk = Result<Frame<Bytes>, BoxError>;
-
-/// Asks the tracker again who holds what (`None`: no answer, nobody).
-pub type Refresh = Arc<dyn Fn() -> BoxFuture<'static, Option<Holders>> + Send + Sync>;
-
 /// How often a running download asks the tracker for news.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
 /// Origin pieces that fail this many times end the download (the client gets an error).
 const MAX_ORIGIN_FAILURES: u64 = 8;
-
-/// Where the tracker says the pieces are.
-pub struct Holders {
-    pub peers: Vec<(SocketAddr, Vec<u8>)>,
-    /// Per piece: the sha256 the holders agree on.
-    pub hashes: Vec<Option<[u8; 32]>>,
-}
 
 /// One blob to download from the swarm, and what to do it with.
 pub struct Driver {
@@ -384,13 +377,12 @@ impl Run {
                     self.sched.set_read_position(self.order.position());
                 }
                 Next::ReadBack(i) => {
-                    let read = on_writer(&mut self.writer, move |w| w.read_piece(i))
+                    let data = read_back(&mut self.writer, i, &job.metrics, &job.bytes)
                         .await
-                        .ok_or(Stop::WriterLost)?;
-                    let data =
-                        read.map_err(|e| Stop::Failed(format!("damselfly: resumed piece: {e}")))?;
-                    job.metrics.blob_bytes("cache", data.len() as u64);
-                    job.bytes.add("cache", data.len() as u64);
+                        .map_err(|e| match e {
+                            ResumeError::WriterLost(_) => Stop::WriterLost,
+                            e => Stop::Failed(e.to_string()),
+                        })?;
                     self.order.insert(i, data);
                 }
                 Next::Poisoned => return Err(Stop::Poisoned),
@@ -562,19 +554,75 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Run a blocking store call on the writer off the async threads; `None`
-/// if there is no writer or the blocking task died (the writer is lost then).
-pub async fn on_writer<T: Send + 'static>(
-    writer: &mut Option<BlobWriter>,
-    f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
-) -> Option<T> {
-    let mut w = writer.take()?;
-    let (w, out) = tokio::task::spawn_blocking(move || {
-        let out = f(&mut w);
-        (w, out)
-    })
-    .await
-    .ok()?;
-    *writer = Some(w);
-    Some(out)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        store::Store,
+        swarm::peer::tests::{Ca, PS, blob, client, piece, pieces, server},
+        testing::TempDir,
+    };
+
+    /// A peer that lies consistently: its pieces match the hashes it announced,
+    /// but together they are not the blob. The fetch driver must not hand the
+    /// client the whole thing: the last piece is withheld and an error sent.
+    #[tokio::test]
+    async fn a_poisoned_hash_list_never_completes_a_blob_for_the_client() {
+        let ca = Ca::new("cluster");
+        let real = blob(3 * PS as usize + 100, 1);
+        let fake = blob(real.len(), 2);
+        let digest = Digest::of(&real);
+        // The liar holds other bytes under the real digest, as a partial blob
+        // (served piece by piece, verified against its own sums).
+        let liar_dir = TempDir::new("liar");
+        let liar = Store::open(&liar_dir.0, 1 << 30, PS).unwrap();
+        let mut lie = liar.begin(&digest, real.len() as u64).unwrap();
+        let mut sums = Vec::new();
+        for i in 0..pieces(&fake) {
+            sums.push(Some(lie.write_piece(i, piece(&fake, i)).unwrap()));
+        }
+        let srv = server(&ca.tls(&ca, "liar"), Arc::new(liar.clone()), |_| {});
+
+        let dir = TempDir::new("victim");
+        let store = Store::open(&dir.0, 1 << 30, PS).unwrap();
+        let writer = store.begin(&digest, real.len() as u64).unwrap();
+        let origin_bytes = Bytes::from(real.clone());
+        let origin: RangeFetcher = Arc::new(move |start, end| {
+            let b = origin_bytes.slice(start as usize..end as usize);
+            Box::pin(async move { Ok(b) })
+        });
+        let job = Driver {
+            digest,
+            peers: Arc::new(client(&ca.tls(&ca, "victim"))),
+            origin,
+            metrics: Arc::new(Metrics::new()),
+            config: Config::eager(),
+            refresh: None,
+            progress: None,
+            bytes: Default::default(),
+        };
+        let mut full = crate::vocab::Bitmap::new(pieces(&real));
+        for i in 0..pieces(&real) {
+            full.set(i);
+        }
+        let holders = Holders {
+            peers: vec![(srv.local_addr(), full.as_bytes().to_vec())],
+            hashes: sums,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let outcome = job.run(writer, holders, tx).await;
+        let (mut got, mut failed) = (0usize, false);
+        while let Some(chunk) = rx.recv().await {
+            match chunk {
+                Ok(frame) => got += frame.into_data().map(|d| d.len()).unwrap_or(0),
+                Err(_) => failed = true,
+            }
+        }
+        assert!(outcome.poisoned);
+        assert!(outcome.writer.is_none());
+        assert!(failed, "the client must get an error");
+        let last = piece(&real, pieces(&real) - 1).len();
+        assert_eq!(got, real.len() - last, "everything but the last piece");
+        drop(lie);
+    }
 }
