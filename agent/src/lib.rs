@@ -1,5 +1,6 @@
-//! Damselfly node agent. One module per concern; the repository's README.md
-//! walks the path of one blob, SECURITY.md says who can reach what.
+//! Damselfly node agent. One module per concern, in layers that import only
+//! downwards; the repository's ARCHITECTURE.md lists them and walks the path
+//! of one blob, SECURITY.md says who can reach what.
 
 pub mod acquire;
 pub mod admin;
