@@ -11,22 +11,20 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    admin::{Admin, SwarmParts, TlsAcceptor, fetch::Fetcher},
+    admin::{Admin, Fetcher, SwarmParts, TlsAcceptor},
     ca::{CaOrigin, NodeCa},
     cli::AgentArgs,
-    intercept::{Gateway, Interceptor, drain::Drain, trust::ClientTrust},
+    intercept::{ClientTrust, Drain, Gateway, Interceptor},
     origin::OriginClient,
     origin::RegistryHosts,
     pki::{ClusterPki, Role},
-    registry::{blob::Blobs, service::RegistryService},
+    registry::{Blobs, RegistryService},
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
     swarm::{
-        Swarm,
-        peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig},
-        sched::Config as SchedConfig,
+        Config as SchedConfig, Swarm, {ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig},
     },
-    telemetry::{metrics::Metrics, recent::RecentErrors},
+    telemetry::{Metrics, RecentErrors},
     tracker::{PeerInfo, TrackerClient},
     vocab::RateLimiter,
 };
@@ -305,8 +303,8 @@ fn start_swarm(
     let tracker = TrackerClient::new(
         args.tracker.clone(),
         me,
-        crate::tracker::server::DEFAULT_HEARTBEAT,
-        crate::tracker::tls::client_config(pki).context("cluster certificates")?,
+        crate::tracker::DEFAULT_HEARTBEAT,
+        crate::tracker::client_config(pki).context("cluster certificates")?,
     )?
     .with_metrics(metrics.tracker_hook());
     let swarm = Arc::new(Swarm {

@@ -1,7 +1,7 @@
 use clap::Parser;
 use damselfly::{
     cli::{Cli, Command, status},
-    telemetry::trace::{Identity, Telemetry},
+    telemetry::{Identity, Telemetry},
 };
 
 #[tokio::main]

@@ -2,7 +2,7 @@
 //! place), and the `--creds` value.
 #![no_main]
 
-use damselfly::oci::auth::{Credential, parse_challenges};
+use damselfly::oci::{Credential, parse_challenges};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

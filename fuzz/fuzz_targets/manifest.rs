@@ -1,7 +1,7 @@
 //! Manifests and indexes from a registry, with the `Content-Type` it sent.
 #![no_main]
 
-use damselfly::oci::manifest::{Manifest, Platform};
+use damselfly::oci::{Manifest, Platform};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

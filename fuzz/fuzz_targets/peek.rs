@@ -2,7 +2,7 @@
 //! request head (Host), from any process on the node.
 #![no_main]
 
-use damselfly::intercept::peek::{PEEK_LIMIT, Peek, classify};
+use damselfly::intercept::{PEEK_LIMIT, Peek, classify};
 use libfuzzer_sys::fuzz_target;
 
 fn check(buf: &[u8]) {

@@ -2,7 +2,7 @@
 //! redirects naming other registries).
 #![no_main]
 
-use damselfly::oci::reference::{BlobUrl, Reference};
+use damselfly::oci::{BlobUrl, Reference};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! sends to the node's registry endpoint.
 #![no_main]
 
-use damselfly::registry::route::{Route, route};
+use damselfly::registry::{Route, route};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

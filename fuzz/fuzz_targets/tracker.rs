@@ -16,7 +16,7 @@ use std::{
 use arbitrary::Arbitrary;
 use damselfly::{
     vocab::Digest,
-    tracker::state::{Announce, Caller, DEFAULT_MAX_PEERS, PeerInfo, State},
+    tracker::{Announce, Caller, DEFAULT_MAX_PEERS, PeerInfo, State},
 };
 use libfuzzer_sys::fuzz_target;
 

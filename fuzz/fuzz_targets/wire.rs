@@ -2,7 +2,7 @@
 //! with a cluster certificate, response heads a client reads from a peer.
 #![no_main]
 
-use damselfly::swarm::peer::wire::{REQUEST_LEN, Request, ResponseHead};
+use damselfly::swarm::wire::{REQUEST_LEN, Request, ResponseHead};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -16,8 +16,8 @@ use crate::{
         resume::{on_writer, read_back},
     },
     store::{BlobReader, BlobWriter},
-    swarm::progress::Progress,
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    swarm::Progress,
+    telemetry::{Metrics, SourceBytes},
     vocab::{Digest, RateLimiter},
 };
 

@@ -37,12 +37,9 @@ use crate::{
     origin::BoxError,
     store::BlobWriter,
     swarm::{
-        Holders, Refresh,
-        peer::PeerClient,
-        progress::Progress,
-        sched::{Action, Config, PeerId, Scheduler, Source},
+        Holders, PeerClient, Progress, Refresh, {Action, Config, PeerId, Scheduler, Source},
     },
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    telemetry::{Metrics, SourceBytes},
     vocab::{Bitmap, Digest},
 };
 
@@ -258,7 +255,7 @@ impl Run {
         holders: Holders,
         digest: Digest,
         config: Config,
-    ) -> Result<Self, crate::swarm::sched::Error> {
+    ) -> Result<Self, crate::swarm::Error> {
         let pieces = writer.pieces();
         let mut held = Bitmap::new(pieces);
         for i in (0..pieces).filter(|&i| writer.has_piece(i)) {
@@ -559,7 +556,7 @@ mod tests {
     use super::*;
     use crate::{
         store::Store,
-        swarm::peer::tests::{Ca, PS, blob, client, piece, pieces, server},
+        swarm::peer_tests::{Ca, PS, blob, client, piece, pieces, server},
         testing::TempDir,
     };
 

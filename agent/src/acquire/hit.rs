@@ -11,7 +11,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::{
     acquire::{Chunk, origin::OriginBlob},
     store::{BlobReader, Store},
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    telemetry::{Metrics, SourceBytes},
     vocab::{Digest, RateLimiter},
 };
 

@@ -13,15 +13,17 @@
 //! - [`poison`]: blobs whose swarm copy lied, kept off the swarm a while;
 //! - [`origin`]: every request the blob path makes to the origin.
 
-pub mod download;
-pub mod driver;
-pub mod hit;
-pub mod in_order;
-pub mod lead;
-pub mod origin;
-pub mod poison;
-pub mod resume;
-pub mod swarm;
+mod download;
+mod driver;
+mod hit;
+mod in_order;
+mod lead;
+mod origin;
+mod poison;
+mod resume;
+mod swarm;
+
+pub use origin::OriginBlob;
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
@@ -31,15 +33,14 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, field, info, info_span};
 
 use crate::{
-    origin::{BoxError, OriginError, headers::content_length},
+    origin::{BoxError, OriginError, content_length},
     store::{BlobReader, BlobWriter, Store, StoreError},
-    swarm::{Swarm, progress::Progress},
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    swarm::{Progress, Swarm},
+    telemetry::{Metrics, SourceBytes},
     vocab::{Digest, RateLimiter},
 };
 use download::Download;
 use lead::{Inflight, Lead};
-use origin::OriginBlob;
 use poison::Poisoned;
 
 /// One piece of a blob's body on its way to the client.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use crate::{
     store::{BlobWriter, StoreError},
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    telemetry::{Metrics, SourceBytes},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,8 @@ use crate::{
         poison::Poisoned,
     },
     store::{BlobWriter, Store},
-    swarm::{Holders, Swarm, progress::Progress},
-    telemetry::{metrics::Metrics, trace::SourceBytes},
+    swarm::{Holders, Progress, Swarm},
+    telemetry::{Metrics, SourceBytes},
     vocab::RateLimiter,
 };
 

@@ -15,7 +15,7 @@ use crate::{
     oci::{BlobUrl, percent_encode, query_param},
     origin::Body,
     origin::RegistryHosts,
-    registry::{proxy::error_response, service::RegistryService},
+    registry::{RegistryService, error_response},
 };
 
 pub const PATH: &str = "/v1/fetch";

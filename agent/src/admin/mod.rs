@@ -8,8 +8,13 @@
 //! cluster CA over TLS (`damselfly preheat` to a seed). TLS is offered on the
 //! same port, told apart by its first byte, when the agent has a cluster PKI.
 
-pub mod fetch;
-pub mod status;
+mod fetch;
+mod status;
+
+pub use status::{CacheStatus, PeerStatus, ReplicaStatus};
+
+pub use fetch::{CACHE_HEADER, Fetcher, fetch_uri};
+pub use status::PEERS_RECENT;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -25,13 +30,12 @@ pub use tokio_rustls::TlsAcceptor;
 use tracing::warn;
 
 use crate::{
-    intercept::trust::ClientTrust,
+    intercept::ClientTrust,
     origin::Body,
     steer::Steering,
     store::Store,
-    telemetry::{metrics::Metrics, recent::RecentErrors},
+    telemetry::{Metrics, RecentErrors},
 };
-use fetch::Fetcher;
 pub use status::{Status, SwarmParts};
 
 pub struct Admin {

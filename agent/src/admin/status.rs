@@ -9,11 +9,11 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use super::Admin;
-use crate::telemetry::{metrics::InterceptTotals, recent::LogEvent, stamp::Stamp};
+use crate::telemetry::{InterceptTotals, LogEvent, Stamp};
 use crate::{
-    intercept::trust::{Refusal, TrustVerdict},
+    intercept::{Refusal, TrustVerdict},
     steer::{AttachedProgram, Rules},
-    swarm::{Swarm, peer::PeerServer},
+    swarm::{PeerServer, Swarm},
     tracker::ReplicaHealth,
     vocab::PortCounters,
 };

@@ -57,12 +57,12 @@
 //! stored constraints no longer match: the agent re-creates the CA with a
 //! warning, and the new certificate must be installed on the host again.
 
-pub mod constraints;
+mod constraints;
 mod der;
 mod distro;
 mod leaf;
-pub mod runtime;
-pub mod trust;
+mod runtime;
+mod trust;
 
 use std::{
     fmt,
@@ -891,3 +891,7 @@ impl DirLock {
 
 #[cfg(test)]
 mod tests;
+
+pub use constraints::difference;
+pub use runtime::{RUNTIME_UNITS, RuntimeUnit, Systemd};
+pub use trust::{CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore};

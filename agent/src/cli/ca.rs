@@ -16,11 +16,9 @@ use clap::{Args, Subcommand};
 
 use crate::{
     ca::{
-        CaOrigin, ForInstall, NodeCa,
-        constraints::difference,
-        permitted_dns_subtrees,
-        runtime::{RUNTIME_UNITS, RuntimeUnit, Systemd},
-        trust::{CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
+        CaOrigin, ForInstall, NodeCa, difference, permitted_dns_subtrees,
+        {CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
+        {RUNTIME_UNITS, RuntimeUnit, Systemd},
     },
     origin::RegistryHosts,
 };

@@ -19,9 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::{
     cli::transfer::{AgentFetch, AsyncSink, RegistryArgs, drain, progress, rate},
     oci::{
-        BlobUrl, Reference,
-        client::Platforms,
-        manifest::{Descriptor, OCI_INDEX, Platform, REF_NAME},
+        BlobUrl, Platforms, Reference, {Descriptor, OCI_INDEX, Platform, REF_NAME},
     },
     origin::OriginRef,
     vocab::Digest,

@@ -45,7 +45,7 @@ pub enum Command {
     /// the state dir and leftover pins, then serve /healthz (200 when clean).
     Cleanup(cleanup::CleanupArgs),
     /// Wait until every `damselfly cleanup` behind a Service answers 200.
-    CleanupWait(cleanup::wait::CleanupWaitArgs),
+    CleanupWait(cleanup::CleanupWaitArgs),
 }
 
 #[derive(Debug, Args)]

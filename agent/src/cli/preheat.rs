@@ -19,12 +19,10 @@ use crate::{
         transfer::{AgentFetch, Discard, RegistryArgs, drain, progress, rate},
     },
     oci::{
-        BlobUrl, Reference,
-        client::{Platforms, RegistryClient},
-        manifest::{Descriptor, Platform},
+        BlobUrl, Reference, {Descriptor, Platform}, {Platforms, RegistryClient},
     },
     origin::OriginClient,
-    swarm::peer::PeerTls,
+    swarm::PeerTls,
 };
 
 #[derive(Debug, Args)]

@@ -11,9 +11,9 @@ use tokio::net::TcpStream;
 
 use super::size::format_size;
 use crate::{
-    admin::{Status, status::PEERS_RECENT},
-    intercept::trust::{TrustVerdict, Verdict},
-    telemetry::stamp::Stamp,
+    admin::{PEERS_RECENT, Status},
+    intercept::{TrustVerdict, Verdict},
+    telemetry::Stamp,
 };
 
 pub async fn fetch(admin: SocketAddr) -> anyhow::Result<Status> {
@@ -316,10 +316,10 @@ fn table<const N: usize>(out: &mut String, head: [&str; N], rows: &[[String; N]]
 mod tests {
     use super::*;
     use crate::{
-        admin::status::{CacheStatus, PeerStatus, ReplicaStatus},
-        intercept::trust::Refusal,
+        admin::{CacheStatus, PeerStatus, ReplicaStatus},
+        intercept::Refusal,
         steer::{AttachedProgram, Rules},
-        telemetry::{metrics::InterceptTotals, recent::LogEvent},
+        telemetry::{InterceptTotals, LogEvent},
         vocab::PortCounters,
     };
 

@@ -10,9 +10,7 @@ use super::{ClusterPkiArgs, size::parse_size};
 use crate::{
     pki::Role,
     tracker::{
-        Limits,
-        server::{Config, serve},
-        tls,
+        Limits, tls, {Config, serve},
     },
 };
 
@@ -33,14 +31,14 @@ pub struct TrackerArgs {
     #[arg(
         long,
         env = "DAMSELFLY_TRACKER_MAX_CONNECTIONS",
-        default_value_t = crate::tracker::server::DEFAULT_MAX_CONNECTIONS
+        default_value_t = crate::tracker::DEFAULT_MAX_CONNECTIONS
     )]
     pub max_connections: usize,
     /// Requests handled at once; more are refused. For tests.
     #[arg(
         long,
         env = "DAMSELFLY_TRACKER_MAX_IN_FLIGHT",
-        default_value_t = crate::tracker::server::MAX_IN_FLIGHT,
+        default_value_t = crate::tracker::MAX_IN_FLIGHT,
         hide = true
     )]
     pub max_in_flight: usize,

@@ -15,11 +15,9 @@ use hyper::{HeaderMap, Response, body::Incoming, header};
 use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::{
-    admin::fetch::{CACHE_HEADER, fetch_uri},
+    admin::{CACHE_HEADER, fetch_uri},
     oci::{
-        BlobUrl,
-        auth::Credential,
-        client::{ClientError, RegistryClient, error_message},
+        BlobUrl, Credential, {ClientError, RegistryClient, error_message},
     },
     origin::{OriginClient, OriginError},
 };

@@ -1,10 +1,14 @@
 //! Accept steered connections, name them from their first bytes, and carry
 //! them on, byte for byte, to where they were going.
 
-pub mod drain;
-pub mod peek;
-pub mod rewind;
-pub mod trust;
+mod drain;
+mod peek;
+mod rewind;
+mod trust;
+
+pub use drain::Drain;
+pub use peek::{PEEK_LIMIT, Peek, classify};
+pub use trust::{ClientTrust, Refusal, TrustVerdict, Verdict};
 
 use std::{convert::Infallible, io, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,14 +27,11 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::{
     origin::{OriginRef, RegistryHosts, hosts},
-    registry::service::RegistryService,
+    registry::RegistryService,
     steer::{Client, Steering},
-    telemetry::metrics::Metrics,
+    telemetry::Metrics,
 };
-use drain::Drain;
-use peek::{PEEK_LIMIT, Peek};
 use rewind::Rewind;
-use trust::ClientTrust;
 
 /// How long to wait for a client's first bytes. Registry clients speak first;
 /// after this we splice without a name.

@@ -26,7 +26,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{steer::Client, telemetry::stamp::Stamp};
+use crate::{steer::Client, telemetry::Stamp};
 
 /// How long a refusal stands before the client is offered our certificate again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);

@@ -1,13 +1,18 @@
 //! What `damselfly get` and `preheat` need to know about images: references,
 //! manifests, registry credentials and the token flow.
 
-pub mod auth;
-pub mod client;
-pub mod manifest;
-pub mod reference;
+mod auth;
+mod client;
+mod manifest;
+mod reference;
 
 #[cfg(test)]
 mod tests;
+
+pub use auth::{Credential, parse_challenges};
+pub use client::{ClientError, Platforms, RegistryClient, error_message};
+pub use manifest::{Descriptor, Manifest, OCI_INDEX, Platform, REF_NAME};
+pub(crate) use reference::valid_repo;
 
 pub use reference::{BlobUrl, Reference};
 

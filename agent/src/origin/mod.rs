@@ -7,10 +7,12 @@
 //!   a steered connection's;
 //! - [`hosts`]: which hosts count as registries ([`RegistryHosts`]).
 
-pub mod client;
-pub mod headers;
+mod client;
+mod headers;
 pub mod hosts;
-pub mod target;
+mod target;
+
+pub use headers::{content_length, copy_headers, value, without_range};
 
 pub use client::{Body, BoxError, OriginClient, OriginError, carries_credentials, empty};
 pub use hosts::RegistryHosts;

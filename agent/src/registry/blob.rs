@@ -20,10 +20,9 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, Span, debug, field, info, instrument};
 
 use crate::{
-    acquire::{Acquire, Acquired, Chunk, origin::OriginBlob},
+    acquire::{Acquire, Acquired, Chunk, OriginBlob},
     origin::{
-        Body, OriginClient, OriginRef,
-        headers::{content_length, copy_headers, value as hv, without_range},
+        Body, OriginClient, OriginRef, {content_length, copy_headers, value as hv, without_range},
     },
     registry::{
         authz::{AuthzCache, Subject, Verdict},
@@ -33,7 +32,7 @@ use crate::{
     },
     store::{BlobReader, Store},
     swarm::Swarm,
-    telemetry::metrics::Metrics,
+    telemetry::Metrics,
     vocab::{Digest, RateLimiter},
 };
 

@@ -1,10 +1,15 @@
 //! OCI distribution routing: blob GET/HEAD by digest go through the cache;
 //! everything else goes to the origin as is.
 
-pub mod authz;
-pub mod blob;
-pub mod proxy;
-pub mod range;
-pub mod route;
-pub mod service;
-pub mod trace;
+mod authz;
+mod blob;
+mod proxy;
+mod range;
+mod route;
+mod service;
+mod trace;
+
+pub use blob::Blobs;
+pub use proxy::error_response;
+pub use route::{Route, route};
+pub use service::RegistryService;

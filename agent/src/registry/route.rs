@@ -4,7 +4,7 @@
 
 use hyper::Method;
 
-use crate::oci::reference::valid_repo;
+use crate::oci::valid_repo;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

@@ -26,7 +26,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::{
     origin::OriginRef,
     origin::{Body, BoxError},
-    telemetry::trace::SourceBytes,
+    telemetry::SourceBytes,
 };
 
 tokio::task_local! {

@@ -7,7 +7,7 @@
 
 mod klog;
 pub mod mounts;
-pub mod rules;
+mod rules;
 
 use std::{
     fs,

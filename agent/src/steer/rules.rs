@@ -7,7 +7,9 @@ use damselfly_common::{COMM_LEN, MAX_COMMS, MAX_PORTS};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
 pub const DEFAULT_PORTS: [u16; 2] = [443, 80];
+#[cfg(test)]
 pub const DEFAULT_COMMS: [&str; 7] = [
     "containerd",
     "dockerd",

@@ -103,10 +103,12 @@ impl<K: Ord + Clone> Accounting<K> {
         self.used
     }
 
+    #[cfg(test)]
     pub fn high(&self) -> u64 {
         self.high
     }
 
+    #[cfg(test)]
     pub fn low(&self) -> u64 {
         self.low
     }
@@ -117,10 +119,6 @@ impl<K: Ord + Clone> Accounting<K> {
 
     pub fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&K, &Entry)> {

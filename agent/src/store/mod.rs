@@ -39,8 +39,8 @@
 //! than resumed. A complete blob's mtime is its last use, so LRU order
 //! survives restarts (approximately: touching it is best effort).
 
-pub mod accounting;
-pub mod layout;
+mod accounting;
+mod layout;
 
 use std::{
     fs::{self, File, OpenOptions},

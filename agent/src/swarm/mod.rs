@@ -1,9 +1,16 @@
 //! Fetching a blob's pieces from peers and the origin. The decisions live in
 //! the pure [`sched`] state machine; the IO around it stays thin.
 
-pub mod peer;
-pub mod progress;
-pub mod sched;
+mod peer;
+mod progress;
+mod sched;
+
+#[cfg(test)]
+pub(crate) use peer::tests as peer_tests;
+
+pub use peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig, wire};
+pub use progress::Progress;
+pub use sched::{Action, Config, Error, PeerId, Scheduler, Source};
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

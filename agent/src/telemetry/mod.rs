@@ -4,7 +4,14 @@
 //! kernel's per-port counters are handed in by the wiring), so it sits below
 //! all that report.
 
-pub mod metrics;
-pub mod recent;
-pub mod stamp;
-pub mod trace;
+mod metrics;
+mod recent;
+mod stamp;
+mod trace;
+
+pub use trace::{Identity, Telemetry};
+
+pub use metrics::{InterceptTotals, Metrics};
+pub use recent::{LogEvent, RecentErrors};
+pub use stamp::Stamp;
+pub use trace::{SourceBytes, extract, in_trace, inject};

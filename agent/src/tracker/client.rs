@@ -102,7 +102,7 @@ fn weight(replica: &str, digest: &Digest) -> u64 {
 type Traced = fn(Request<()>) -> Result<Request<()>, Status>;
 
 fn traced(mut req: Request<()>) -> Result<Request<()>, Status> {
-    crate::telemetry::trace::inject(req.metadata_mut());
+    crate::telemetry::inject(req.metadata_mut());
     Ok(req)
 }
 
@@ -501,7 +501,7 @@ impl TrackerClient {
     ) -> Result<T, TrackerError> {
         // A span only inside a traced operation (a pull): heartbeats and
         // background announcements would each start a trace of their own.
-        let span = if crate::telemetry::trace::in_trace() {
+        let span = if crate::telemetry::in_trace() {
             info_span!(
                 "tracker.rpc",
                 otel.name = format!("tracker.{rpc}"),

@@ -6,10 +6,13 @@
 //! CA, bounded connections), and `client` the agent's side, spreading digests
 //! over replicas by rendezvous hashing.
 
-pub mod client;
+mod client;
 pub mod server;
-pub mod state;
+mod state;
 pub mod tls;
 
+pub use server::{Config, DEFAULT_HEARTBEAT, DEFAULT_MAX_CONNECTIONS, MAX_IN_FLIGHT, serve};
+pub use tls::client_config;
+
 pub use client::{FindResult, MetricsHook, ReplicaHealth, TrackerClient, TrackerError, rendezvous};
-pub use state::{Caller, Candidate, Limits, PeerInfo};
+pub use state::{Announce, Caller, Candidate, DEFAULT_MAX_PEERS, Limits, PeerInfo, State};

@@ -265,7 +265,7 @@ impl http_body::Body for Held {
 /// (`traceparent`); calls from outside a trace (heartbeats, background
 /// announcements) get none, or every few hundred ms would start a trace.
 fn rpc_span<T>(rpc: &'static str, req: &Request<T>, digest: &str) -> Span {
-    let Some(parent) = crate::telemetry::trace::extract(req.metadata()) else {
+    let Some(parent) = crate::telemetry::extract(req.metadata()) else {
         return Span::none();
     };
     let span = info_span!(

@@ -3,9 +3,9 @@
 //! Nothing here imports the rest of the crate, so any module may use it
 //! without tying itself to another's internals.
 
-pub mod bitmap;
+mod bitmap;
 mod digest;
-pub mod rate;
+mod rate;
 
 pub use bitmap::{BadBitmap, Bitmap};
 pub use digest::{BadDigest, Digest};

@@ -19,6 +19,8 @@
 pub mod state_dir;
 pub mod wait;
 
+pub use wait::CleanupWaitArgs;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -415,12 +417,12 @@ mod tests {
             .unwrap()
             .cert_pem()
             .to_string();
-        let store = crate::ca::trust::TrustStore::detect(&host).unwrap();
+        let store = crate::ca::TrustStore::detect(&host).unwrap();
         // The anchor as `ca install` leaves it (the real update runs end to end).
         let anchor = store.anchor_path();
         std::fs::create_dir_all(anchor.parent().unwrap()).unwrap();
         std::fs::write(&anchor, &pem).unwrap();
-        crate::ca::trust::CertsDirs::new(&host)
+        crate::ca::CertsDirs::new(&host)
             .install(&pem, &["registry.dfly.test"])
             .unwrap();
         // Pins as a killed agent leaves them (plain files stand in for them).

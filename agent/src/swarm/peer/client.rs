@@ -88,7 +88,8 @@ impl PeerClient {
     }
 
     /// Piece `index` of `digest` from the peer at `addr`, which must be
-    /// `expected_len` bytes long. Not verified: see [`super::verify_piece`].
+    /// `expected_len` bytes long. Not verified here: the caller checks it
+    /// against the hash it trusts.
     pub async fn fetch_piece(
         &self,
         addr: SocketAddr,

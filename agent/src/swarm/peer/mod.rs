@@ -10,12 +10,13 @@
 //!
 //! The server serves only what a [`PieceSource`] holds, verified by the
 //! store as it is read; the receiver still checks every piece against the
-//! sha256 it expects ([`verify_piece`]), since a peer may lie.
+//! sha256 the tracker's holders agree on (`acquire/driver.rs`), since a
+//! peer may lie.
 
 mod client;
 mod server;
 mod slots;
-pub mod tls;
+mod tls;
 pub mod wire;
 
 #[cfg(test)]
@@ -25,20 +26,17 @@ use std::{io, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use quinn::{TransportConfig, VarInt};
-use sha2::{Digest as _, Sha256};
 
 use crate::{
     store::{Store, StoreError},
     vocab::Digest,
 };
 
-pub use client::{ClientConfig, PeerClient, PeerCounts};
-pub use server::{CORRUPT_UPLOADS_ENV, PeerServer, ServerConfig};
-pub use tls::{ALPN, PEER_SERVER_NAME, PeerTls, TlsError};
+pub use client::{ClientConfig, PeerClient};
+pub use server::{PeerServer, ServerConfig};
+pub use tls::{PEER_SERVER_NAME, PeerTls, TlsError};
 pub use wire::WireError;
 
-/// Default `--peer-listen` port (UDP).
-pub const DEFAULT_PORT: u16 = 7401;
 /// A connection with no traffic for this long is closed; keep-alives make
 /// that happen only when the peer is gone.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,15 +103,6 @@ pub enum PeerError {
     Truncated { got: u64, expected: u64 },
     #[error("piece does not match its sha256")]
     Mismatch,
-}
-
-/// Checks a piece from a peer against the sha256 it should have.
-pub fn verify_piece(data: &[u8], sha256: &[u8; 32]) -> Result<(), PeerError> {
-    if Sha256::digest(data)[..] == sha256[..] {
-        Ok(())
-    } else {
-        Err(PeerError::Mismatch)
-    }
 }
 
 /// Shared by both ends; `bidi_streams` is how many streams the other end

@@ -23,6 +23,15 @@ use crate::{
     vocab::RateLimiter,
 };
 
+/// Checks a piece from a peer against the sha256 it should have.
+fn verify_piece(data: &[u8], sha256: &[u8; 32]) -> Result<(), PeerError> {
+    if Sha256::digest(data)[..] == sha256[..] {
+        Ok(())
+    } else {
+        Err(PeerError::Mismatch)
+    }
+}
+
 pub(crate) const PS: u64 = 64 * 1024;
 
 use crate::testing::TempDir;
