@@ -16,7 +16,7 @@ use damselfly_testbed::{
 const REGISTRY: &str = "registry.dfly.test";
 const MB: u64 = 1000 * 1000;
 /// The agent's test-only switch that corrupts every piece it uploads
-/// (`damselfly::swarm::peer::CORRUPT_UPLOADS_ENV`).
+/// (`DAMSELFLY_TEST_CORRUPT_UPLOADS`, read in `agent/src/swarm/peer/server.rs`).
 const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 
 /// Nodes 1..=n are pulling nodes (agent + containerd); the last node runs the

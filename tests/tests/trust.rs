@@ -33,7 +33,7 @@ const USER: &str = "alice";
 const PASS: &str = "s3cret";
 const MB: u64 = 1000 * 1000;
 /// The agent's test-only switch that corrupts every piece it uploads
-/// (`damselfly::swarm::peer::CORRUPT_UPLOADS_ENV`).
+/// (`DAMSELFLY_TEST_CORRUPT_UPLOADS`, read in `agent/src/swarm/peer/server.rs`).
 const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 
 /// Node 1: agent + containerd. Node 2: the private origin (TLS on 443,

@@ -23,7 +23,7 @@ use crate::{
 
 /// One origin download: every byte goes to the client that asked (while it
 /// listens) and, piece by piece, into the store.
-pub struct Download {
+pub(super) struct Download {
     /// `None` once a store error made us give up caching (the client stream goes on).
     pub writer: Option<BlobWriter>,
     pub digest: Digest,
@@ -39,7 +39,7 @@ pub struct Download {
 impl Download {
     /// Returns the blob as committed to the store, if it was, and the
     /// progress to finish.
-    pub async fn run(
+    pub(super) async fn run(
         mut self,
         body: Incoming,
         body_offset: u64,

@@ -44,17 +44,17 @@ use crate::{
 };
 
 /// Fetches bytes `[start, end)` of the blob from the origin.
-pub type RangeFetcher =
+pub(super) type RangeFetcher =
     Arc<dyn Fn(u64, u64) -> BoxFuture<'static, Result<Bytes, BoxError>> + Send + Sync>;
 
 /// How often a running download asks the tracker for news.
-pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
+pub(super) const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
 /// Origin pieces that fail this many times end the download (the client gets an error).
 const MAX_ORIGIN_FAILURES: u64 = 8;
 
 /// One blob to download from the swarm, and what to do it with.
-pub struct Driver {
+pub(super) struct Driver {
     pub digest: Digest,
     pub peers: Arc<PeerClient>,
     pub origin: RangeFetcher,
@@ -69,7 +69,7 @@ pub struct Driver {
 
 /// What came of it: the writer back (to commit) if every piece is held, and
 /// the progress to finish.
-pub struct Outcome {
+pub(super) struct Outcome {
     pub writer: Option<BlobWriter>,
     pub progress: Option<Progress>,
     /// Every piece matched its hash but the blob failed its digest: the hash
@@ -90,7 +90,7 @@ enum Stop {
 }
 
 impl Driver {
-    pub async fn run(
+    pub(super) async fn run(
         mut self,
         writer: BlobWriter,
         holders: Holders,

@@ -19,7 +19,7 @@ use crate::{
 const HIT_SLICE: usize = 256 * 1024;
 
 /// What serving the rest of a hit from the origin takes, should a piece be corrupt.
-pub struct Continuation {
+pub(super) struct Continuation {
     pub origin: OriginBlob,
     pub rate: Arc<RateLimiter>,
     pub store: Option<Store>,
@@ -31,7 +31,7 @@ pub struct Continuation {
 /// Streams bytes `[start, end)` of a cached blob to `tx`, each piece checked
 /// against its stored hash as it is read; from a corrupt piece on, the rest
 /// comes from the origin and the copy is dropped.
-pub async fn stream_hit(
+pub(super) async fn stream_hit(
     reader: BlobReader,
     start: u64,
     end: u64,

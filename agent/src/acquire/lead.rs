@@ -13,15 +13,15 @@ use crate::vocab::Digest;
 /// Downloads in progress by digest; each receiver learns whether it ended
 /// in the cache.
 #[derive(Default, Clone)]
-pub struct Inflight(Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>);
+pub(super) struct Inflight(Arc<Mutex<HashMap<Digest, watch::Receiver<Option<bool>>>>>);
 
 /// What a request that did not get the lead waits on: `Some(true)` once the
 /// leader has cached the blob, `Some(false)` if it did not.
-pub type Follower = watch::Receiver<Option<bool>>;
+pub(super) type Follower = watch::Receiver<Option<bool>>;
 
 impl Inflight {
     /// Become the one downloading `digest`, or get what to wait on.
-    pub fn claim(&self, digest: Digest) -> Result<Lead, Follower> {
+    pub(super) fn claim(&self, digest: Digest) -> Result<Lead, Follower> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(done) = map.get(&digest) {
             return Err(done.clone());
@@ -37,7 +37,7 @@ impl Inflight {
 }
 
 /// Waits for the leader: whether the blob is now cached.
-pub async fn wait(mut follower: Follower) -> bool {
+pub(super) async fn wait(mut follower: Follower) -> bool {
     follower
         .wait_for(Option::is_some)
         .await
@@ -48,14 +48,14 @@ pub async fn wait(mut follower: Follower) -> bool {
 /// The right to download one digest; whoever waits on it learns the outcome
 /// when it is finished or dropped (a drop is a failure: followers go to the
 /// origin).
-pub struct Lead {
+pub(super) struct Lead {
     pub digest: Digest,
     inflight: Inflight,
     done: Option<watch::Sender<Option<bool>>>,
 }
 
 impl Lead {
-    pub fn finish(mut self, cached: bool) {
+    pub(super) fn finish(mut self, cached: bool) {
         self.release(cached);
     }
 

@@ -10,13 +10,13 @@ use std::{
 use crate::vocab::Digest;
 
 /// How long a blob whose swarm download was poisoned skips the swarm.
-pub const POISON_TTL: Duration = Duration::from_secs(600);
+pub(super) const POISON_TTL: Duration = Duration::from_secs(600);
 
 #[derive(Default, Clone)]
-pub struct Poisoned(Arc<Mutex<HashMap<Digest, Instant>>>);
+pub(super) struct Poisoned(Arc<Mutex<HashMap<Digest, Instant>>>);
 
 impl Poisoned {
-    pub fn insert(&self, digest: Digest, now: Instant) {
+    pub(super) fn insert(&self, digest: Digest, now: Instant) {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -25,7 +25,7 @@ impl Poisoned {
 
     /// Whether `digest` was poisoned less than [`POISON_TTL`] before `now`;
     /// older entries are forgotten.
-    pub fn contains(&self, digest: &Digest, now: Instant) -> bool {
+    pub(super) fn contains(&self, digest: &Digest, now: Instant) -> bool {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, since| now.saturating_duration_since(*since) < POISON_TTL);
         map.contains_key(digest)

@@ -11,7 +11,7 @@ use crate::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum ResumeError {
+pub(super) enum ResumeError {
     /// The blocking store task died; the writer went with it.
     #[error("damselfly: the store failed reading back resumed piece {0}")]
     WriterLost(u64),
@@ -20,7 +20,7 @@ pub enum ResumeError {
 }
 
 /// Piece `index`, held from before this download began, as the client gets it.
-pub async fn read_back(
+pub(super) async fn read_back(
     writer: &mut Option<BlobWriter>,
     index: u64,
     metrics: &Metrics,
@@ -37,7 +37,7 @@ pub async fn read_back(
 
 /// Run a blocking store call on the writer off the async threads; `None`
 /// if there is no writer or the blocking task died (the writer is lost then).
-pub async fn on_writer<T: Send + 'static>(
+pub(super) async fn on_writer<T: Send + 'static>(
     writer: &mut Option<BlobWriter>,
     f: impl FnOnce(&mut BlobWriter) -> T + Send + 'static,
 ) -> Option<T> {

@@ -20,7 +20,7 @@ use crate::{
     vocab::RateLimiter,
 };
 
-pub struct SwarmJob {
+pub(super) struct SwarmJob {
     pub swarm: Arc<Swarm>,
     pub metrics: Arc<Metrics>,
     pub store: Store,
@@ -31,7 +31,7 @@ pub struct SwarmJob {
 impl SwarmJob {
     /// Fetch from peers (and the origin for what they cannot give),
     /// streaming to the client in order and into the store.
-    pub fn start(
+    pub(super) fn start(
         self,
         writer: BlobWriter,
         lead: Lead,
@@ -108,7 +108,7 @@ impl SwarmJob {
 }
 
 /// Starts telling the tracker what we hold of the blob `writer` fills.
-pub fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
+pub(super) fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
     let bitmap = writer.bitmap().clone();
     // Only a resumed download holds pieces already; their sums are a few reads.
     let hashes = if bitmap.held() > 0 {

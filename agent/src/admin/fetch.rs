@@ -18,7 +18,7 @@ use crate::{
     registry::{RegistryService, error_response},
 };
 
-pub const PATH: &str = "/v1/fetch";
+pub(super) const PATH: &str = "/v1/fetch";
 /// `hit` if the blob was complete in this agent's cache when the origin said
 /// yes to the caller, else `miss`; absent without that yes.
 pub const CACHE_HEADER: &str = "x-damselfly-cache";

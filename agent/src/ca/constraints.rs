@@ -34,7 +34,7 @@ pub fn permitted_dns_subtrees<S: AsRef<str>>(
 }
 
 /// The nearest subtree an X.509 constraint can express for one pattern.
-pub fn subtree_for(pattern: &str) -> Result<String, Unconstrainable> {
+pub(super) fn subtree_for(pattern: &str) -> Result<String, Unconstrainable> {
     let normalized = pattern.trim().trim_end_matches('.').to_ascii_lowercase();
     let labels: Vec<&str> = normalized.split('.').collect();
     let after_wildcard = match labels.iter().rposition(|l| *l == "*") {

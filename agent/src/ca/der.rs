@@ -15,12 +15,12 @@ const UTC_TIME: u8 = 0x17;
 const GENERALIZED_TIME: u8 = 0x18;
 
 /// `id-at-organizationName` (2.5.4.10), DER contents.
-pub const ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
+pub(super) const ORGANIZATION: &[u8] = &[0x55, 0x04, 0x0a];
 /// `id-at-commonName` (2.5.4.3), DER contents.
-pub const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+pub(super) const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
 
 /// `tbsCertificate.validity.notAfter` of a DER X.509 certificate.
-pub fn not_after(cert: &[u8]) -> Option<OffsetDateTime> {
+pub(super) fn not_after(cert: &[u8]) -> Option<OffsetDateTime> {
     let (_, validity, _) = expect(tbs_field(cert, 3)?, SEQUENCE)?;
     let (_, _not_before, rest) = next(validity)?;
     let (tag, value, _) = next(rest)?;
@@ -29,7 +29,7 @@ pub fn not_after(cert: &[u8]) -> Option<OffsetDateTime> {
 
 /// The first value of attribute `oid` (DER contents, e.g. [`ORGANIZATION`])
 /// in a DER certificate's subject, if it is text.
-pub fn subject_attribute(cert: &[u8], oid: &[u8]) -> Option<String> {
+pub(super) fn subject_attribute(cert: &[u8], oid: &[u8]) -> Option<String> {
     // tbsCertificate.subject: a SEQUENCE of SETs of (type OID, value).
     let (_, mut rdns, _) = expect(tbs_field(cert, 4)?, SEQUENCE)?;
     while !rdns.is_empty() {

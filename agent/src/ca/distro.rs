@@ -79,7 +79,7 @@ impl Family {
 
 /// A distro whose trust store is not changed from inside the host's files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
+pub(super) struct Refused {
     pub distro: &'static str,
     /// Why, and what to do instead.
     pub advice: &'static str,
@@ -102,7 +102,7 @@ const TALOS: Refused = Refused {
 
 /// What [`detect`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Detected {
+pub(super) enum Detected {
     /// A store we change, and how it was recognised (for messages).
     Store {
         family: Family,
@@ -116,7 +116,7 @@ pub enum Detected {
 }
 
 /// The marker files tried when os-release names nothing known, in order.
-pub const MARKERS: &[(&str, Family)] = &[
+pub(super) const MARKERS: &[(&str, Family)] = &[
     ("etc/debian_version", Family::Debian),
     ("etc/alpine-release", Family::Alpine),
     ("etc/pki/trust/anchors", Family::Suse),
@@ -126,12 +126,12 @@ pub const MARKERS: &[(&str, Family)] = &[
 ];
 
 /// The os-release IDs recognised, for messages.
-pub const KNOWN_IDS: &str = "debian, ubuntu, alpine, rhel, centos, fedora, rocky, almalinux, \
+pub(super) const KNOWN_IDS: &str = "debian, ubuntu, alpine, rhel, centos, fedora, rocky, almalinux, \
                              amzn, ol, azurelinux, mariner, sles, sled, suse, opensuse*, \
                              sl-micro, flatcar";
 
 /// Recognise the distro of the host mounted at `root`.
-pub fn detect(root: &Path) -> Result<Detected, (PathBuf, io::Error)> {
+pub(super) fn detect(root: &Path) -> Result<Detected, (PathBuf, io::Error)> {
     let os_release = read_os_release(root)?;
     let summary = match &os_release {
         Some(fields) => {
@@ -211,7 +211,7 @@ fn in_root(root: &Path, rel: &str) -> PathBuf {
 type Fields = Vec<(String, String)>;
 
 /// `KEY=value` lines; values may be quoted (os-release(5) is shell-like).
-pub fn parse_os_release(text: &str) -> Fields {
+pub(super) fn parse_os_release(text: &str) -> Fields {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))

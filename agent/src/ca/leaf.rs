@@ -18,7 +18,7 @@ use super::{Issuer, Watch};
 use crate::origin::RegistryHosts;
 
 /// What "now" is; replaceable so tests can walk a leaf towards expiry.
-pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+pub(super) type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 /// Lifetime and renewal of leaves.
 #[derive(Clone)]

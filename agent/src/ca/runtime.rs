@@ -48,7 +48,7 @@ pub const RUNTIME_UNITS: &[RuntimeUnit] = &[
 /// Where unit files are, relative to the host root: the admin's, the
 /// distro's (merged /usr, and not), and the local one RKE2's tarball
 /// install uses.
-pub const UNIT_DIRS: &[&str] = &[
+pub(super) const UNIT_DIRS: &[&str] = &[
     "etc/systemd/system",
     "usr/lib/systemd/system",
     "lib/systemd/system",

@@ -14,12 +14,12 @@ use std::{
     process::Command,
 };
 
-pub use super::distro::Family;
+pub(crate) use super::distro::Family;
 use super::distro::{self, Detected, KNOWN_IDS, MARKERS};
 
 /// File name of the CA in the distro's anchor directory (but Flatcar's,
 /// [`Family::anchor_name`]) and in the runtimes' `certs.d` directories.
-pub const ANCHOR_NAME: &str = "damselfly-node-ca.crt";
+pub(super) const ANCHOR_NAME: &str = "damselfly-node-ca.crt";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -403,7 +403,7 @@ impl CertsDirs {
 }
 
 /// Is `pem` exactly one certificate, a Damselfly node CA (by its subject)?
-pub fn is_node_ca(pem: &str) -> bool {
+pub(super) fn is_node_ca(pem: &str) -> bool {
     use rustls::pki_types::{CertificateDer, pem::PemObject as _};
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     let [Ok(der)] = certs.as_slice() else {
@@ -416,7 +416,7 @@ pub fn is_node_ca(pem: &str) -> bool {
 }
 
 /// `argv` to run on the host at `root`: as is when `root` is `/`, else via chroot.
-pub fn in_host(root: &Path, argv: &[&str]) -> Vec<String> {
+pub(super) fn in_host(root: &Path, argv: &[&str]) -> Vec<String> {
     let is_slash = root
         .canonicalize()
         .map(|r| r == Path::new("/"))
@@ -431,7 +431,7 @@ pub fn in_host(root: &Path, argv: &[&str]) -> Vec<String> {
 }
 
 /// Run `argv`, turning a failure into an error that carries its output.
-pub fn run(argv: &[String]) -> Result<(), TrustError> {
+pub(super) fn run(argv: &[String]) -> Result<(), TrustError> {
     let (command, out) = output(argv)?;
     if out.status.success() {
         tracing::debug!(%command, stdout = %String::from_utf8_lossy(&out.stdout), "ran");
@@ -449,7 +449,7 @@ pub fn run(argv: &[String]) -> Result<(), TrustError> {
 }
 
 /// Run `argv` as a question: did it exit 0? An error only if it could not run.
-pub fn succeeds(argv: &[String]) -> Result<bool, TrustError> {
+pub(super) fn succeeds(argv: &[String]) -> Result<bool, TrustError> {
     Ok(output(argv)?.1.status.success())
 }
 

@@ -9,13 +9,13 @@ use std::{
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub struct Rewind<S> {
+pub(super) struct Rewind<S> {
     head: Bytes,
     inner: S,
 }
 
 impl<S> Rewind<S> {
-    pub fn new(head: Bytes, inner: S) -> Self {
+    pub(super) fn new(head: Bytes, inner: S) -> Self {
         Self { head, inner }
     }
 }

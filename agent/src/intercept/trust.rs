@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::{steer::Client, telemetry::Stamp};
 
 /// How long a refusal stands before the client is offered our certificate again.
-pub const RETRY_AFTER: Duration = Duration::from_secs(600);
+pub(super) const RETRY_AFTER: Duration = Duration::from_secs(600);
 /// Refusals remembered at most (oldest forgotten first): names and hosts come
 /// from processes on the node, which may pick any.
 const MAX_ENTRIES: usize = 1024;
@@ -306,7 +306,7 @@ impl ClientTrust {
 }
 
 /// Whether a failed handshake was the client refusing our certificate.
-pub fn is_refusal(e: &std::io::Error) -> bool {
+pub(super) fn is_refusal(e: &std::io::Error) -> bool {
     use rustls::AlertDescription as A;
     matches!(
         e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),

@@ -397,7 +397,7 @@ impl RegistryClient {
 }
 
 /// The body, up to `limit` bytes.
-pub async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, String> {
+pub(super) async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, String> {
     Limited::new(resp.into_body(), limit)
         .collect()
         .await

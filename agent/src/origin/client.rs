@@ -40,7 +40,7 @@ use hyper_util::{
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
-pub const MAX_REDIRECTS: usize = 5;
+pub(super) const MAX_REDIRECTS: usize = 5;
 
 /// Request headers that carry a client's identity: they follow a redirect
 /// only where [`carries_credentials`] says so (Go's net/http list;
@@ -69,7 +69,7 @@ pub enum OriginError {
 /// that then answered TLS for that name: only such an address is used for
 /// the agent's own requests, and only over TLS.
 #[derive(Clone, Default)]
-pub struct Learned(Arc<RwLock<HashMap<String, IpAddr>>>);
+pub(super) struct Learned(Arc<RwLock<HashMap<String, IpAddr>>>);
 
 impl Learned {
     fn confirm(&self, host: &str, ip: IpAddr) {

@@ -26,7 +26,7 @@ pub fn value(s: String) -> HeaderValue {
 
 /// Connection-scoped headers (RFC 9110 §7.6.1) never cross a proxy; `Host`
 /// is carried by the URI's authority instead.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

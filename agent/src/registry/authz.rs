@@ -18,14 +18,14 @@ use std::{
 use hyper::StatusCode;
 use sha2::{Digest, Sha256};
 
-pub const TTL: Duration = Duration::from_secs(60);
+pub(super) const TTL: Duration = Duration::from_secs(60);
 /// Bound on remembered answers; the oldest go first when full.
 const MAX_ENTRIES: usize = 4096;
 
 /// What the origin's answer to the authorization HEAD, at the end of its
 /// redirects, means for the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(super) enum Verdict {
     /// 2xx: the origin would serve this client this blob.
     Yes,
     /// 401, 403 or 404: it would not.
@@ -36,7 +36,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn of(status: StatusCode) -> Self {
+    pub(super) fn of(status: StatusCode) -> Self {
         match status.as_u16() {
             200..=299 => Verdict::Yes,
             401 | 403 | 404 => Verdict::Refused,
@@ -47,7 +47,7 @@ impl Verdict {
 
 /// The blob a yes is about.
 #[derive(Debug, Clone, Copy)]
-pub struct Subject<'a> {
+pub(super) struct Subject<'a> {
     pub scheme: &'a str,
     pub host: &'a str,
     pub port: u16,
@@ -67,7 +67,7 @@ struct Key {
 }
 
 #[derive(Debug, Default)]
-pub struct AuthzCache {
+pub(super) struct AuthzCache {
     allowed_until: HashMap<Key, Instant>,
 }
 
@@ -92,7 +92,7 @@ impl AuthzCache {
         }
     }
 
-    pub fn is_allowed(
+    pub(super) fn is_allowed(
         &self,
         subject: &Subject,
         authorization: Option<&[u8]>,
@@ -103,7 +103,7 @@ impl AuthzCache {
             .is_some_and(|&until| now < until)
     }
 
-    pub fn allow(&mut self, subject: &Subject, authorization: Option<&[u8]>, now: Instant) {
+    pub(super) fn allow(&mut self, subject: &Subject, authorization: Option<&[u8]>, now: Instant) {
         if self.allowed_until.len() >= MAX_ENTRIES {
             self.allowed_until.retain(|_, &mut until| now < until);
             if self.allowed_until.len() >= MAX_ENTRIES {

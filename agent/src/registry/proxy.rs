@@ -8,7 +8,7 @@ use crate::origin::{Body, OriginClient, OriginError, OriginRef, copy_headers};
 
 /// `req` as it came, to `origin` (a steered connection's own destination),
 /// its answer back as it came.
-pub async fn forward(
+pub(super) async fn forward(
     upstream: &OriginClient,
     origin: &OriginRef,
     req: Request<Incoming>,
@@ -43,7 +43,7 @@ pub async fn forward(
 }
 
 /// The origin's response as ours: status, end-to-end headers, streamed body.
-pub fn relay(resp: Response<Incoming>) -> Response<Body> {
+pub(super) fn relay(resp: Response<Incoming>) -> Response<Body> {
     let (parts, body) = resp.into_parts();
     let mut out = Response::new(body.map_err(Into::into).boxed());
     *out.status_mut() = parts.status;
@@ -51,7 +51,7 @@ pub fn relay(resp: Response<Incoming>) -> Response<Body> {
     out
 }
 
-pub fn origin_error(e: &OriginError) -> Response<Body> {
+pub(super) fn origin_error(e: &OriginError) -> Response<Body> {
     error_response(
         StatusCode::BAD_GATEWAY,
         &format!("damselfly: origin unreachable: {e}"),

@@ -2,7 +2,7 @@
 //! Multi-range requests get the whole blob (RFC 9110 allows ignoring Range).
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ByteRange {
+pub(super) enum ByteRange {
     Full,
     /// `[start, end)`; answered 206 with `Content-Range`.
     Partial {
@@ -13,7 +13,7 @@ pub enum ByteRange {
     Unsatisfiable,
 }
 
-pub fn parse(header: Option<&str>, size: u64) -> ByteRange {
+pub(super) fn parse(header: Option<&str>, size: u64) -> ByteRange {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return ByteRange::Full;
     };

@@ -37,7 +37,7 @@ tokio::task_local! {
 
 /// The root span of one blob request and what is counted for it.
 #[derive(Clone)]
-pub struct BlobTrace {
+pub(super) struct BlobTrace {
     inner: Arc<Inner>,
 }
 
@@ -51,7 +51,7 @@ struct Inner {
 impl BlobTrace {
     /// A new trace for `method` on `sha256:<hex>` in `repo` at `origin`,
     /// linked to the span current now (the connection's, if intercepted).
-    pub fn start(method: &Method, origin: &OriginRef, repo: &str, hex: &str) -> Self {
+    pub(super) fn start(method: &Method, origin: &OriginRef, repo: &str, hex: &str) -> Self {
         let span = info_span!(
             parent: None,
             "blob",
@@ -86,23 +86,23 @@ impl BlobTrace {
         }
     }
 
-    pub fn span(&self) -> &Span {
+    pub(super) fn span(&self) -> &Span {
         &self.inner.span
     }
 
     /// Runs `fut` (the request's handling) with this as the current blob trace.
-    pub async fn scope<F: Future>(self, fut: F) -> F::Output {
+    pub(super) async fn scope<F: Future>(self, fut: F) -> F::Output {
         CURRENT.scope(self, fut).await
     }
 
     /// The blob request this task serves, if any.
-    pub fn current() -> Option<BlobTrace> {
+    pub(super) fn current() -> Option<BlobTrace> {
         CURRENT.try_with(Clone::clone).ok()
     }
 
     /// Byte counts of the current request; a detached counter outside one,
     /// so producers never need to care whether they are traced.
-    pub fn current_bytes() -> SourceBytes {
+    pub(super) fn current_bytes() -> SourceBytes {
         Self::current()
             .map(|t| t.inner.bytes.clone())
             .unwrap_or_default()
@@ -110,7 +110,7 @@ impl BlobTrace {
 
     /// Notes how the current request is served (`hit`, `miss`,
     /// `passthrough`, `denied`: the `damselfly_blob_requests_total` labels).
-    pub fn set_outcome(outcome: &'static str) {
+    pub(super) fn set_outcome(outcome: &'static str) {
         if let Some(t) = Self::current() {
             *t.inner.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
             t.inner.span.record("outcome", outcome);
@@ -119,7 +119,7 @@ impl BlobTrace {
 
     /// Records the status and hands the body on, wrapped so that the end of
     /// the stream records the timings and byte counts.
-    pub fn respond(self, resp: Response<Body>) -> Response<Body> {
+    pub(super) fn respond(self, resp: Response<Body>) -> Response<Body> {
         let status = resp.status();
         self.inner.span.record("status", status.as_u16());
         if status.is_server_error() {
@@ -163,7 +163,7 @@ impl BlobTrace {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyEnd {
+pub(super) enum BodyEnd {
     Complete,
     /// The producer failed mid-stream (the client sees a broken body).
     Error,
@@ -183,7 +183,7 @@ impl BodyEnd {
 
 /// Bytes of one response by source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Split {
+pub(super) struct Split {
     pub cache: u64,
     pub peer: u64,
     pub origin: u64,
@@ -192,7 +192,7 @@ pub struct Split {
 /// What each source gave. A relayed response (passthrough, a refusal) is
 /// the origin's own body and passes no counter: all it sent is origin bytes.
 /// Without an outcome the agent answered itself (an error): no source's.
-pub fn split_bytes(outcome: Option<&str>, counted: &SourceBytes, sent: u64) -> Split {
+pub(super) fn split_bytes(outcome: Option<&str>, counted: &SourceBytes, sent: u64) -> Split {
     match outcome {
         None => Split {
             cache: 0,

@@ -9,7 +9,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use super::SteerError;
 
-pub const TARGET: &str = "damselfly::kernel";
+pub(super) const TARGET: &str = "damselfly::kernel";
 
 /// aya-log hands records to a `log::Log`; ours re-emits them as tracing events.
 struct ToTracing;
@@ -27,7 +27,7 @@ impl log::Log for ToTracing {
 }
 
 /// Reads the programs' ring buffer whenever the kernel says it has records.
-pub fn spawn_reader(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, SteerError> {
+pub(super) fn spawn_reader(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, SteerError> {
     let logger = EbpfLogger::init_with_logger(ebpf, ToTracing)
         .map_err(|e| SteerError::KernelLog(e.to_string()))?;
     // SAFETY: the logger owns the ring buffer's fd and keeps it open, unchanged,

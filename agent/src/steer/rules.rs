@@ -8,9 +8,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
-pub const DEFAULT_PORTS: [u16; 2] = [443, 80];
+pub(crate) const DEFAULT_PORTS: [u16; 2] = [443, 80];
 #[cfg(test)]
-pub const DEFAULT_COMMS: [&str; 7] = [
+pub(crate) const DEFAULT_COMMS: [&str; 7] = [
     "containerd",
     "dockerd",
     "crio",
@@ -111,7 +111,7 @@ impl Rules {
     }
 }
 
-pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
+pub(super) fn comm_key(name: &str) -> [u8; COMM_LEN] {
     let mut key = [0u8; COMM_LEN];
     let n = name.len().min(COMM_LEN - 1);
     key[..n].copy_from_slice(&name.as_bytes()[..n]);
@@ -120,7 +120,7 @@ pub fn comm_key(name: &str) -> [u8; COMM_LEN] {
 
 /// A CIDR, or a bare address meaning a single host; host bits are cleared so
 /// `10.1.2.3/8` excludes what the user meant, `10.0.0.0/8`.
-pub fn parse_cidr(s: &str) -> Result<IpNet, RuleError> {
+pub(super) fn parse_cidr(s: &str) -> Result<IpNet, RuleError> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net.trunc());
     }

@@ -16,12 +16,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Eviction starts above this share of capacity...
-pub const HIGH_PERCENT: u64 = 95;
+pub(super) const HIGH_PERCENT: u64 = 95;
 /// ...and stops at this one.
-pub const LOW_PERCENT: u64 = 85;
+pub(super) const LOW_PERCENT: u64 = 85;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub(super) struct Entry {
     pub size: u64,
     pub last_use: u64,
     pub pins: u32,
@@ -32,7 +32,7 @@ pub struct Entry {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refused {
+pub(super) enum Refused {
     #[error("{size} bytes do not fit: {used} of {capacity} used, {pinned} pinned")]
     NoSpace {
         size: u64,
@@ -53,13 +53,13 @@ pub enum Refused {
 /// A successful reservation: the new entry's generation, and the entries
 /// already dropped from the accounting whose files the caller must delete.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Reserved<K> {
+pub(super) struct Reserved<K> {
     pub generation: u64,
     pub evicted: Vec<K>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Accounting<K> {
+pub(super) struct Accounting<K> {
     capacity: u64,
     high: u64,
     low: u64,
@@ -72,14 +72,14 @@ pub struct Accounting<K> {
 
 impl<K: Ord + Clone> Accounting<K> {
     /// Watermarks at [`HIGH_PERCENT`] and [`LOW_PERCENT`] of `capacity`.
-    pub fn new(capacity: u64) -> Self {
+    pub(super) fn new(capacity: u64) -> Self {
         let pct = |p: u64| (u128::from(capacity) * u128::from(p) / 100) as u64;
         Self::with_watermarks(capacity, pct(HIGH_PERCENT), pct(LOW_PERCENT))
     }
 
     /// # Panics
     /// Unless `low <= high <= capacity`.
-    pub fn with_watermarks(capacity: u64, high: u64, low: u64) -> Self {
+    pub(super) fn with_watermarks(capacity: u64, high: u64, low: u64) -> Self {
         assert!(
             low <= high && high <= capacity,
             "watermarks {low} <= {high} <= {capacity}"
@@ -95,40 +95,40 @@ impl<K: Ord + Clone> Accounting<K> {
         }
     }
 
-    pub fn capacity(&self) -> u64 {
+    pub(super) fn capacity(&self) -> u64 {
         self.capacity
     }
 
-    pub fn used(&self) -> u64 {
+    pub(super) fn used(&self) -> u64 {
         self.used
     }
 
     #[cfg(test)]
-    pub fn high(&self) -> u64 {
+    pub(super) fn high(&self) -> u64 {
         self.high
     }
 
     #[cfg(test)]
-    pub fn low(&self) -> u64 {
+    pub(super) fn low(&self) -> u64 {
         self.low
     }
 
-    pub fn get(&self, key: &K) -> Option<&Entry> {
+    pub(super) fn get(&self, key: &K) -> Option<&Entry> {
         self.entries.get(key)
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &Entry)> {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&K, &Entry)> {
         self.entries.iter()
     }
 
     /// Adds an unpinned entry found on disk at startup, replacing any entry
     /// for `key`. It may take use past capacity; [`Self::evict_candidates`]
     /// then says what to drop.
-    pub fn insert(&mut self, key: K, size: u64, complete: bool, tick: u64) -> u64 {
+    pub(super) fn insert(&mut self, key: K, size: u64, complete: bool, tick: u64) -> u64 {
         self.remove(&key);
         let generation = self.bump();
         self.put(key, size, complete, tick, 0, false, generation);
@@ -139,7 +139,7 @@ impl<K: Ord + Clone> Accounting<K> {
     /// entry, pinned once by its writer. Unpinned entries are evicted (LRU
     /// first) if the new use would exceed the high watermark, down to the low
     /// one where possible. Nothing changes when it is refused.
-    pub fn reserve(&mut self, key: K, size: u64, tick: u64) -> Result<Reserved<K>, Refused> {
+    pub(super) fn reserve(&mut self, key: K, size: u64, tick: u64) -> Result<Reserved<K>, Refused> {
         if self.entries.contains_key(&key) {
             return Err(Refused::Exists);
         }
@@ -183,7 +183,7 @@ impl<K: Ord + Clone> Accounting<K> {
     }
 
     /// A writer takes over an unpinned partial entry (resume).
-    pub fn resume(&mut self, key: &K, tick: u64) -> Result<u64, Refused> {
+    pub(super) fn resume(&mut self, key: &K, tick: u64) -> Result<u64, Refused> {
         let e = self.entries.get(key).ok_or(Refused::Absent)?;
         if e.complete {
             return Err(Refused::Complete);
@@ -201,7 +201,7 @@ impl<K: Ord + Clone> Accounting<K> {
 
     /// The writer of generation `generation` is done; `complete` says whether
     /// the blob was committed. Its pin is released separately by [`Self::unpin`].
-    pub fn end_write(&mut self, key: &K, generation: u64, complete: bool) {
+    pub(super) fn end_write(&mut self, key: &K, generation: u64, complete: bool) {
         if let Some(e) = self.entries.get_mut(key)
             && e.generation == generation
         {
@@ -212,7 +212,7 @@ impl<K: Ord + Clone> Accounting<K> {
 
     /// Pins a complete entry for a reader and marks it used. `None` if there
     /// is no complete entry for `key`.
-    pub fn pin(&mut self, key: &K, tick: u64) -> Option<u64> {
+    pub(super) fn pin(&mut self, key: &K, tick: u64) -> Option<u64> {
         let e = self.entries.get_mut(key)?;
         if !e.complete {
             return None;
@@ -225,7 +225,7 @@ impl<K: Ord + Clone> Accounting<K> {
 
     /// Releases a pin taken on generation `generation`; a pin on an entry
     /// that has since been removed (or replaced) is ignored.
-    pub fn unpin(&mut self, key: &K, generation: u64) {
+    pub(super) fn unpin(&mut self, key: &K, generation: u64) {
         if let Some(e) = self.entries.get_mut(key)
             && e.generation == generation
         {
@@ -236,7 +236,7 @@ impl<K: Ord + Clone> Accounting<K> {
 
     /// Moves `key` to the most-recently-used end. A `tick` older than the
     /// entry's last use is ignored.
-    pub fn touch(&mut self, key: &K, tick: u64) {
+    pub(super) fn touch(&mut self, key: &K, tick: u64) {
         if let Some(e) = self.entries.get_mut(key)
             && tick > e.last_use
         {
@@ -246,7 +246,7 @@ impl<K: Ord + Clone> Accounting<K> {
         }
     }
 
-    pub fn remove(&mut self, key: &K) -> Option<Entry> {
+    pub(super) fn remove(&mut self, key: &K) -> Option<Entry> {
         let e = self.entries.remove(key)?;
         self.lru.remove(&(e.last_use, key.clone()));
         self.used -= e.size;
@@ -257,7 +257,7 @@ impl<K: Ord + Clone> Accounting<K> {
     /// watermark to at or below the low one. Pinned entries are skipped, so
     /// the result may stop short. Empty while use is at or below high.
     /// Does not change anything: the caller removes each one it deletes.
-    pub fn evict_candidates(&self) -> Vec<K> {
+    pub(super) fn evict_candidates(&self) -> Vec<K> {
         let mut out = Vec::new();
         if self.used <= self.high {
             return out;

@@ -13,12 +13,12 @@
 //! rewritten in place. A complete blob keeps its meta file (bitmap all ones)
 //! because every read checks the piece sums in it.
 
-pub const MAGIC: &[u8; 8] = b"DFLYBLB1";
-pub const HEADER_LEN: u64 = 24;
-pub const SUM_LEN: u64 = 32;
+pub(super) const MAGIC: &[u8; 8] = b"DFLYBLB1";
+pub(super) const HEADER_LEN: u64 = 24;
+pub(super) const SUM_LEN: u64 = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum BadHeader {
+pub(super) enum BadHeader {
     #[error("meta file: not a Damselfly blob header")]
     Magic,
     #[error("meta file: piece size 0")]
@@ -26,13 +26,13 @@ pub enum BadHeader {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
+pub(super) struct Header {
     pub size: u64,
     pub piece_size: u64,
 }
 
 impl Header {
-    pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
+    pub(super) fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut b = [0u8; HEADER_LEN as usize];
         b[..8].copy_from_slice(MAGIC);
         b[8..16].copy_from_slice(&self.size.to_le_bytes());
@@ -40,7 +40,7 @@ impl Header {
         b
     }
 
-    pub fn decode(b: &[u8; HEADER_LEN as usize]) -> Result<Self, BadHeader> {
+    pub(super) fn decode(b: &[u8; HEADER_LEN as usize]) -> Result<Self, BadHeader> {
         if &b[..8] != MAGIC {
             return Err(BadHeader::Magic);
         }
@@ -52,30 +52,30 @@ impl Header {
         Ok(Self { size, piece_size })
     }
 
-    pub fn pieces(&self) -> u64 {
+    pub(super) fn pieces(&self) -> u64 {
         self.size.div_ceil(self.piece_size)
     }
 
     /// Byte range of piece `i` within the blob; the last piece may be short.
-    pub fn piece_range(&self, i: u64) -> (u64, u64) {
+    pub(super) fn piece_range(&self, i: u64) -> (u64, u64) {
         let start = i * self.piece_size;
         (start, (start + self.piece_size).min(self.size))
     }
 
-    pub fn bitmap_offset(&self) -> u64 {
+    pub(super) fn bitmap_offset(&self) -> u64 {
         HEADER_LEN
     }
 
-    pub fn bitmap_len(&self) -> u64 {
+    pub(super) fn bitmap_len(&self) -> u64 {
         self.pieces().div_ceil(8)
     }
 
-    pub fn sum_offset(&self, i: u64) -> u64 {
+    pub(super) fn sum_offset(&self, i: u64) -> u64 {
         HEADER_LEN + self.bitmap_len() + i * SUM_LEN
     }
 
     /// The length a well-formed meta file has.
-    pub fn meta_len(&self) -> u64 {
+    pub(super) fn meta_len(&self) -> u64 {
         self.sum_offset(self.pieces())
     }
 }

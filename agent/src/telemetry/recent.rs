@@ -21,9 +21,9 @@ use tracing_subscriber::{
 use super::stamp::Stamp;
 
 /// Events kept.
-pub const KEPT: usize = 10;
+pub(super) const KEPT: usize = 10;
 /// Bytes of one event's text kept (fields included), cut at a character.
-pub const MAX_MESSAGE: usize = 512;
+pub(super) const MAX_MESSAGE: usize = 512;
 
 /// One WARN or ERROR event, as `/status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -54,7 +54,7 @@ pub enum TelemetryError {
 
 /// Resource attributes, by OpenTelemetry's semantic conventions where one
 /// fits (`service.*`, `host.name`) and `damselfly.*` where none does.
-pub fn resource_attributes(id: &Identity) -> Vec<KeyValue> {
+pub(super) fn resource_attributes(id: &Identity) -> Vec<KeyValue> {
     let mut attrs = vec![
         KeyValue::new("service.name", id.service),
         KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),

@@ -39,9 +39,9 @@ use crate::vocab::{Digest, PieceHash};
 
 /// Connecting to a replica: long enough for a loaded LAN, short enough that a
 /// dead replica costs a pull about a second before it goes to the origin.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Any one call, connect included.
-pub const RPC_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(super) const RPC_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Called once per RPC with its name (`register`, `heartbeat`, `announce`,
 /// `withdraw`, `find`) and `ok` or `error`: the agent feeds

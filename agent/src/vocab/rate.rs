@@ -32,7 +32,7 @@ pub enum Priority {
 /// bucket is full and leaves it in debt, so big requests are never starved
 /// and the long-run rate still holds.
 #[derive(Clone, Debug)]
-pub struct Bucket {
+pub(super) struct Bucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -42,7 +42,7 @@ pub struct Bucket {
 impl Bucket {
     /// A full bucket at `now` (an offset from any fixed origin). `rate` must
     /// be non-zero; zero means "no limit", which [`RateLimiter`] handles.
-    pub fn new(rate: u64, now: Duration) -> Self {
+    pub(super) fn new(rate: u64, now: Duration) -> Self {
         assert!(rate > 0, "a zero rate means unlimited: no bucket");
         let burst = (rate / BURST_DIVISOR).max(MIN_BURST) as f64;
         Self {
@@ -53,7 +53,7 @@ impl Bucket {
         }
     }
 
-    pub fn burst(&self) -> u64 {
+    pub(super) fn burst(&self) -> u64 {
         self.burst as u64
     }
 
@@ -68,7 +68,7 @@ impl Bucket {
 
     /// How long until `n` tokens are there, not counting any refill after the
     /// last `take`.
-    pub fn time_for(&self, n: u64) -> Duration {
+    pub(super) fn time_for(&self, n: u64) -> Duration {
         let need = (n as f64).min(self.burst);
         if self.tokens + EPSILON >= need {
             Duration::ZERO
@@ -78,7 +78,7 @@ impl Bucket {
     }
 
     /// Takes `n` tokens at `now`, or says how long to wait before trying again.
-    pub fn take(&mut self, n: u64, now: Duration) -> Result<(), Duration> {
+    pub(super) fn take(&mut self, n: u64, now: Duration) -> Result<(), Duration> {
         self.refill(now);
         match self.time_for(n) {
             Duration::ZERO => {

@@ -32,18 +32,20 @@ use crate::{
     vocab::Digest,
 };
 
+use crate::pki::PEER_SERVER_NAME;
 pub use client::{ClientConfig, PeerClient};
 pub use server::{PeerServer, ServerConfig};
-pub use tls::{PEER_SERVER_NAME, PeerTls, TlsError};
-pub use wire::WireError;
+pub use tls::PeerTls;
+use tls::TlsError;
+use wire::WireError;
 
 /// A connection with no traffic for this long is closed; keep-alives make
 /// that happen only when the peer is gone.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// Called with a byte count as piece payload goes out or comes in (metrics).
-pub type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
+pub(super) type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Where the server finds pieces: complete blobs, and pieces of downloads
 /// still running. Called on a blocking thread, so it may read from disk.

@@ -39,7 +39,7 @@ use crate::{store::StoreError, vocab::RateLimiter};
 /// Set to `1` in an agent's environment to make it flip a byte in every piece
 /// it uploads: end-to-end tests use it to check that receivers catch, ban
 /// and report a lying peer. Read once, by [`ServerConfig::new`].
-pub const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
+pub(super) const CORRUPT_UPLOADS_ENV: &str = "DAMSELFLY_TEST_CORRUPT_UPLOADS";
 
 /// Pieces go out in writes of this size, each paid for at the rate limiter
 /// and counted, so limits and metrics follow the transfer smoothly.
@@ -47,9 +47,9 @@ const CHUNK: usize = 64 * 1024;
 
 /// What a client may send on one stream before we read it: requests are
 /// [`REQUEST_LEN`] bytes, so anything more is only memory for a hostile peer.
-pub const REQUEST_WINDOW: u32 = 1024;
+pub(super) const REQUEST_WINDOW: u32 = 1024;
 /// The same for a whole connection.
-pub const CONNECTION_WINDOW: u32 = 64 * 1024;
+pub(super) const CONNECTION_WINDOW: u32 = 64 * 1024;
 
 /// QUIC error code of a stream reset because the peer stopped taking data.
 const STALLED: u32 = 1;

@@ -11,14 +11,14 @@ use std::{
 
 /// Peers are told apart by address: there is one connection per peer pair,
 /// and the address is what the tracker names them by.
-pub struct UploadSlots {
+pub(super) struct UploadSlots {
     max: Option<usize>,
     serving: Mutex<HashMap<SocketAddr, usize>>,
 }
 
 impl UploadSlots {
     /// `None`: no limit.
-    pub fn new(max: Option<usize>) -> Arc<Self> {
+    pub(super) fn new(max: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
             max,
             serving: Mutex::new(HashMap::new()),
@@ -27,7 +27,7 @@ impl UploadSlots {
 
     /// A slot for one request from `peer`, or `None` if `peer` is not being
     /// served yet and the limit is reached.
-    pub fn try_acquire(self: &Arc<Self>, peer: SocketAddr) -> Option<SlotGuard> {
+    pub(super) fn try_acquire(self: &Arc<Self>, peer: SocketAddr) -> Option<SlotGuard> {
         let mut serving = self.lock();
         let full = self.max.is_some_and(|max| serving.len() >= max);
         match serving.get_mut(&peer) {
@@ -44,7 +44,7 @@ impl UploadSlots {
     }
 
     /// Distinct peers being served now.
-    pub fn serving(&self) -> usize {
+    pub(super) fn serving(&self) -> usize {
         self.lock().len()
     }
 
@@ -54,7 +54,7 @@ impl UploadSlots {
 }
 
 /// One request's hold on its peer's slot.
-pub struct SlotGuard {
+pub(super) struct SlotGuard {
     slots: Arc<UploadSlots>,
     peer: SocketAddr,
 }

@@ -36,10 +36,10 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime},
 };
 
-pub use crate::pki::PEER_SERVER_NAME;
+use crate::pki::PEER_SERVER_NAME;
 use crate::pki::{ClusterPki, peer_client_verifier, provider};
 
-pub const ALPN: &[u8] = b"damselfly/1";
+pub(super) const ALPN: &[u8] = b"damselfly/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

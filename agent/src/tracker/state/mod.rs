@@ -41,14 +41,14 @@ pub const DEFAULT_MAX_PEERS: usize = 32;
 
 /// Heap charged for a registration besides its strings: its entries in the
 /// peer and caller maps with hash-table slack, and allocator headers.
-pub const PEER_OVERHEAD: u64 = 1024;
+pub(super) const PEER_OVERHEAD: u64 = 1024;
 /// Heap charged for a holding besides its bitmap, hashes and the holder's id:
 /// its entries in the blob's holder map and in the peer's digest set, a whole
 /// blob entry (as if every holding were of a blob of its own), table slack
 /// and allocator headers.
-pub const HOLDING_OVERHEAD: u64 = 1024;
+pub(super) const HOLDING_OVERHEAD: u64 = 1024;
 /// Heap per piece hash kept (`Option<[u8; 32]>`).
-pub const HASH_BYTES: u64 = 33;
+pub(super) const HASH_BYTES: u64 = 33;
 
 /// What the tracker accepts. The defaults fit a cluster of a few thousand
 /// nodes with 4 MiB pieces (blobs up to 64 GiB) in 256 MiB of state.
@@ -253,7 +253,7 @@ impl PeerInfo {
 }
 
 /// Refuses a string longer than `max` bytes.
-pub fn check_len(what: &'static str, s: &str, max: usize) -> Result<(), StateError> {
+pub(super) fn check_len(what: &'static str, s: &str, max: usize) -> Result<(), StateError> {
     if s.len() > max {
         return Err(StateError::TooLong {
             what,
