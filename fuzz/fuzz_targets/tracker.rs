@@ -15,8 +15,8 @@ use std::{
 
 use arbitrary::Arbitrary;
 use damselfly::{
-    vocab::Digest,
     tracker::{Announce, Caller, DEFAULT_MAX_PEERS, PeerInfo, State},
+    vocab::Digest,
 };
 use libfuzzer_sys::fuzz_target;
 
