@@ -13,10 +13,11 @@ pub mod origin;
 pub mod pki;
 pub mod registry;
 pub mod steer;
-pub mod store;
 pub mod swarm;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
 pub mod tracker;
-pub mod vocab;
+
+pub use damselfly_core::vocab;
+pub use damselfly_store as store;

@@ -16,7 +16,6 @@
 mod download;
 mod driver;
 mod hit;
-mod in_order;
 mod lead;
 mod origin;
 mod poison;
@@ -25,6 +24,7 @@ mod swarm;
 
 pub use origin::OriginBlob;
 
+use damselfly_core::in_order;
 use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use bytes::Bytes;

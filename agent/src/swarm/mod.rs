@@ -3,7 +3,6 @@
 
 mod peer;
 mod progress;
-mod sched;
 
 #[cfg(test)]
 pub(crate) use peer::tests as peer_tests;
@@ -11,6 +10,8 @@ pub(crate) use peer::tests as peer_tests;
 pub use peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig, wire};
 pub use progress::Progress;
 pub use sched::{Action, Config, Error, PeerId, Scheduler, Source};
+
+pub use damselfly_core::sched;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

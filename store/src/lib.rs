@@ -58,11 +58,11 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use tracing::{debug, info, warn};
 
-use crate::vocab::Bitmap;
 use accounting::{Accounting, Refused};
+use damselfly_core::vocab::Bitmap;
 use layout::{HEADER_LEN, Header, SUM_LEN};
 
-use crate::vocab::{BadDigest, Digest};
+use damselfly_core::vocab::{BadDigest, Digest};
 
 /// Default piece size: what peers exchange and what a resume loses at most.
 pub const DEFAULT_PIECE_SIZE: u64 = 4 * 1024 * 1024;

@@ -4,7 +4,18 @@ use super::*;
 
 const PS: u64 = 1024;
 
-use crate::testing::TempDir;
+/// A `dfly-` temporary directory, removed when dropped.
+struct TempDir(std::path::PathBuf, #[allow(dead_code)] tempfile::TempDir);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let t = tempfile::Builder::new()
+            .prefix(&format!("dfly-{label}-"))
+            .tempdir()
+            .expect("a temporary directory");
+        Self(t.path().to_path_buf(), t)
+    }
+}
 
 fn blob(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
@@ -78,13 +89,13 @@ fn pieces_out_of_order_then_commit_and_read() {
     ));
     drop(r);
 
-    assert!(dir.join("blobs").join(d.hex()).is_file());
+    assert!(dir.0.join("blobs").join(d.hex()).is_file());
     assert!(
-        dir.join("blobs")
+        dir.0.join("blobs")
             .join(format!("{}.meta", d.hex()))
             .is_file()
     );
-    assert!(!dir.join("blobs").join(format!("{}.part", d.hex())).exists());
+    assert!(!dir.0.join("blobs").join(format!("{}.part", d.hex())).exists());
     assert_eq!(store.used_bytes(), data.len() as u64);
     assert!(matches!(
         store.begin(&d, data.len() as u64),
@@ -215,7 +226,7 @@ fn a_corrupted_piece_is_detected_on_read() {
     let data = blob(4 * 1024, 5);
     let d = put(&store, &data);
 
-    let path = dir.join("blobs").join(d.hex());
+    let path = dir.0.join("blobs").join(d.hex());
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -278,7 +289,7 @@ fn a_wrong_digest_is_never_served() {
     assert!(store.get(&claimed).is_none());
     assert_eq!(store.used_bytes(), 0);
     assert_eq!(
-        fs::read_dir(dir.join("blobs")).unwrap().count(),
+        fs::read_dir(dir.0.join("blobs")).unwrap().count(),
         0,
         "data discarded"
     );
@@ -296,7 +307,7 @@ fn a_piece_changed_on_disk_before_commit_is_caught() {
     let mut w = store.begin(&d, 2048).unwrap();
     w.write_piece(0, piece(&data, 0)).unwrap();
     w.write_piece(1, piece(&data, 1)).unwrap();
-    let part = dir.join("blobs").join(format!("{}.part", d.hex()));
+    let part = dir.0.join("blobs").join(format!("{}.part", d.hex()));
     let f = OpenOptions::new().write(true).open(&part).unwrap();
     f.write_all_at(b"x", 5).unwrap();
     assert!(matches!(
@@ -327,7 +338,7 @@ fn eviction_spares_pinned_blobs() {
     let dc = Digest::of(&c);
     let mut wc = store.begin(&dc, 4096).unwrap();
     assert!(store.get(&db).is_none(), "b made room");
-    assert!(!dir.join("blobs").join(db.hex()).exists());
+    assert!(!dir.0.join("blobs").join(db.hex()).exists());
     assert_eq!(read_all(&reading_a, 0, 4096).unwrap(), a, "a was spared");
     assert_eq!(store.used_bytes(), 8192);
 
@@ -366,7 +377,7 @@ fn begin_fails_cleanly_when_a_blob_cannot_fit() {
         Err(StoreError::NoSpace(_))
     ));
     assert_eq!(store.used_bytes(), 0);
-    assert_eq!(fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.0.join("blobs")).unwrap().count(), 0);
     drop(store.begin(&big, 4096).unwrap());
 }
 
@@ -382,14 +393,14 @@ fn open_cleans_up_garbage_and_evicts_over_capacity() {
     let old = SystemTime::now() - std::time::Duration::from_secs(3600);
     File::options()
         .write(true)
-        .open(dir.join("blobs").join(dx.hex()))
+        .open(dir.0.join("blobs").join(dx.hex()))
         .unwrap()
         .set_modified(old)
         .unwrap();
 
     let stray = Digest::of(b"stray");
     let lonely = Digest::of(b"lonely");
-    let b = dir.join("blobs");
+    let b = dir.0.join("blobs");
     fs::write(b.join(format!("{}.meta.tmp", stray.hex())), b"half").unwrap();
     fs::write(b.join(format!("{}.part", stray.hex())), b"no meta").unwrap();
     fs::write(b.join(format!("{}.meta", lonely.hex())), b"no data").unwrap();
@@ -421,7 +432,7 @@ fn a_partial_with_another_piece_size_is_dropped_at_open() {
     }
     let store = Store::open(&dir.0, 1 << 20, 2 * PS).unwrap();
     assert_eq!(store.used_bytes(), 0);
-    assert_eq!(fs::read_dir(dir.join("blobs")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.0.join("blobs")).unwrap().count(), 0);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use crate::vocab::Digest;
 
 /// What the driver does next for the client.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Next {
+pub enum Next {
     /// Send these bytes: the piece at the read position.
     Deliver(Bytes),
     /// The piece at the read position was on disk before this download began
@@ -30,7 +30,7 @@ pub(super) enum Next {
     Poisoned,
 }
 
-pub(super) struct InOrder {
+pub struct InOrder {
     digest: Digest,
     pieces: u64,
     next: u64,
@@ -40,7 +40,7 @@ pub(super) struct InOrder {
 }
 
 impl InOrder {
-    pub(super) fn new(digest: Digest, pieces: u64) -> Self {
+    pub fn new(digest: Digest, pieces: u64) -> Self {
         Self {
             digest,
             pieces,
@@ -52,7 +52,7 @@ impl InOrder {
     }
 
     /// A verified piece is in. Pieces already delivered are ignored.
-    pub(super) fn insert(&mut self, piece: u64, data: Bytes) {
+    pub fn insert(&mut self, piece: u64, data: Bytes) {
         if !self.poisoned && piece >= self.next && piece < self.pieces {
             self.ready.insert(piece, data);
         }
@@ -60,17 +60,17 @@ impl InOrder {
 
     /// The index of the next piece the client needs (the scheduler's read
     /// position).
-    pub(super) fn position(&self) -> u64 {
+    pub fn position(&self) -> u64 {
         self.next
     }
 
     /// Every piece has been delivered.
-    pub(super) fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         !self.poisoned && self.next >= self.pieces
     }
 
     /// The next step; `held(i)`: piece `i` is on disk from before.
-    pub(super) fn next(&mut self, held: impl Fn(u64) -> bool) -> Next {
+    pub fn next(&mut self, held: impl Fn(u64) -> bool) -> Next {
         if self.poisoned {
             return Next::Poisoned;
         }
