@@ -91,11 +91,17 @@ fn pieces_out_of_order_then_commit_and_read() {
 
     assert!(dir.0.join("blobs").join(d.hex()).is_file());
     assert!(
-        dir.0.join("blobs")
+        dir.0
+            .join("blobs")
             .join(format!("{}.meta", d.hex()))
             .is_file()
     );
-    assert!(!dir.0.join("blobs").join(format!("{}.part", d.hex())).exists());
+    assert!(
+        !dir.0
+            .join("blobs")
+            .join(format!("{}.part", d.hex()))
+            .exists()
+    );
     assert_eq!(store.used_bytes(), data.len() as u64);
     assert!(matches!(
         store.begin(&d, data.len() as u64),
