@@ -10,14 +10,14 @@ pub mod cli;
 pub mod intercept;
 pub mod oci;
 pub mod origin;
-pub mod pki;
 pub mod registry;
 pub mod steer;
 pub mod swarm;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testing;
-pub mod tracker;
 
 pub use damselfly_core::vocab;
+pub use damselfly_pki as pki;
 pub use damselfly_store as store;
+pub use damselfly_tracker as tracker;

@@ -325,7 +325,7 @@ fn tracker_down(st: &serde_json::Value, tracker: &str) -> bool {
             .is_some_and(|e| e.contains(tracker))
         && st["last_errors"].as_array().unwrap().iter().any(|e| {
             e["level"] == "WARN"
-                && e["target"] == "damselfly::tracker::client"
+                && e["target"] == "damselfly_tracker::client"
                 && e["message"].as_str().unwrap().contains(tracker)
         })
 }

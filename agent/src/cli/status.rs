@@ -429,7 +429,7 @@ mod tests {
             last_errors: vec![LogEvent {
                 time: at("2026-11-30T12:30:16Z"),
                 level: "WARN".into(),
-                target: "damselfly::tracker::client".into(),
+                target: "damselfly_tracker::client".into(),
                 message: "tracker 10.0.0.8:7400 heartbeat: no answer within 1.5s".into(),
             }],
         }
@@ -479,7 +479,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "2026-11-30T12:30:16Z  WARN   damselfly::tracker::client  tracker 10.0.0.8:7400"
+                "2026-11-30T12:30:16Z  WARN   damselfly_tracker::client  tracker 10.0.0.8:7400"
             ),
             "{text}"
         );

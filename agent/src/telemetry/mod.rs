@@ -14,4 +14,4 @@ pub use trace::{Identity, Telemetry};
 pub use metrics::{InterceptTotals, Metrics};
 pub use recent::{LogEvent, RecentErrors};
 pub use stamp::Stamp;
-pub use trace::{SourceBytes, extract, in_trace, inject};
+pub use trace::SourceBytes;

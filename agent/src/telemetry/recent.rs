@@ -31,7 +31,7 @@ pub struct LogEvent {
     pub time: Stamp,
     /// `WARN` or `ERROR`.
     pub level: String,
-    /// The module that logged it, e.g. `damselfly::tracker::client`.
+    /// The module that logged it, e.g. `damselfly_tracker::client`.
     pub target: String,
     /// The message and its fields (`key=value`), as the log line has them.
     pub message: String,

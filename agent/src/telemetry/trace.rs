@@ -15,15 +15,10 @@ use std::{
     time::Duration,
 };
 
-use opentelemetry::{
-    Context, KeyValue,
-    propagation::{Extractor, Injector, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
-};
+use opentelemetry::{KeyValue, trace::TracerProvider as _};
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing::{Level, Span};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing::Level;
 
 use super::recent::RecentErrors;
 use tracing_subscriber::{
@@ -156,59 +151,6 @@ where
         .with_filter(filter)
 }
 
-/// Whether a span exists to hang children on: background work (heartbeats,
-/// progress announcements) has none and is not traced, or it would start a
-/// trace every few hundred milliseconds.
-pub fn in_trace() -> bool {
-    !Span::current().is_none()
-}
-
-/// Writes the current span's context into outgoing gRPC metadata (a no-op
-/// without `--otlp-endpoint`: no propagator is installed then).
-pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
-    let cx = Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut Metadata(metadata))
-    });
-}
-
-/// The caller's trace context from incoming gRPC metadata, if it sent one.
-pub fn extract(metadata: &tonic::metadata::MetadataMap) -> Option<Context> {
-    let cx = TraceContextPropagator::new().extract(&MetadataRef(metadata));
-    cx.span().span_context().is_valid().then_some(cx)
-}
-
-struct Metadata<'a>(&'a mut tonic::metadata::MetadataMap);
-
-impl Injector for Metadata<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            value.parse(),
-        ) {
-            self.0.insert(k, v);
-        }
-    }
-}
-
-struct MetadataRef<'a>(&'a tonic::metadata::MetadataMap);
-
-impl Extractor for MetadataRef<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
 /// Bytes one blob request got from each source, counted where the bytes
 /// arrive (the producers run in spawned tasks, so this is shared).
 #[derive(Debug, Clone, Default)]
@@ -287,27 +229,5 @@ mod tests {
         b.add("peer", 5);
         shared.add("origin", 7);
         assert_eq!((b.cache(), b.peer(), b.origin()), (3, 10, 7));
-    }
-
-    #[test]
-    fn trace_context_round_trips_through_grpc_metadata() {
-        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-        let sc = SpanContext::new(
-            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
-            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        );
-        let cx = Context::new().with_remote_span_context(sc.clone());
-        let mut md = tonic::metadata::MetadataMap::new();
-        TraceContextPropagator::new().inject_context(&cx, &mut Metadata(&mut md));
-        assert_eq!(
-            md.get("traceparent").unwrap(),
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-        );
-        let back = extract(&md).unwrap();
-        assert_eq!(back.span().span_context().trace_id(), sc.trace_id());
-        assert!(extract(&tonic::metadata::MetadataMap::new()).is_none());
     }
 }

@@ -8,7 +8,6 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use super::*;
-use crate::testing::TempDir;
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -271,7 +270,11 @@ fn unreadable_pem_names_the_part() {
 
 #[test]
 fn files_are_named_in_the_message() {
-    let dir = TempDir::new("pki");
+    let dir = tempfile::Builder::new()
+        .prefix("dfly-pki-")
+        .tempdir()
+        .unwrap();
+    let dir = dir.path();
     let ca = Ca::new("cluster");
     let (cert, key) =
         ca.issue(|p| p.subject_alt_names = vec![SanType::DnsName("node-a".try_into().unwrap())]);

@@ -35,7 +35,7 @@ use super::{
     state::{Candidate, PeerInfo},
     tls::Connector,
 };
-use crate::vocab::{Digest, PieceHash};
+use damselfly_core::vocab::{Digest, PieceHash};
 
 /// Connecting to a replica: long enough for a loaded LAN, short enough that a
 /// dead replica costs a pull about a second before it goes to the origin.
@@ -102,7 +102,7 @@ fn weight(replica: &str, digest: &Digest) -> u64 {
 type Traced = fn(Request<()>) -> Result<Request<()>, Status>;
 
 fn traced(mut req: Request<()>) -> Result<Request<()>, Status> {
-    crate::telemetry::inject(req.metadata_mut());
+    crate::propagation::inject(req.metadata_mut());
     Ok(req)
 }
 
@@ -501,7 +501,7 @@ impl TrackerClient {
     ) -> Result<T, TrackerError> {
         // A span only inside a traced operation (a pull): heartbeats and
         // background announcements would each start a trace of their own.
-        let span = if crate::telemetry::in_trace() {
+        let span = if crate::propagation::in_trace() {
             info_span!(
                 "tracker.rpc",
                 otel.name = format!("tracker.{rpc}"),

@@ -5,8 +5,8 @@
 //!   [`TRACKER_SERVER_NAME`] (`damselfly-tracker`), which agents verify
 //!   against the cluster CA whatever address they dialled.
 //! - Agents present their peer certificate: it must chain to the cluster CA
-//!   and carry [`crate::pki::PEER_SERVER_NAME`]
-//!   ([`crate::pki::peer_client_verifier`]). Who the client is, as far as the
+//!   and carry [`damselfly_pki::PEER_SERVER_NAME`]
+//!   ([`damselfly_pki::peer_client_verifier`]). Who the client is, as far as the
 //!   tracker binds peer ids ([`Caller`]), comes from that certificate or the
 //!   source address.
 //! - At most `max_connections` connections at once, handshakes included; a
@@ -39,7 +39,9 @@ use tonic::transport::server::Connected;
 use tracing::{debug, info, warn};
 
 use super::state::Caller;
-use crate::pki::{ClusterPki, TRACKER_SERVER_NAME, node_identity, peer_client_verifier, provider};
+use damselfly_pki::{
+    ClusterPki, TRACKER_SERVER_NAME, node_identity, peer_client_verifier, provider,
+};
 
 /// For a client to finish its TLS handshake once connected.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

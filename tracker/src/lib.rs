@@ -7,6 +7,7 @@
 //! over replicas by rendezvous hashing.
 
 mod client;
+mod propagation;
 pub mod server;
 mod state;
 pub mod tls;

@@ -32,8 +32,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::vocab::PieceHash;
-use crate::vocab::{BadBitmap, Bitmap, Digest};
+use damselfly_core::vocab::PieceHash;
+use damselfly_core::vocab::{BadBitmap, Bitmap, Digest};
 
 /// Answers at most this many peers unless asked for fewer: more candidates
 /// than a scheduler can use only cost bandwidth.
@@ -118,7 +118,7 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Caller {
     /// The client certificate's own names beyond the shared ones
-    /// ([`crate::pki::node_identity`]): per-node certificates.
+    /// ([`damselfly_pki::node_identity`]): per-node certificates.
     Identity(String),
     /// A certificate every node shares: only the source address tells
     /// callers apart.

@@ -290,7 +290,7 @@ impl ClusterPki {
 }
 
 /// The crypto every cluster TLS endpoint uses.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

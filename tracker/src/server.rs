@@ -51,7 +51,7 @@ use super::{
     state::{Announce, Caller, Lease, Limits, PeerInfo, State, StateError, check_len},
     tls::{ConnInfo, incoming},
 };
-use crate::vocab::Digest;
+use damselfly_core::vocab::Digest;
 
 /// The interval peers are told to heartbeat at, unless configured otherwise.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -265,7 +265,7 @@ impl http_body::Body for Held {
 /// (`traceparent`); calls from outside a trace (heartbeats, background
 /// announcements) get none, or every few hundred ms would start a trace.
 fn rpc_span<T>(rpc: &'static str, req: &Request<T>, digest: &str) -> Span {
-    let Some(parent) = crate::telemetry::extract(req.metadata()) else {
+    let Some(parent) = crate::propagation::extract(req.metadata()) else {
         return Span::none();
     };
     let span = info_span!(
@@ -319,7 +319,7 @@ fn digest(s: &str) -> Result<Digest, Status> {
     // Checked first: a parse error would quote all of it back.
     check_len("digest", s, 71).map_err(status)?;
     s.parse()
-        .map_err(|e: crate::vocab::BadDigest| Status::invalid_argument(e.to_string()))
+        .map_err(|e: damselfly_core::vocab::BadDigest| Status::invalid_argument(e.to_string()))
 }
 
 /// Who sent `req`: set by the TLS listener on every request.
