@@ -22,7 +22,7 @@ use crate::{
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
     swarm::{
-        Config as SchedConfig, Swarm, {ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig},
+        ClientConfig, Config as SchedConfig, PeerClient, PeerServer, PeerTls, ServerConfig, Swarm,
     },
     telemetry::{Metrics, RecentErrors},
     tracker::{PeerInfo, TrackerClient},

@@ -44,11 +44,11 @@ impl Download {
         body: Incoming,
         body_offset: u64,
     ) -> (Option<BlobReader>, Option<Progress>) {
-        let cached = self.fetch(body, body_offset).await;
+        let cached = self.stream(body, body_offset).await;
         (cached, self.progress.take())
     }
 
-    async fn fetch(&mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
+    async fn stream(&mut self, mut body: Incoming, body_offset: u64) -> Option<BlobReader> {
         let piece_size = self.writer.as_ref().map(|w| w.piece_size()).unwrap_or(1);
         let mut client_open = true;
         // Pieces a killed download left behind go to the client first.

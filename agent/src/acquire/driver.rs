@@ -36,9 +36,7 @@ use crate::{
     },
     origin::BoxError,
     store::BlobWriter,
-    swarm::{
-        Holders, PeerClient, Progress, Refresh, {Action, Config, PeerId, Scheduler, Source},
-    },
+    swarm::{Action, Config, Holders, PeerClient, PeerId, Progress, Refresh, Scheduler, Source},
     telemetry::{Metrics, SourceBytes},
     vocab::{Bitmap, Digest},
 };

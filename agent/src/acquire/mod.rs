@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, field, info, info_span};
 
 use crate::{
-    origin::{BoxError, OriginError, content_length},
+    origin::{BoxError, OriginError, headers::content_length},
     store::{BlobReader, BlobWriter, Store, StoreError},
     swarm::{Progress, Swarm},
     telemetry::{Metrics, SourceBytes},

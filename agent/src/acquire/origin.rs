@@ -9,7 +9,8 @@ use tracing::{Span, field, instrument};
 
 use crate::{
     origin::{
-        BoxError, OriginClient, OriginError, OriginRef, {content_length, copy_headers, value},
+        BoxError, OriginClient, OriginError, OriginRef,
+        headers::{content_length, copy_headers, value},
     },
     vocab::RateLimiter,
 };

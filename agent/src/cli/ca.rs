@@ -16,9 +16,9 @@ use clap::{Args, Subcommand};
 
 use crate::{
     ca::{
-        CaOrigin, ForInstall, NodeCa, difference, permitted_dns_subtrees,
-        {CERTS_D, CertsDirs, CertsDirsChange, Installed, Removed, TrustStore},
-        {RUNTIME_UNITS, RuntimeUnit, Systemd},
+        CERTS_D, CaOrigin, CertsDirs, CertsDirsChange, ForInstall, Installed, NodeCa,
+        RUNTIME_UNITS, Removed, RuntimeUnit, Systemd, TrustStore, difference,
+        permitted_dns_subtrees,
     },
     origin::RegistryHosts,
 };

@@ -18,9 +18,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::{
     cli::transfer::{AgentFetch, AsyncSink, RegistryArgs, drain, progress, rate},
-    oci::{
-        BlobUrl, Platforms, Reference, {Descriptor, OCI_INDEX, Platform, REF_NAME},
-    },
+    oci::{BlobUrl, Descriptor, OCI_INDEX, Platform, Platforms, REF_NAME, Reference},
     origin::OriginRef,
     vocab::Digest,
 };

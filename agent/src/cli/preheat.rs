@@ -18,9 +18,7 @@ use crate::{
         get::short,
         transfer::{AgentFetch, Discard, RegistryArgs, drain, progress, rate},
     },
-    oci::{
-        BlobUrl, Reference, {Descriptor, Platform}, {Platforms, RegistryClient},
-    },
+    oci::{BlobUrl, Descriptor, Platform, Platforms, Reference, RegistryClient},
     origin::OriginClient,
     swarm::PeerTls,
 };

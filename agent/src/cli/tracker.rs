@@ -9,9 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{ClusterPkiArgs, size::parse_size};
 use crate::{
     pki::Role,
-    tracker::{
-        Limits, tls, {Config, serve},
-    },
+    tracker::{Config, Limits, serve, tls},
 };
 
 #[derive(Debug, Args)]

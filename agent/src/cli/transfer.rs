@@ -16,9 +16,7 @@ use indicatif::{HumanBytes, HumanDuration, ProgressBar, ProgressDrawTarget, Prog
 
 use crate::{
     admin::{CACHE_HEADER, fetch_uri},
-    oci::{
-        BlobUrl, Credential, {ClientError, RegistryClient, error_message},
-    },
+    oci::{BlobUrl, ClientError, Credential, RegistryClient, error_message},
     origin::{OriginClient, OriginError},
 };
 

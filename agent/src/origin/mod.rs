@@ -8,11 +8,9 @@
 //! - [`hosts`]: which hosts count as registries ([`RegistryHosts`]).
 
 mod client;
-mod headers;
+pub mod headers;
 pub mod hosts;
 mod target;
-
-pub use headers::{content_length, copy_headers, value, without_range};
 
 pub use client::{Body, BoxError, OriginClient, OriginError, carries_credentials, empty};
 pub use hosts::RegistryHosts;

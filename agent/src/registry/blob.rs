@@ -22,13 +22,14 @@ use tracing::{Instrument, Span, debug, field, info, instrument};
 use crate::{
     acquire::{Acquire, Acquired, Chunk, OriginBlob},
     origin::{
-        Body, OriginClient, OriginRef, {content_length, copy_headers, value as hv, without_range},
+        Body, OriginClient, OriginRef,
+        headers::{content_length, copy_headers, value as hv, without_range},
     },
     registry::{
         authz::{AuthzCache, Subject, Verdict},
+        blob_trace::BlobTrace,
         proxy,
         range::{self, ByteRange},
-        trace::BlobTrace,
     },
     store::{BlobReader, Store},
     swarm::Swarm,

@@ -3,11 +3,11 @@
 
 mod authz;
 mod blob;
+mod blob_trace;
 mod proxy;
 mod range;
 mod route;
 mod service;
-mod trace;
 
 pub use blob::Blobs;
 pub use proxy::error_response;

@@ -4,7 +4,7 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode, body::Incoming, header};
 use tracing::debug;
 
-use crate::origin::{Body, OriginClient, OriginError, OriginRef, copy_headers};
+use crate::origin::{Body, OriginClient, OriginError, OriginRef, headers::copy_headers};
 
 /// `req` as it came, to `origin` (a steered connection's own destination),
 /// its answer back as it came.
