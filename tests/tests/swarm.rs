@@ -588,3 +588,101 @@ fn upload_rate_holds_over_a_long_transfer() {
         "a limited peer is slow, not a reason to go to the origin"
     );
 }
+
+/// The node fetching a fresh blob from the origin dies halfway. The nodes
+/// waiting on its pieces must carry on at once, and between them take the
+/// rest from the origin about once: one takes over the origin fetch, the
+/// other takes its pieces, rather than each waiting out its patience and
+/// then fetching everything left from the origin.
+#[test]
+fn a_leader_killed_mid_download_is_replaced_at_once() {
+    let mut s = swarm(3);
+    let img = Image::build_and_push(&s.tb, &s.origin, "team/app", "v1", &[64 * MB], 31).unwrap();
+    let origin_before = s.origin.blob_bytes_sent();
+    // The origin's uplink is the bottleneck: the layer takes about 5 s.
+    s.tb.node(4).shape(&s.tb.hub, 100).unwrap();
+    let leader = {
+        let mut cmd = s.containerds[0].ctr().unwrap();
+        cmd.args(["images", "pull", &img.reference]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let served = |a: &Agent| -> f64 {
+        ["origin", "peer", "cache"]
+            .iter()
+            .map(|src| {
+                m(
+                    a,
+                    &format!("damselfly_blob_bytes_total{{source=\"{src}\"}}"),
+                )
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m(
+        &s.agents[0],
+        "damselfly_blob_bytes_total{source=\"origin\"}",
+    ) < (12 * MB) as f64
+    {
+        assert!(Instant::now() < deadline, "node 1 never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (killed, times) = std::thread::scope(|scope| {
+        let followers: Vec<_> = s.containerds[1..]
+            .iter()
+            .map(|c| {
+                let reference = img.reference.clone();
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    c.cri_pull(&reference, None).unwrap();
+                    started.elapsed()
+                })
+            })
+            .collect();
+        // Both follow node 1 before it dies.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (1..3).any(|i| served(&s.agents[i]) < (4 * MB) as f64) {
+            assert!(Instant::now() < deadline, "nodes 2 and 3 never got going");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s.agents[0].kill();
+        let killed = Instant::now();
+        let at_kill: f64 = (1..3).map(|i| served(&s.agents[i])).sum();
+        // Progress after the kill: the followers' clients get bytes again.
+        let mut resumed = None;
+        while followers.iter().any(|f| !f.is_finished()) {
+            let now: f64 = (1..3).map(|i| served(&s.agents[i])).sum();
+            if resumed.is_none() && now >= at_kill + (8 * MB) as f64 {
+                resumed = Some(killed.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let times: Vec<Duration> = followers.into_iter().map(|f| f.join().unwrap()).collect();
+        ((killed, resumed), times)
+    });
+    let (killed_at, resumed) = killed;
+    let _ = leader.wait_with_output();
+    for n in 2..=3 {
+        wait_cached(&s, n, &img);
+    }
+    let sent = s.origin.blob_bytes_sent() - origin_before;
+    let ratio = sent as f64 / img.total_blob_bytes as f64;
+    eprintln!(
+        "after the kill: 8 MiB more reached the followers in {resumed:?}; pulls took {times:?}, \
+         done {:?} after the kill; origin sent {ratio:.3} x the image",
+        killed_at.elapsed()
+    );
+    let resumed = resumed.expect("the followers finished without 8 MiB more: impossible");
+    assert!(
+        resumed < Duration::from_secs(4),
+        "the followers stalled {resumed:?} after their leader died\n{}\n{}",
+        s.agents[1].log_text(),
+        s.agents[2].log_text()
+    );
+    assert!(
+        ratio <= 1.3,
+        "origin sent {ratio:.3} x the image: the followers each fetched the rest"
+    );
+}

@@ -233,6 +233,11 @@ impl TrackerClient {
         self.inner.active_uploads.store(n, Ordering::Relaxed);
     }
 
+    /// This node, as it registers.
+    pub fn me(&self) -> &PeerInfo {
+        &self.inner.me
+    }
+
     /// The replica addresses, in the order given.
     pub fn replicas(&self) -> &[String] {
         &self.inner.addrs

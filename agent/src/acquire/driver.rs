@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 use hyper::body::Frame;
 use sha2::{Digest as _, Sha256};
 use tokio::{sync::mpsc, task::AbortHandle};
-use tracing::{Instrument, Span, debug, field, info_span, warn};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use crate::{
     acquire::{
@@ -38,6 +38,7 @@ use crate::{
     store::BlobWriter,
     swarm::{Action, Config, Holders, PeerClient, PeerId, Progress, Refresh, Scheduler, Source},
     telemetry::{Metrics, SourceBytes},
+    tracker::rendezvous,
     vocab::{Bitmap, Digest},
 };
 
@@ -63,6 +64,9 @@ pub(super) struct Driver {
     pub progress: Option<Progress>,
     /// The request's bytes by source, for its trace.
     pub bytes: SourceBytes,
+    /// This node's peer address as the tracker lists it (`None`: unknown,
+    /// then it never takes over the origin fetch).
+    pub me: Option<SocketAddr>,
 }
 
 /// What came of it: the writer back (to commit) if every piece is held, and
@@ -75,7 +79,14 @@ pub(super) struct Outcome {
     pub poisoned: bool,
 }
 
-type Done = (u64, Source, Result<Bytes, String>);
+type Done = (u64, Source, Result<Bytes, Failure>);
+
+/// Why a piece request failed.
+struct Failure {
+    message: String,
+    /// The peer is unreachable (see [`crate::swarm::PeerError::is_gone`]).
+    gone: bool,
+}
 
 /// Why a download ended before every piece reached the client.
 enum Stop {
@@ -109,6 +120,10 @@ impl Driver {
         let mut actions = run.sched.poll(Instant::now());
         let stopped = loop {
             if let Err(stop) = run.act(&self, actions).await {
+                break Some(stop);
+            }
+            let took_over = run.elect(&self);
+            if let Err(stop) = run.act(&self, took_over).await {
                 break Some(stop);
             }
             if let Err(stop) = run.deliver(&self, &client).await {
@@ -202,7 +217,10 @@ impl Driver {
                         let r = client
                             .fetch_piece(addr, &digest, piece, len)
                             .await
-                            .map_err(|e| e.to_string());
+                            .map_err(|e| Failure {
+                                gone: e.is_gone(),
+                                message: e.to_string(),
+                            });
                         let _ = tx.send((piece, from, r));
                     }
                     .instrument(span),
@@ -213,7 +231,10 @@ impl Driver {
                 let fetch = self.origin.clone();
                 tokio::spawn(
                     async move {
-                        let r = fetch(start, start + len).await.map_err(|e| e.to_string());
+                        let r = fetch(start, start + len).await.map_err(|e| Failure {
+                            message: e.to_string(),
+                            gone: false,
+                        });
                         let _ = tx.send((piece, from, r));
                     }
                     .instrument(span),
@@ -245,6 +266,8 @@ struct Run {
     tally: SourceTally,
     client_open: bool,
     done: bool,
+    /// A peer was dropped or left since the last election.
+    lost_peer: bool,
 }
 
 impl Run {
@@ -289,6 +312,7 @@ impl Run {
             tally: SourceTally::default(),
             client_open: true,
             done: false,
+            lost_peer: false,
         })
     }
 
@@ -349,6 +373,7 @@ impl Run {
                     job.metrics.piece("peer", "banned");
                 }
                 Action::Dropped(peer) => {
+                    self.lost_peer = true;
                     debug!(digest = %job.digest, addr = ?self.peers.addrs.get(peer.0 as usize), "peer dropped after repeated failures");
                 }
                 Action::Done => self.done = true,
@@ -399,14 +424,21 @@ impl Run {
         let data = match result {
             Ok(data) => data,
             Err(e) => {
-                debug!(digest = %job.digest, piece, ?from, error = %e, "piece failed");
-                if from != Source::Origin {
-                    warn!(piece, error = %e, "peer piece failed");
-                }
+                debug!(digest = %job.digest, piece, ?from, error = %e.message, "piece failed");
                 traced.record("result", "failed");
-                traced.record("error", field::display(&e));
+                traced.record("error", field::display(&e.message));
                 job.metrics.piece(source, "failed");
-                return self.sched.on_failure(piece, from, now);
+                return match from {
+                    Source::Peer(id) if e.gone => {
+                        warn!(piece, peer = ?self.peers.addrs.get(id.0 as usize), error = %e.message, "peer unreachable: dropped for this blob");
+                        self.sched.drop_peer(id, now)
+                    }
+                    Source::Peer(_) => {
+                        warn!(piece, error = %e.message, "peer piece failed");
+                        self.sched.on_failure(piece, from, now)
+                    }
+                    Source::Origin => self.sched.on_failure(piece, from, now),
+                };
             }
         };
         let sum: [u8; 32] = Sha256::digest(&data).into();
@@ -436,7 +468,8 @@ impl Run {
     /// A fresh tracker answer: peers' bitmaps, and hashes we lacked.
     fn on_news(&mut self, holders: Holders) -> Vec<Action> {
         let now = Instant::now();
-        let mut actions = self.peers.update(&mut self.sched, holders.peers, now);
+        let (mut actions, left) = self.peers.update(&mut self.sched, holders.peers, now);
+        self.lost_peer |= left;
         for (i, h) in holders.hashes.into_iter().enumerate() {
             // Ours came from the origin or an earlier answer: keep it.
             if let (Some(ours @ None), Some(h)) = (self.hashes.get_mut(i), h) {
@@ -446,6 +479,37 @@ impl Run {
         }
         actions.extend(self.sched.poll(now));
         actions
+    }
+}
+
+impl Run {
+    /// After a peer is lost, the peers still fetching this blob and this
+    /// node agree, without a word, on one of them to take over fetching from
+    /// the origin what no peer holds: the highest rendezvous weight of its
+    /// address with the digest wins. If the lost peer was the one doing so,
+    /// its followers thus carry on at once and the origin sends the rest
+    /// about once, instead of each follower waiting out its patience and
+    /// then fetching the rest itself.
+    fn elect(&mut self, job: &Driver) -> Vec<Action> {
+        if !std::mem::take(&mut self.lost_peer) || self.sched.leading() || self.done {
+            return Vec::new();
+        }
+        let Some(me) = job.me else {
+            return Vec::new();
+        };
+        let mut candidates: Vec<String> = self
+            .sched
+            .live_peers()
+            .filter_map(|p| self.peers.addrs.get(p.0 as usize))
+            .map(SocketAddr::to_string)
+            .collect();
+        candidates.push(me.to_string());
+        if rendezvous(&candidates, &job.digest) != Some(candidates.len() - 1) {
+            return Vec::new();
+        }
+        info!(digest = %job.digest, peers = candidates.len() - 1, "a peer of this blob is gone: taking over fetching from the origin what no peer holds");
+        self.sched.set_leading();
+        self.sched.poll(Instant::now())
     }
 }
 
@@ -522,7 +586,7 @@ impl PeerTable {
         sched: &mut Scheduler,
         holders: Vec<(SocketAddr, Vec<u8>)>,
         now: Instant,
-    ) -> Vec<Action> {
+    ) -> (Vec<Action>, bool) {
         let mut listed = Vec::with_capacity(holders.len());
         for (addr, bitmap) in holders {
             let id = self.id(addr);
@@ -532,12 +596,14 @@ impl PeerTable {
             }
         }
         let mut actions = Vec::new();
+        let mut left = false;
         for &id in self.ids.values() {
-            if !listed.contains(&id) {
+            if !listed.contains(&id) && sched.live_peers().any(|p| p == id) {
+                left = true;
                 actions.extend(sched.remove_peer(id, now));
             }
         }
-        actions
+        (actions, left)
     }
 }
 
@@ -595,6 +661,7 @@ mod tests {
             refresh: None,
             progress: None,
             bytes: Default::default(),
+            me: None,
         };
         let mut full = crate::vocab::Bitmap::new(pieces(&real));
         for i in 0..pieces(&real) {

@@ -54,6 +54,7 @@ impl SwarmJob {
             refresh: Some(self.swarm.refresher(digest, size)),
             progress: Some(progress_of(&self.swarm, &writer)),
             bytes,
+            me: self.swarm.tracker.me().quic_addr.parse().ok(),
         };
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let span = info_span!(

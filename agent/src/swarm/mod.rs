@@ -7,7 +7,7 @@ mod progress;
 #[cfg(test)]
 pub(crate) use peer::tests as peer_tests;
 
-pub use peer::{ClientConfig, PeerClient, PeerServer, PeerTls, ServerConfig, wire};
+pub use peer::{ClientConfig, PeerClient, PeerError, PeerServer, PeerTls, ServerConfig, wire};
 pub use progress::Progress;
 pub use sched::{Action, Config, Error, PeerId, Scheduler, Source};
 

@@ -38,9 +38,10 @@
 //! - holders exist but all are busy: the origin if the piece is in the read
 //!   window, else wait for a slot;
 //! - no usable holder (none holds it, or every holder already failed this
-//!   piece): the origin if there are no live peers at all,
-//!   the piece has failed before, or it is in the read window and the swarm
-//!   has gone `patience` without news (a peer announcing a piece we lack,
+//!   piece): the origin if this node leads ([`Scheduler::set_leading`]: it
+//!   took over from the node fetching the blob from the origin), there are
+//!   no live peers at all, the piece has failed before, or it is in the read
+//!   window and the swarm has gone `patience` without news (a peer announcing a piece we lack,
 //!   or a piece completing); else wait, since peers that are downloading it
 //!   too will likely announce it and that spares the origin. The read window
 //!   moves with the client and patience runs out, so every piece is
@@ -307,6 +308,9 @@ pub struct Scheduler {
     last_news: Option<Instant>,
     /// While patience lasts: when it runs out (a deadline for the driver).
     patient_until: Option<Instant>,
+    /// This node fetches what no peer holds from the origin without waiting:
+    /// it took over from a node that was doing so and died.
+    leading: bool,
 }
 
 impl Scheduler {
@@ -343,6 +347,7 @@ impl Scheduler {
             news: false,
             last_news: None,
             patient_until: None,
+            leading: false,
         })
     }
 
@@ -467,6 +472,34 @@ impl Scheduler {
         self.forget_peer(peer, &mut out);
         self.poll_into(now, &mut out);
         out
+    }
+
+    /// The peer is unreachable (its connection died): its requests are
+    /// cancelled without counting against their pieces, and it is never
+    /// asked again for this blob, even if the tracker still lists it.
+    pub fn drop_peer(&mut self, peer: PeerId, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.exclude(peer, Excluded::Dropped, &mut out);
+        self.poll_into(now, &mut out);
+        out
+    }
+
+    /// The peers that may still be asked (announced, neither dropped nor
+    /// banned).
+    pub fn live_peers(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// From now on this node fetches the pieces no peer can give from the
+    /// origin at once, as the node that first joined the blob does: the
+    /// driver says so when that node died and this one was chosen to take
+    /// over. Call [`Self::poll`] after.
+    pub fn set_leading(&mut self) {
+        self.leading = true;
+    }
+
+    pub fn leading(&self) -> bool {
+        self.leading
     }
 
     /// Whether a trusted sha256 for `piece` is known. Until it is, the piece
@@ -729,7 +762,8 @@ impl Scheduler {
         let in_window = self.in_window(i);
         // Waiting for a piece nobody can give us yet.
         let no_holder = || {
-            let go = self.peers.is_empty()
+            let go = self.leading
+                || self.peers.is_empty()
                 || piece.failures > 0
                 || (in_window && self.patient_until.is_none());
             origin.filter(|_| go)

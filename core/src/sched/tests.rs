@@ -597,6 +597,10 @@ enum Op {
     Grow(u32, u32),
     Has(u32, u64),
     Remove(u32),
+    /// The peer's connection died.
+    Drop(u32),
+    /// This node takes over the origin fetch.
+    Lead,
     ReadPosition(u64),
     HashKnown(u64, bool),
     /// Report the k-th outstanding request.
@@ -621,7 +625,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (peer.clone(), any::<u32>()).prop_map(|(p, m)| Op::Add(p, m)),
         1 => (peer.clone(), any::<u32>()).prop_map(|(p, m)| Op::Grow(p, m)),
         1 => (peer.clone(), piece.clone()).prop_map(|(p, i)| Op::Has(p, i)),
-        1 => peer.prop_map(Op::Remove),
+        1 => peer.clone().prop_map(Op::Remove),
+        1 => peer.prop_map(Op::Drop),
+        1 => Just(Op::Lead),
         1 => piece.clone().prop_map(Op::ReadPosition),
         1 => (piece, any::<bool>()).prop_map(|(i, k)| Op::HashKnown(i, k)),
         8 => (any::<usize>(), outcome()).prop_map(|(k, o)| Op::Answer(k, o)),
@@ -791,6 +797,16 @@ impl Driver {
                 self.peers.remove(&id);
                 self.apply(acts)?;
             }
+            Op::Drop(id) => {
+                let acts = self.s.drop_peer(PeerId(id), self.now);
+                self.peers.remove(&id);
+                self.apply(acts)?;
+            }
+            Op::Lead => {
+                self.s.set_leading();
+                let acts = self.s.poll(self.now);
+                self.apply(acts)?;
+            }
             Op::ReadPosition(i) => self.s.set_read_position(i % self.n),
             Op::HashKnown(i, k) => {
                 let i = i % self.n;
@@ -887,4 +903,86 @@ proptest! {
         prop_assert!(d.outstanding.is_empty());
         prop_assert_eq!(d.s.in_flight(), 0);
     }
+}
+
+/// The followers of a node that died: the one that takes over fetches every
+/// piece nobody holds from the origin at once, read window or not; the others
+/// keep waiting for its pieces.
+#[test]
+fn a_node_that_takes_over_fetches_what_nobody_holds_at_once() {
+    let config = Config {
+        window: 2,
+        patience: Some(secs(10)),
+        max_origin: 8,
+        ..cfg()
+    };
+    let t = Instant::now();
+    let mut follower = sched(6, config.clone());
+    follower.add_peer(A, &bits(6, 0..2)).unwrap();
+    follower.add_peer(B, &bits(6, [])).unwrap();
+    // The first poll is news: patience starts now and nothing goes to the
+    // origin while it lasts.
+    let r = requests(&follower.poll(t));
+    assert!(r.iter().all(|(_, s)| *s != Source::Origin), "{r:?}");
+
+    let mut heir = sched(6, config);
+    heir.add_peer(A, &bits(6, 0..2)).unwrap();
+    heir.add_peer(B, &bits(6, [])).unwrap();
+    let first = requests(&heir.poll(t));
+    // What a peer holds comes from the peer.
+    assert_eq!(first, [(0, Source::Peer(A)), (1, Source::Peer(A))]);
+    heir.set_leading();
+    let r = requests(&heir.poll(t));
+    for piece in 2..6 {
+        assert!(r.contains(&(piece, Source::Origin)), "{piece}: {r:?}");
+    }
+}
+
+/// A peer whose connection died is dropped at once: its requests go
+/// elsewhere without counting as failures of their pieces (which would send
+/// them to the origin), and a later announcement does not bring it back.
+#[test]
+fn an_unreachable_peer_is_dropped_without_failing_its_pieces() {
+    let t = Instant::now();
+    let mut s = sched(
+        4,
+        Config {
+            window: 4,
+            patience: Some(secs(10)),
+            ..cfg()
+        },
+    );
+    s.add_peer(A, &all(4)).unwrap();
+    s.add_peer(B, &bits(4, [0, 1])).unwrap();
+    let r: Vec<_> = requests(&s.poll(t))
+        .into_iter()
+        .filter(|(_, from)| *from == Source::Peer(A))
+        .collect();
+    assert!(r.len() >= 2, "{r:?}");
+    let out = s.drop_peer(A, t);
+    assert!(out.contains(&Action::Dropped(A)));
+    let cancelled = out
+        .iter()
+        .filter(|a| matches!(a, Action::Cancel { from, .. } if *from == Source::Peer(A)))
+        .count();
+    assert_eq!(cancelled, r.len());
+    // B takes what it holds; the rest waits (patience), not the origin.
+    let again = requests(&out);
+    assert!(
+        again.iter().all(|(_, from)| *from != Source::Origin),
+        "{again:?}"
+    );
+    for (piece, _) in &r {
+        assert!(
+            *piece > 1 || again.contains(&(*piece, Source::Peer(B))),
+            "{piece}: {again:?}"
+        );
+    }
+    s.update_peer(A, &all(4)).unwrap();
+    assert!(s.live_peers().all(|p| p != A));
+    assert!(
+        requests(&s.poll(t))
+            .iter()
+            .all(|(_, f)| *f != Source::Peer(A))
+    );
 }

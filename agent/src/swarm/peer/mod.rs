@@ -40,9 +40,13 @@ use tls::TlsError;
 use wire::WireError;
 
 /// A connection with no traffic for this long is closed; keep-alives make
-/// that happen only when the peer is gone.
-pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// that happen only when the peer is gone. UDP has no reset: this is how
+/// soon a node that died is known to be gone (its pieces then go elsewhere,
+/// and if it was fetching the blob from the origin, another node takes
+/// over), so it is short. A keep-alive is one small packet per connection
+/// every half second.
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 /// Called with a byte count as piece payload goes out or comes in (metrics).
 pub(super) type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -105,6 +109,22 @@ pub enum PeerError {
     Truncated { got: u64, expected: u64 },
     #[error("piece does not match its sha256")]
     Mismatch,
+}
+
+impl PeerError {
+    /// The peer is unreachable: its connection died or could not be made.
+    /// Unlike a refused or failed piece, nothing more is to be had from it.
+    pub fn is_gone(&self) -> bool {
+        use quinn::{ReadError, ReadExactError, WriteError};
+        matches!(
+            self,
+            Self::Connect(_)
+                | Self::Connection(_)
+                | Self::Write(WriteError::ConnectionLost(_))
+                | Self::Read(ReadError::ConnectionLost(_))
+                | Self::ReadExact(ReadExactError::ReadError(ReadError::ConnectionLost(_)))
+        )
+    }
 }
 
 /// Shared by both ends; `bidi_streams` is how many streams the other end
