@@ -147,7 +147,7 @@ impl Driver {
                     let Some(done) = got else { break None };
                     run.on_result(&self, done)
                 }
-                Some(h) = news.recv() => run.on_news(h),
+                Some(h) = news.recv() => run.on_news(&self, h),
                 _ = tokio::time::sleep_until(wake.into()) => run.sched.poll(Instant::now()),
             };
         };
@@ -466,10 +466,28 @@ impl Run {
     }
 
     /// A fresh tracker answer: peers' bitmaps, and hashes we lacked.
-    fn on_news(&mut self, holders: Holders) -> Vec<Action> {
+    fn on_news(&mut self, job: &Driver, holders: Holders) -> Vec<Action> {
         let now = Instant::now();
         let (mut actions, left) = self.peers.update(&mut self.sched, holders.peers, now);
         self.lost_peer |= left;
+        // A peer with nothing asked of it dies silently: its connection
+        // says so when keep-alives go unanswered, long before the tracker's
+        // lease runs out.
+        let dead: Vec<PeerId> = self
+            .sched
+            .live_peers()
+            .filter(|p| {
+                self.peers
+                    .addrs
+                    .get(p.0 as usize)
+                    .is_some_and(|&a| job.peers.unreachable(a))
+            })
+            .collect();
+        for id in dead {
+            warn!(digest = %job.digest, peer = ?self.peers.addrs.get(id.0 as usize), "peer unreachable: dropped for this blob");
+            actions.extend(self.sched.drop_peer(id, now));
+            self.lost_peer = true;
+        }
         for (i, h) in holders.hashes.into_iter().enumerate() {
             // Ours came from the origin or an earlier answer: keep it.
             if let (Some(ours @ None), Some(h)) = (self.hashes.get_mut(i), h) {

@@ -216,6 +216,17 @@ impl PeerClient {
         Ok(conn)
     }
 
+    /// Whether the connection to `addr` died other than by this node's
+    /// hand: the peer stopped answering (idle timeout), reset it, or shut
+    /// down. A peer not dialled, or dialled again since, is not known to be
+    /// unreachable.
+    pub fn unreachable(&self, addr: SocketAddr) -> bool {
+        self.lock()
+            .get(&addr)
+            .and_then(|s| s.conn.as_ref()?.close_reason())
+            .is_some_and(|why| !matches!(why, quinn::ConnectionError::LocallyClosed))
+    }
+
     fn saw(&self, addr: SocketAddr) {
         if let Some(slot) = self.lock().get_mut(&addr) {
             slot.seen = Some(Instant::now());

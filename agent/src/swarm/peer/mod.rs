@@ -44,9 +44,9 @@ use wire::WireError;
 /// soon a node that died is known to be gone (its pieces then go elsewhere,
 /// and if it was fetching the blob from the origin, another node takes
 /// over), so it is short. A keep-alive is one small packet per connection
-/// every half second.
-pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
-pub(super) const KEEP_ALIVE: Duration = Duration::from_millis(500);
+/// every 300 ms: five in a row must go unanswered.
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_millis(300);
 
 /// Called with a byte count as piece payload goes out or comes in (metrics).
 pub(super) type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
