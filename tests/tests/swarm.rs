@@ -89,6 +89,16 @@ fn wait_cached(s: &Swarm, node: usize, img: &Image) {
     s.agents[node - 1].wait_cached(&img.blob_digests());
 }
 
+/// `ctr images pull` in the background; its stderr is kept for the verdict.
+fn spawn_ctr_pull(containerd: &Containerd, reference: &str) -> std::process::Child {
+    let mut cmd = containerd.ctr().unwrap();
+    cmd.args(["images", "pull", reference]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn the_second_node_pulls_from_the_first_with_no_origin_blob_bytes() {
     let s = swarm(2);
@@ -430,14 +440,7 @@ fn a_serving_peer_killed_mid_transfer_does_not_fail_the_pull() {
     std::thread::sleep(Duration::from_millis(500));
     // Node 1 serves at 200 Mbit/s: the layer takes about 2.5 s to cross.
     s.tb.node(1).shape(&s.tb.hub, 200).unwrap();
-    let pull = {
-        let mut cmd = s.containerds[1].ctr().unwrap();
-        cmd.args(["images", "pull", &img.reference]);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let pull = spawn_ctr_pull(&s.containerds[1], &img.reference);
     let deadline = Instant::now() + Duration::from_secs(30);
     while m(&s.agents[1], "damselfly_blob_bytes_total{source=\"peer\"}") < (10 * MB) as f64 {
         assert!(
@@ -601,14 +604,7 @@ fn a_leader_killed_mid_download_is_replaced_at_once() {
     let origin_before = s.origin.blob_bytes_sent();
     // The origin's uplink is the bottleneck: the layer takes about 5 s.
     s.tb.node(4).shape(&s.tb.hub, 100).unwrap();
-    let mut leader = {
-        let mut cmd = s.containerds[0].ctr().unwrap();
-        cmd.args(["images", "pull", &img.reference]);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let mut leader = spawn_ctr_pull(&s.containerds[0], &img.reference);
     let served = |a: &Agent| -> f64 {
         ["origin", "peer", "cache"]
             .iter()
