@@ -30,6 +30,7 @@ use crate::{
 };
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    return_piece_buffers_at_once();
     if args.seed && (args.tracker.is_empty() || args.splice_only) {
         bail!("--seed serves the swarm: it needs --tracker, and cannot be --splice-only");
     }
@@ -410,5 +411,21 @@ fn raise_memlock() {
     // SAFETY: plain syscall with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (only kernels before 5.11 need it)");
+    }
+}
+
+/// Pieces are read, verified and sent in buffers of up to 4 MiB, freed on
+/// whichever thread wrote the last byte out. glibc raises its mmap threshold
+/// after the first such free, and from then on serves them from per-thread
+/// arenas that keep what is freed: the agent's RSS grew with the number of
+/// readers (1.6 GB for 200 readers of a cached blob) long after the pieces
+/// were gone. A fixed threshold keeps buffers of 1 MiB and more in mappings
+/// of their own, returned to the kernel when freed.
+fn return_piece_buffers_at_once() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // any piece buffer exists, and a failure leaves the default in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }

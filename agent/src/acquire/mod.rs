@@ -60,6 +60,8 @@ pub struct Acquire {
     pub origin_rate: Arc<RateLimiter>,
     inflight: Inflight,
     poisoned: Poisoned,
+    /// Cached pieces in memory on their way to clients, for all of them.
+    hit_memory: hit::HitMemory,
 }
 
 /// What came of asking for a blob.
@@ -94,6 +96,7 @@ impl Acquire {
             origin_rate,
             inflight: Inflight::default(),
             poisoned: Poisoned::default(),
+            hit_memory: hit::HitMemory::default(),
         }
     }
 
@@ -137,6 +140,7 @@ impl Acquire {
             store: Some(self.store.clone()),
             metrics: self.metrics.clone(),
             bytes,
+            memory: self.hit_memory.clone(),
         };
         let span = info_span!("cache.read", start, end);
         tokio::spawn(hit::stream_hit(reader, start, end, tx, ctx).instrument(span));

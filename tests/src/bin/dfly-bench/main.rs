@@ -25,7 +25,7 @@
 //! - splice throughput: one large download by curl through the agent vs direct;
 //! - cache-hit throughput: a 1 GiB blob served from the agent's cache through
 //!   TLS interception vs read directly from the origin registry over TLS, and
-//!   the agent's peak RSS while serving it to one and to four clients.
+//!   the agent's peak RSS while serving it to `--readers` clients at once (1 and 4 by default).
 
 mod swarm;
 
@@ -54,6 +54,10 @@ struct Cli {
     /// With --micro: blob size for the cache-hit benchmark.
     #[arg(long, default_value_t = 1 << 30)]
     blob: u64,
+    /// With --micro: how many clients read the cached blob at once, one
+    /// peak-RSS figure each (e.g. `--blob 67108864 --readers 1,16,64,200`).
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    readers: Vec<usize>,
     /// With --micro: bytes per download in the splice benchmark.
     #[arg(long, default_value_t = 1_000_000_000)]
     bytes: u64,
@@ -124,14 +128,14 @@ fn micro(cli: &Cli) -> anyhow::Result<()> {
         splice_throughput(&tb, &client, &srv, cli.bytes, cli.repeat)?;
     }
     if matches!(cli.scenario.as_str(), "hit" | "all") {
-        cache_hits(cli.blob, cli.repeat)?;
+        cache_hits(cli.blob, &cli.readers, cli.repeat)?;
     }
     Ok(())
 }
 
 const REGISTRY: &str = "registry.dfly.test";
 
-fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
+fn cache_hits(blob: u64, readers: &[usize], repeat: usize) -> anyhow::Result<()> {
     use damselfly_testbed::{image::Image, origin::Origin, pki::TestCa};
     let tb = Testbed::new(2)?;
     let client = tb.node(1).clone();
@@ -181,7 +185,9 @@ fn cache_hits(blob: u64, repeat: usize) -> anyhow::Result<()> {
 
     // Peak RSS while serving: reset the high-water mark, then serve.
     let pid = agent.proc.pid();
-    for clients in [1usize, 4] {
+    // Readers at once: a busy node, or a seed during a preheat. The chart's
+    // memory limit is 512 MiB.
+    for &clients in readers {
         std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
         let handles: Vec<_> = (0..clients)
             .map(|_| {
