@@ -217,6 +217,12 @@ mod tests {
         (reader, ctx, data)
     }
 
+    /// The whole budget, as readers that hold every share take it.
+    async fn all_of(memory: &HitMemory) -> OwnedSemaphorePermit {
+        let all = HIT_PIECES_IN_MEMORY as u32;
+        memory.0.clone().acquire_many_owned(all).await.unwrap()
+    }
+
     async fn drain(mut rx: mpsc::Receiver<Chunk>) -> Vec<u8> {
         let mut got = Vec::new();
         while let Some(Ok(frame)) = rx.recv().await {
@@ -231,12 +237,7 @@ mod tests {
         let (reader, ctx, data) = cached(&dir);
         let memory = ctx.memory.clone();
         // Other readers hold the whole budget.
-        let held = memory
-            .0
-            .clone()
-            .acquire_many_owned(HIT_PIECES_IN_MEMORY as u32)
-            .await
-            .unwrap();
+        let held = all_of(&memory).await;
         let (tx, rx) = mpsc::channel(64);
         let started = tokio::time::Instant::now();
         let reading = tokio::spawn(async move { send_cached(reader, 0, 3 * PS, &tx, &ctx).await });
@@ -257,13 +258,7 @@ mod tests {
     async fn a_reader_is_never_stalled_for_good_by_others_that_stopped() {
         let dir = TempDir::new("hit");
         let (reader, ctx, data) = cached(&dir);
-        let _stalled = ctx
-            .memory
-            .0
-            .clone()
-            .acquire_many_owned(HIT_PIECES_IN_MEMORY as u32)
-            .await
-            .unwrap();
+        let _stalled = all_of(&ctx.memory).await;
         let (tx, rx) = mpsc::channel(64);
         let started = tokio::time::Instant::now();
         let got = tokio::spawn(drain(rx));
