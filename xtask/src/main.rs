@@ -115,6 +115,11 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// How long `test --fuzz` fuzzes each target, after replaying its committed inputs.
 const FUZZ_TEST_SECONDS: u64 = 4;
+/// Free space the suite needs where `target/` lives (a clean build of every
+/// test binary, the release agent and the fuzz targets is about 15 GiB) and in
+/// /tmp (each end-to-end test unpacks images into its nodes' containerd roots).
+const FREE_FOR_BUILD_GIB: u64 = 16;
+const FREE_FOR_E2E_GIB: u64 = 4;
 /// libFuzzer's limits in every run: an input that makes a parser allocate more
 /// than this (a length taken from the input unchecked) or spin is a finding.
 const FUZZ_LIMITS: &[&str] = &["-rss_limit_mb=512", "-malloc_limit_mb=256", "-timeout=5"];
@@ -265,6 +270,13 @@ fn test(parts: Parts, filter: Option<&str>) -> anyhow::Result<()> {
         e2e,
     } = parts;
     let filter: Vec<&str> = filter.into_iter().collect();
+    // Cargo grows target/ as it builds, so what is already there counts.
+    let built = disk_usage_gib(&root().join("target")).unwrap_or(0);
+    require_free(
+        &root(),
+        FREE_FOR_BUILD_GIB.saturating_sub(built),
+        "build artefacts in target/",
+    )?;
     if unit {
         // Everything but the testbed's end-to-end scenarios (agent/tests runs
         // the built binary against temporary dirs only).
@@ -316,6 +328,11 @@ fn test(parts: Parts, filter: Option<&str>) -> anyhow::Result<()> {
                 "the end-to-end tests need root (network namespaces, cgroups, eBPF); run `sudo cargo xtask test --e2e`"
             );
         }
+        require_free(
+            Path::new("/tmp"),
+            FREE_FOR_E2E_GIB,
+            "the test nodes' data in /tmp",
+        )?;
         // The tests start the real agent binary; build it first.
         run(&mut cargo(&[
             "build",
@@ -338,6 +355,33 @@ fn test(parts: Parts, filter: Option<&str>) -> anyhow::Result<()> {
         .args(&filter))?;
     }
     Ok(())
+}
+
+/// Fails, naming the shortfall, unless the filesystem holding `path` has
+/// `gib` GiB free: a full disk otherwise shows as a test failing mid-pull.
+fn require_free(path: &Path, gib: u64, what: &str) -> anyhow::Result<()> {
+    let out = output_of(Command::new("df").args(["-k", "--output=avail"]).arg(path))
+        .with_context(|| format!("df {}", path.display()))?;
+    let kib: u64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("df {}: unexpected output {out:?}", path.display()))?;
+    let free = kib >> 20;
+    if free < gib {
+        bail!(
+            "only {free} GiB free on the filesystem of {} and {what} need {gib} GiB: free some disk space first",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// GiB under `path` (`du`), if it exists.
+fn disk_usage_gib(path: &Path) -> Option<u64> {
+    let out = output_of(Command::new("du").args(["-sk"]).arg(path))?;
+    let kib: u64 = out.split_whitespace().next()?.parse().ok()?;
+    Some(kib >> 20)
 }
 
 fn install_cargo_fuzz() -> anyhow::Result<()> {
