@@ -36,7 +36,10 @@ use crate::{
     },
     origin::BoxError,
     store::BlobWriter,
-    swarm::{Action, Config, Holders, PeerClient, PeerId, Progress, Refresh, Scheduler, Source},
+    swarm::{
+        Action, Config, Holders, PeerClient, PeerError, PeerId, Progress, Refresh, Scheduler,
+        Source,
+    },
     telemetry::{Metrics, SourceBytes},
     tracker::rendezvous,
     vocab::{Bitmap, Digest},
@@ -86,6 +89,8 @@ struct Failure {
     message: String,
     /// The peer is unreachable (see [`crate::swarm::PeerError::is_gone`]).
     gone: bool,
+    /// The peer serves as many as it will: ask another, or again later.
+    busy: bool,
 }
 
 /// Why a download ended before every piece reached the client.
@@ -219,6 +224,7 @@ impl Driver {
                             .await
                             .map_err(|e| Failure {
                                 gone: e.is_gone(),
+                                busy: matches!(e, PeerError::Busy),
                                 message: e.to_string(),
                             });
                         let _ = tx.send((piece, from, r));
@@ -234,6 +240,7 @@ impl Driver {
                         let r = fetch(start, start + len).await.map_err(|e| Failure {
                             message: e.to_string(),
                             gone: false,
+                            busy: false,
                         });
                         let _ = tx.send((piece, from, r));
                     }
@@ -423,6 +430,14 @@ impl Run {
         };
         let data = match result {
             Ok(data) => data,
+            Err(Failure { busy: true, .. }) => {
+                traced.record("result", "busy");
+                job.metrics.piece(source, "busy");
+                return match from {
+                    Source::Peer(id) => self.sched.on_busy(piece, id, now),
+                    Source::Origin => self.sched.on_failure(piece, from, now),
+                };
+            }
             Err(e) => {
                 debug!(digest = %job.digest, piece, ?from, error = %e.message, "piece failed");
                 traced.record("result", "failed");

@@ -62,6 +62,13 @@
 //! origin), slowest expected finish first. The first verified copy cancels
 //! the others.
 //!
+//! Busy: a holder serves a few requests at a time and answers the rest
+//! "busy" ([`Scheduler::on_busy`]). That is no failure: the piece is not held
+//! against the peer; the peer is only left alone for `busy_backoff`, doubled
+//! with each busy answer in a row (at most [`MAX_BUSY_DOUBLINGS`] times), and
+//! the piece goes to another holder, typically one that just got it from the
+//! busy one, so a fresh piece spreads as a tree rather than a star.
+//!
 //! Rates are bytes per second per request (EWMA), measured from request to
 //! arrival, so they already reflect each source's concurrency. A request's
 //! deadline is `max(min_timeout, 4 × expected time)` at its source's rate, or
@@ -163,6 +170,9 @@ pub struct Config {
     pub rescue_factor: u32,
     /// ... and never before this long (a second source costs bytes too).
     pub rescue_floor: Duration,
+    /// A peer that answered busy is not asked again for this long (doubled
+    /// with each busy answer in a row).
+    pub busy_backoff: Duration,
     /// How long a read-window piece nobody holds waits for the swarm while
     /// it makes progress, before it goes to the origin (`None`: no wait).
     /// Nodes that start a pull together thus wait for the one fetching from
@@ -197,6 +207,9 @@ impl Config {
             // seeds preheating together would each take the image from the
             // origin.
             patience: Some(Duration::from_secs(10)),
+            // What a peer serves one node at once (the peer server's
+            // `max_uploads_per_peer`); more would only be answered busy.
+            max_per_peer: 2,
             ..Self::eager()
         }
     }
@@ -219,6 +232,7 @@ impl Config {
             busy_window: None,
             rescue_factor: 1,
             rescue_floor: MIN_SAMPLE,
+            busy_backoff: Duration::from_millis(50),
             patience: None,
         }
     }
@@ -232,6 +246,8 @@ pub enum Error {
     Bitmap(#[from] BadBitmap),
 }
 
+/// A busy peer's backoff doubles at most this many times (50 ms: 0.8 s).
+pub const MAX_BUSY_DOUBLINGS: u32 = 4;
 /// A request's timeout is this many times its expected duration.
 const TIMEOUT_FACTOR: u32 = 4;
 /// Weight of a new sample in a rate.
@@ -260,6 +276,22 @@ struct Peer {
     in_flight: usize,
     rate: Rate,
     failures_in_a_row: u32,
+    busy_in_a_row: u32,
+    /// Answered busy: not asked anything until then.
+    busy_until: Option<Instant>,
+}
+
+impl Peer {
+    fn new(have: Bitmap) -> Self {
+        Self {
+            have,
+            in_flight: 0,
+            rate: Rate::default(),
+            failures_in_a_row: 0,
+            busy_in_a_row: 0,
+            busy_until: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -404,6 +436,12 @@ impl Scheduler {
                 _ => r.deadline,
             })
             .chain(self.patient_until.filter(|_| self.missing > 0))
+            .chain(
+                self.peers
+                    .values()
+                    .filter_map(|p| p.busy_until)
+                    .filter(|_| self.missing > 0),
+            )
             .min()
     }
 
@@ -429,12 +467,7 @@ impl Scheduler {
         }
         let peer_state = match old {
             Some(p) => Peer { have, ..p },
-            None => Peer {
-                have,
-                in_flight: 0,
-                rate: Rate::default(),
-                failures_in_a_row: 0,
-            },
+            None => Peer::new(have),
         };
         self.peers.insert(peer, peer_state);
         Ok(())
@@ -451,12 +484,10 @@ impl Scheduler {
             return;
         }
         let count = self.piece_count();
-        let p = self.peers.entry(peer).or_insert_with(|| Peer {
-            have: Bitmap::new(count),
-            in_flight: 0,
-            rate: Rate::default(),
-            failures_in_a_row: 0,
-        });
+        let p = self
+            .peers
+            .entry(peer)
+            .or_insert_with(|| Peer::new(Bitmap::new(count)));
         if !p.have.get(piece) {
             p.have.set(piece);
             self.avail[piece as usize] += 1;
@@ -554,6 +585,7 @@ impl Scheduler {
                         if let Some(p) = self.peers.get_mut(&id) {
                             p.rate.sample(bytes, elapsed);
                             p.failures_in_a_row = 0;
+                            p.busy_in_a_row = 0;
                         }
                     }
                 }
@@ -568,6 +600,23 @@ impl Scheduler {
                     self.origin_failures += 1;
                     self.pieces[piece as usize].failures += 1;
                 }
+            }
+        }
+        self.poll_into(now, &mut out);
+        out
+    }
+
+    /// The peer answered the request for `piece` "busy": see the module
+    /// docs. The piece is asked elsewhere or waits; the peer is asked again
+    /// after its backoff.
+    pub fn on_busy(&mut self, piece: u64, peer: PeerId, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        if piece < self.piece_count() && self.end_request(piece, Source::Peer(peer)).is_some() {
+            let base = self.config.busy_backoff;
+            if let Some(p) = self.peers.get_mut(&peer) {
+                let backoff = base.saturating_mul(1 << p.busy_in_a_row.min(MAX_BUSY_DOUBLINGS));
+                p.busy_in_a_row = p.busy_in_a_row.saturating_add(1);
+                p.busy_until = Some(now + backoff);
             }
         }
         self.poll_into(now, &mut out);
@@ -593,6 +642,9 @@ impl Scheduler {
             (Some(p), Some(t)) => Some(t + p).filter(|&until| until > now),
             _ => None,
         };
+        for p in self.peers.values_mut() {
+            p.busy_until = p.busy_until.filter(|&t| t > now);
+        }
         self.expire(now, out);
         self.schedule(now, out);
         if self.missing == 0 && !self.done_reported {
@@ -790,7 +842,7 @@ impl Scheduler {
                 continue;
             }
             usable += 1;
-            if p.in_flight >= self.config.max_per_peer {
+            if p.in_flight >= self.config.max_per_peer || p.busy_until.is_some() {
                 continue;
             }
             let rate = p.rate.0.unwrap_or(optimistic);

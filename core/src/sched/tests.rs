@@ -585,6 +585,8 @@ enum Outcome {
     Verified,
     Corrupt,
     Failed,
+    /// A peer answers busy (the origin never does: a failure then).
+    Busy,
 }
 
 #[derive(Debug, Clone)]
@@ -614,6 +616,7 @@ fn outcome() -> impl Strategy<Value = Outcome> {
         6 => Just(Outcome::Verified),
         1 => Just(Outcome::Corrupt),
         2 => Just(Outcome::Failed),
+        2 => Just(Outcome::Busy),
     ]
 }
 
@@ -660,6 +663,7 @@ fn config() -> impl Strategy<Value = Config> {
                 rescue_factor: max_failures,
                 rescue_floor: secs(u64::from(max_failures) / 2),
                 patience: (max_per_peer % 2 == 0).then(|| secs(min_timeout)),
+                busy_backoff: Duration::from_millis(100 * u64::from(max_failures)),
             },
         )
 }
@@ -758,6 +762,10 @@ impl Driver {
             Outcome::Verified => self.s.on_piece(piece, from, len, self.now, true),
             Outcome::Corrupt => self.s.on_piece(piece, from, len, self.now, false),
             Outcome::Failed => self.s.on_failure(piece, from, self.now),
+            Outcome::Busy => match from {
+                Source::Peer(id) => self.s.on_busy(piece, id, self.now),
+                Source::Origin => self.s.on_failure(piece, from, self.now),
+            },
         };
         let completed = acts.contains(&Action::Completed(piece));
         prop_assert_eq!(completed, was_missing && matches!(o, Outcome::Verified));
@@ -984,5 +992,84 @@ fn an_unreachable_peer_is_dropped_without_failing_its_pieces() {
         requests(&s.poll(t))
             .iter()
             .all(|(_, f)| *f != Source::Peer(A))
+    );
+}
+
+/// A busy answer is no failure: the piece goes to the other holder at once,
+/// the busy peer is asked again after its backoff, and however many busy
+/// answers it gives it is never dropped nor avoided for the piece.
+#[test]
+fn a_busy_peer_is_asked_again_after_its_backoff_and_never_dropped() {
+    let backoff = Duration::from_millis(50);
+    let mut s = sched(
+        2,
+        Config {
+            max_per_peer: 1,
+            busy_window: Some(0),
+            busy_backoff: backoff,
+            ..cfg()
+        },
+    );
+    s.add_peer(A, &all(2)).unwrap();
+    let t = Instant::now();
+    assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A))]);
+    s.add_peer(B, &bits(2, [0])).unwrap();
+    // A is busy: piece 0 goes to B; piece 1 only A holds, so it waits.
+    assert_eq!(requests(&s.on_busy(0, A, t)), [(0, Source::Peer(B))]);
+    assert_eq!(s.next_deadline(), Some(t + backoff));
+    assert!(requests(&s.poll(t + backoff / 2)).is_empty());
+    assert_eq!(requests(&s.poll(t + backoff)), [(1, Source::Peer(A))]);
+    // Busy again and again: the backoff doubles, up to its cap.
+    let mut now = t + backoff;
+    for n in 0..10 {
+        let wait = backoff * (1 << (n + 1).min(MAX_BUSY_DOUBLINGS));
+        let actions = s.on_busy(1, A, now);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Dropped(_))),
+            "{actions:?}"
+        );
+        assert_eq!(s.next_deadline(), Some(now + wait).min(s.next_deadline()));
+        now += wait;
+        assert_eq!(requests(&s.poll(now)), [(1, Source::Peer(A))], "busy {n}");
+    }
+    assert!(!s.is_excluded(A));
+    // A piece from it resets the backoff.
+    s.on_piece(1, Source::Peer(A), PS, now, true);
+    s.on_piece(0, Source::Peer(B), PS, now, true);
+    assert!(s.is_complete());
+}
+
+/// With every holder busy, the piece waits for them rather than go to the
+/// origin (production's busy window of 0), and the driver is woken when the
+/// first backoff ends.
+#[test]
+fn when_every_holder_is_busy_the_piece_waits_for_the_first_one_free() {
+    let mut s = sched(
+        1,
+        Config {
+            busy_window: Some(0),
+            busy_backoff: Duration::from_millis(100),
+            ..cfg()
+        },
+    );
+    s.add_peer(A, &all(1)).unwrap();
+    s.add_peer(B, &all(1)).unwrap();
+    let t = Instant::now();
+    let first = requests(&s.poll(t));
+    assert_eq!(first.len(), 1);
+    let (_, Source::Peer(p1)) = first[0] else {
+        panic!("{first:?}")
+    };
+    let second = requests(&s.on_busy(0, p1, t));
+    let (_, Source::Peer(p2)) = second[0] else {
+        panic!("{second:?}")
+    };
+    assert_ne!(p1, p2);
+    let later = t + Duration::from_millis(30);
+    assert!(requests(&s.on_busy(0, p2, later)).is_empty(), "no origin");
+    assert_eq!(s.next_deadline(), Some(t + Duration::from_millis(100)));
+    assert_eq!(
+        requests(&s.poll(t + Duration::from_millis(100))),
+        [(0, Source::Peer(p1))]
     );
 }

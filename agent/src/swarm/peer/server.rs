@@ -6,13 +6,20 @@
 //! [`ServerConfig::write_timeout`], or the stream is reset, which drops what
 //! QUIC still buffers for it, and its upload slot and memory are released.
 //!
+//! A few answers at a time: [`ServerConfig::max_uploads`] in all and
+//! [`ServerConfig::max_uploads_per_peer`] to one peer; a request beyond them
+//! is answered busy at once, not queued. A handful of streams fill the
+//! uplink as well as many do, and each answer then gets a larger share of
+//! it, so a fresh piece reaches its first few peers soonest and the rest
+//! take it from them (their schedulers try another holder when told busy):
+//! a relay tree instead of every node waiting on the one that holds it.
+//!
 //! Memory held by uploads: each answer holds its whole piece (read at once)
 //! from the read until the peer has acknowledged the last byte or the stream
 //! is reset; QUIC's send buffer only references those bytes. So at most
-//! `max_pieces_per_connection × piece size` per connection and
-//! `max_pieces_in_memory × piece size` in all (8 × 4 MiB = 32 MiB and
-//! 32 × 4 MiB = 128 MiB by default), plus what a request may buffer on its way
-//! in: [`REQUEST_WINDOW`] per stream, [`CONNECTION_WINDOW`] per connection.
+//! `max_uploads × piece size` (4 × 4 MiB = 16 MiB by default), plus what a
+//! request may buffer on its way in: [`REQUEST_WINDOW`] per stream,
+//! [`CONNECTION_WINDOW`] per connection.
 
 use std::{
     net::SocketAddr,
@@ -60,13 +67,12 @@ pub struct ServerConfig {
     pub max_upload_peers: Option<usize>,
     /// Concurrent requests one connection may have open.
     pub max_streams_per_peer: u32,
-    /// Pieces held in memory across all requests (each is read whole).
-    pub max_pieces_in_memory: usize,
-    /// Pieces held in memory for one connection's requests, so one peer
-    /// cannot take every piece of memory.
-    pub max_pieces_per_connection: usize,
-    /// For a request's header to arrive once its stream is open, and for a
-    /// request to get its share of memory.
+    /// Requests answered at once, each holding its piece in memory; more
+    /// are answered busy.
+    pub max_uploads: usize,
+    /// The same for one connection, so one peer cannot take every upload.
+    pub max_uploads_per_peer: usize,
+    /// For a request's header to arrive once its stream is open.
     pub request_timeout: Duration,
     /// For the peer to take each write, and to acknowledge a finished answer.
     pub write_timeout: Duration,
@@ -85,8 +91,8 @@ impl ServerConfig {
             listen,
             max_upload_peers: Some(16),
             max_streams_per_peer: 16,
-            max_pieces_in_memory: 32,
-            max_pieces_per_connection: 8,
+            max_uploads: 4,
+            max_uploads_per_peer: 2,
             request_timeout: Duration::from_secs(10),
             // A 64 KiB write waits on the peer reading; 5 s is a peer slower
             // than 13 KB/s, or gone.
@@ -111,9 +117,9 @@ pub struct PeerServer {
 struct Shared {
     source: Arc<dyn PieceSource>,
     slots: Arc<UploadSlots>,
-    in_memory: Arc<Semaphore>,
-    max_in_memory: usize,
-    per_connection: usize,
+    uploads: Arc<Semaphore>,
+    max_uploads: usize,
+    per_peer: usize,
     request_timeout: Duration,
     write_timeout: Duration,
     rate: Option<Arc<RateLimiter>>,
@@ -147,9 +153,9 @@ impl PeerServer {
         let shared = Arc::new(Shared {
             source,
             slots: UploadSlots::new(cfg.max_upload_peers),
-            in_memory: Arc::new(Semaphore::new(cfg.max_pieces_in_memory.max(1))),
-            max_in_memory: cfg.max_pieces_in_memory.max(1),
-            per_connection: cfg.max_pieces_per_connection.max(1),
+            uploads: Arc::new(Semaphore::new(cfg.max_uploads.max(1))),
+            max_uploads: cfg.max_uploads.max(1),
+            per_peer: cfg.max_uploads_per_peer.max(1),
             request_timeout: cfg.request_timeout,
             write_timeout: cfg.write_timeout,
             rate: cfg.rate,
@@ -183,7 +189,7 @@ impl PeerServer {
 
     /// Pieces held in memory for answers now.
     pub fn pieces_in_memory(&self) -> usize {
-        self.shared.max_in_memory - self.shared.in_memory.available_permits()
+        self.shared.max_uploads - self.shared.uploads.available_permits()
     }
 
     /// Closes every connection and waits (briefly) for the peers to be told.
@@ -233,14 +239,14 @@ impl Drop for Connected<'_> {
 async fn serve_connection(conn: Connection, shared: Arc<Shared>) {
     let peer = conn.remote_address();
     let _connected = Connected::new(&shared.connected);
-    let memory = Arc::new(Semaphore::new(shared.per_connection));
+    let uploads = Arc::new(Semaphore::new(shared.per_peer));
     debug!(%peer, "peer connected");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let (shared, memory) = (shared.clone(), memory.clone());
+                let (shared, uploads) = (shared.clone(), uploads.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, peer, &shared, &memory).await {
+                    if let Err(e) = serve_stream(send, recv, peer, &shared, &uploads).await {
                         debug!(%peer, error = %e, "peer request ended early");
                     }
                 });
@@ -258,7 +264,7 @@ async fn serve_stream(
     mut recv: RecvStream,
     peer: SocketAddr,
     shared: &Shared,
-    connection_memory: &Arc<Semaphore>,
+    peer_uploads: &Arc<Semaphore>,
 ) -> Result<(), PeerError> {
     let mut buf = [0u8; REQUEST_LEN];
     tokio::time::timeout(shared.request_timeout, recv.read_exact(&mut buf))
@@ -275,17 +281,15 @@ async fn serve_stream(
         debug!(%peer, "upload refused: max upload peers reached");
         return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
     };
-    // This connection's share first, so one peer cannot queue for (and then
-    // hold) every piece of memory; both are released when this answer ends.
-    let memory = async {
-        let mine = connection_memory.clone().acquire_owned().await;
-        let all = shared.in_memory.clone().acquire_owned().await;
-        (mine, all)
-    };
-    let _memory = match tokio::time::timeout(shared.request_timeout, memory).await {
-        Ok((Ok(mine), Ok(all))) => (mine, all),
+    // Both are released when this answer ends.
+    let uploads = (
+        peer_uploads.clone().try_acquire_owned(),
+        shared.uploads.clone().try_acquire_owned(),
+    );
+    let _upload = match uploads {
+        (Ok(mine), Ok(all)) => (mine, all),
         _ => {
-            debug!(%peer, "upload refused: no memory for the piece in time");
+            debug!(%peer, "upload refused: as many uploads as allowed already");
             return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
         }
     };

@@ -195,7 +195,9 @@ async fn every_piece_concurrently_over_one_connection() {
     let fx = fixture(17 * PS as usize + 1000);
     let (out, out_hook) = counter();
     let srv = server(&ca.tls(&ca, "node-a"), Arc::new(fx.store.clone()), |c| {
-        c.bytes_out = Some(out_hook)
+        c.bytes_out = Some(out_hook);
+        c.max_uploads = 32;
+        c.max_uploads_per_peer = 32;
     });
     let (inn, in_hook) = counter();
     let mut cfg = ClientConfig::new(loopback());
@@ -365,7 +367,7 @@ async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
         streams.push((send, recv));
     }
     let t0 = Instant::now();
-    while srv.pieces_in_memory() < 8 {
+    while srv.pieces_in_memory() < 2 {
         assert!(
             t0.elapsed() < Duration::from_secs(5),
             "requests never arrived"
@@ -375,8 +377,8 @@ async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
     assert_eq!(srv.peers_serving(), 1);
     assert_eq!(
         srv.pieces_in_memory(),
-        8,
-        "one connection holds at most max_pieces_per_connection pieces"
+        2,
+        "one connection holds at most max_uploads_per_peer pieces; the rest were answered busy"
     );
 
     // A peer that reads: busy while the stalling one holds the only slot,
@@ -400,8 +402,7 @@ async fn a_peer_that_never_reads_does_not_pin_slots_or_memory() {
     };
     eprintln!("served after {:?}", t0.elapsed());
     assert_eq!(got, piece(&fx.data, 0));
-    // The stalled requests waiting for memory get theirs, stall the same way
-    // and are reset too: everything comes back.
+    // The stalled requests are reset: everything comes back.
     let t0 = Instant::now();
     while srv.pieces_in_memory() > 0 || srv.peers_serving() > 0 {
         assert!(
@@ -551,6 +552,69 @@ async fn a_third_peer_is_refused_while_two_are_served() {
     );
 }
 
+/// Past `max_uploads_per_peer` for one peer, or `max_uploads` in all, a
+/// request is answered busy at once (not queued), and served once an upload
+/// ends.
+#[tokio::test]
+async fn requests_past_the_upload_limits_are_answered_busy_at_once() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(2 * PS as usize);
+    let gated = Arc::new(Gated {
+        store: fx.store.clone(),
+        open: Mutex::new(false),
+        cv: Condvar::new(),
+        entered: AtomicUsize::new(0),
+    });
+    let _guard = OpenOnDrop(gated.clone());
+    let srv = server(&ca.tls(&ca, "a"), gated.clone(), |c| {
+        c.max_uploads = 2;
+        c.max_uploads_per_peer = 1;
+    });
+    let addr = srv.local_addr();
+    let peers: Vec<_> = (0..3)
+        .map(|n| Arc::new(client(&ca.tls(&ca, &format!("peer-{n}")))))
+        .collect();
+    let mut held = JoinSet::new();
+    for p in &peers[..2] {
+        let (p, d) = (p.clone(), fx.digest);
+        held.spawn(async move { p.fetch_piece(addr, &d, 0, PS).await });
+    }
+    let start = Instant::now();
+    while gated.entered.load(Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(srv.pieces_in_memory(), 2);
+    let quick = Duration::from_secs(2);
+    let again = tokio::time::timeout(quick, peers[0].fetch_piece(addr, &fx.digest, 1, PS)).await;
+    assert!(
+        matches!(again, Ok(Err(PeerError::Busy))),
+        "per peer: {again:?}"
+    );
+    let third = tokio::time::timeout(quick, peers[2].fetch_piece(addr, &fx.digest, 1, PS)).await;
+    assert!(
+        matches!(third, Ok(Err(PeerError::Busy))),
+        "in all: {third:?}"
+    );
+
+    gated.open();
+    while let Some(r) = held.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), piece(&fx.data, 0));
+    }
+    let t0 = Instant::now();
+    while srv.pieces_in_memory() > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(2), "uploads never ended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        peers[2].fetch_piece(addr, &fx.digest, 1, PS).await.unwrap(),
+        piece(&fx.data, 1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_rate_limit_bounds_throughput() {
     let rate = 2 * 1024 * 1024;
@@ -558,7 +622,9 @@ async fn upload_rate_limit_bounds_throughput() {
     let fx = fixture(48 * PS as usize); // 3 MiB: about 1.4 s at 2 MiB/s
     let limiter = Arc::new(RateLimiter::new(rate));
     let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
-        c.rate = Some(limiter)
+        c.rate = Some(limiter);
+        c.max_uploads = 48;
+        c.max_uploads_per_peer = 48;
     });
     let c = Arc::new(client(&ca.tls(&ca, "b")));
     let start = Instant::now();
