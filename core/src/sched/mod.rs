@@ -246,8 +246,9 @@ pub enum Error {
     Bitmap(#[from] BadBitmap),
 }
 
-/// A busy peer's backoff doubles at most this many times (50 ms: 0.8 s).
-pub const MAX_BUSY_DOUBLINGS: u32 = 4;
+/// A busy peer's backoff doubles at most this many times (50 ms: 0.4 s): a
+/// holder serving a few peers frees a slot every fraction of a piece time.
+pub const MAX_BUSY_DOUBLINGS: u32 = 3;
 /// A request's timeout is this many times its expected duration.
 const TIMEOUT_FACTOR: u32 = 4;
 /// Weight of a new sample in a rate.

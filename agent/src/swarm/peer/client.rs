@@ -12,8 +12,11 @@ use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint};
 use tracing::debug;
 
+use tokio::sync::Semaphore;
+
 use super::{
-    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PEER_SERVER_NAME, PeerError, PeerTls, transport,
+    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PEER_SERVER_NAME, PeerError, PeerTls, UPLOADS_PER_PEER,
+    transport,
     wire::{RESPONSE_HEAD_MAX, Request, ResponseHead},
 };
 use crate::vocab::{Digest, RateLimiter};
@@ -29,6 +32,11 @@ pub struct ClientConfig {
     /// serve this node's own pulls.
     pub rate: Option<Arc<RateLimiter>>,
     pub bytes_in: Option<BytesHook>,
+    /// Requests out to one peer at once, over every blob; more wait here
+    /// for one to end. A peer serves one node no more than this at once
+    /// (its server's `max_uploads_per_peer`) and answers the rest busy, and
+    /// a busy answer costs a round trip and a backoff.
+    pub max_requests_per_peer: usize,
 }
 
 impl ClientConfig {
@@ -40,6 +48,7 @@ impl ClientConfig {
             keep_alive: KEEP_ALIVE,
             rate: None,
             bytes_in: None,
+            max_requests_per_peer: UPLOADS_PER_PEER,
         }
     }
 }
@@ -58,6 +67,8 @@ struct Slot {
     dial: Arc<tokio::sync::Mutex<()>>,
     /// When the peer last completed a handshake or gave us a piece.
     seen: Option<Instant>,
+    /// See [`ClientConfig::max_requests_per_peer`].
+    requests: Option<Arc<Semaphore>>,
 }
 
 /// The peers this node fetches from, from the client's own table.
@@ -102,7 +113,12 @@ impl PeerClient {
             digest: *digest,
             index,
         };
-        let result = tokio::time::timeout(limit, self.fetch(addr, req, expected_len))
+        let permits = self.requests_to(addr);
+        let fetch = async {
+            let _permit = permits.acquire().await;
+            self.fetch(addr, req, expected_len).await
+        };
+        let result = tokio::time::timeout(limit, fetch)
             .await
             .unwrap_or(Err(PeerError::Timeout(limit)));
         match &result {
@@ -110,6 +126,16 @@ impl PeerClient {
             Err(e) => debug!(%addr, %digest, index, error = %e, "piece fetch failed"),
         }
         result
+    }
+
+    fn requests_to(&self, addr: SocketAddr) -> Arc<Semaphore> {
+        let per_peer = self.cfg.max_requests_per_peer.max(1);
+        self.lock()
+            .entry(addr)
+            .or_default()
+            .requests
+            .get_or_insert_with(|| Arc::new(Semaphore::new(per_peer)))
+            .clone()
     }
 
     async fn fetch(

@@ -48,6 +48,10 @@ use wire::WireError;
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// Requests one node has answered by one peer at once: the server's
+/// default `max_uploads_per_peer`, and what the client sends a peer at once.
+pub(super) const UPLOADS_PER_PEER: usize = 2;
+
 /// Called with a byte count as piece payload goes out or comes in (metrics).
 pub(super) type BytesHook = Arc<dyn Fn(u64) + Send + Sync>;
 

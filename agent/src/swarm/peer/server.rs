@@ -36,7 +36,7 @@ use tokio::{sync::Semaphore, task::JoinHandle};
 use tracing::{debug, info, warn};
 
 use super::{
-    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PeerError, PeerTls, PieceSource,
+    BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PeerError, PeerTls, PieceSource, UPLOADS_PER_PEER,
     slots::UploadSlots,
     transport,
     wire::{REQUEST_LEN, Request, ResponseHead},
@@ -92,7 +92,7 @@ impl ServerConfig {
             max_upload_peers: Some(16),
             max_streams_per_peer: 16,
             max_uploads: 4,
-            max_uploads_per_peer: 2,
+            max_uploads_per_peer: UPLOADS_PER_PEER,
             request_timeout: Duration::from_secs(10),
             // A 64 KiB write waits on the peer reading; 5 s is a peer slower
             // than 13 KB/s, or gone.
