@@ -29,6 +29,10 @@ struct Tracker {
 }
 
 async fn start(addr: SocketAddr) -> Tracker {
+    start_with(addr, HB).await
+}
+
+async fn start_with(addr: SocketAddr, heartbeat: Duration) -> Tracker {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -36,7 +40,7 @@ async fn start(addr: SocketAddr) -> Tracker {
     let task = tokio::spawn(server::serve(
         listener,
         tls,
-        server::Config::new(HB),
+        server::Config::new(heartbeat),
         async {
             let _ = stopped.await;
         },
@@ -68,9 +72,13 @@ fn peer(id: &str, zone: &str) -> PeerInfo {
 /// Every client shares the chart's kind of certificate (`damselfly-peer`
 /// only), so the tracker tells them apart by address: all 127.0.0.1 here.
 fn client(replicas: &[SocketAddr], id: &str, zone: &str) -> TrackerClient {
+    client_with(replicas, id, zone, HB)
+}
+
+fn client_with(replicas: &[SocketAddr], id: &str, zone: &str, hb: Duration) -> TrackerClient {
     let rs = replicas.iter().map(|a| a.to_string()).collect();
     let pki = ca().pki(ca().issue(&[damselfly::pki::PEER_SERVER_NAME]));
-    TrackerClient::new(rs, peer(id, zone), HB, tls::client_config(&pki).unwrap()).unwrap()
+    TrackerClient::new(rs, peer(id, zone), hb, tls::client_config(&pki).unwrap()).unwrap()
 }
 
 fn ids(f: &FindResult) -> Vec<&str> {
@@ -95,6 +103,42 @@ async fn wait_for(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> b
         assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A peer whose connection closes (its process died: the kernel closes its
+/// sockets) is gone from the tracker at once, not when its lease runs out,
+/// so the peers waiting on its pieces learn it from their next find.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_is_gone_as_soon_as_its_connection_closes() {
+    let hb = Duration::from_secs(30);
+    let tracker = start_with("127.0.0.1:0".parse().unwrap(), hb).await;
+    let addr = tracker.addr;
+    let stays = client_with(&[addr], "stays", "z", hb);
+    let leaves = client_with(&[addr], "leaves", "z", hb);
+    let (_hs, hl) = (stays.spawn_heartbeat(), leaves.spawn_heartbeat());
+    let d = Digest::of(b"layer");
+    wait_for("announce", Duration::from_secs(3), async || {
+        leaves
+            .announce(&d, SIZE, PIECE, hashes(4), vec![0b1111])
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(ids(&stays.find(&d).await.unwrap()), ["leaves"]);
+    hl.abort();
+    let _ = hl.await;
+    drop(leaves);
+    let took = wait_for(
+        "gone with its connection",
+        Duration::from_secs(2),
+        async || ids(&stays.find(&d).await.unwrap()).is_empty(),
+    )
+    .await;
+    eprintln!(
+        "gone {took:?} after its connection closed (lease {:?})",
+        hb * 3 / 2
+    );
+    tracker.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

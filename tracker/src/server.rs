@@ -49,7 +49,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     state::{Announce, Caller, Lease, Limits, PeerInfo, State, StateError, check_len},
-    tls::{ConnInfo, incoming},
+    tls::{ConnInfo, OnClose, incoming},
 };
 use damselfly_core::vocab::Digest;
 
@@ -120,6 +120,23 @@ impl TrackerService {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What the listener calls when a connection closes: its peers are gone.
+    fn on_connection_closed(&self) -> OnClose {
+        let weak = Arc::downgrade(&self.state);
+        Arc::new(move |conn| {
+            let Some(state) = weak.upgrade() else { return };
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            let n = s.connection_closed(conn);
+            if n > 0 {
+                debug!(
+                    peers = n,
+                    left = s.peer_count(),
+                    "tracker peers gone with their connection"
+                );
+            }
+        })
+    }
+
     /// Drop expired peers every quarter interval, until the service is gone.
     fn spawn_sweeper(&self) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(&self.state);
@@ -154,6 +171,7 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     let svc = TrackerService::new(cfg.heartbeat, cfg.limits.clone());
     let sweeper = svc.spawn_sweeper();
+    let on_close = svc.on_connection_closed();
     let max = cfg.limits.max_message();
     let result = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
@@ -169,7 +187,10 @@ pub async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(incoming(listener, tls, cfg.max_connections), shutdown)
+        .serve_with_incoming_shutdown(
+            incoming(listener, tls, cfg.max_connections, on_close),
+            shutdown,
+        )
         .await;
     sweeper.abort();
     result
@@ -322,6 +343,11 @@ fn digest(s: &str) -> Result<Digest, Status> {
         .map_err(|e: damselfly_core::vocab::BadDigest| Status::invalid_argument(e.to_string()))
 }
 
+/// The connection `req` came over, if it came through the TLS listener.
+fn connection<T>(req: &Request<T>) -> Option<u64> {
+    req.extensions().get::<ConnInfo>().map(|c| c.id)
+}
+
 /// Who sent `req`: set by the TLS listener on every request.
 fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
     req.extensions()
@@ -344,16 +370,16 @@ impl Tracker for TrackerService {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let span = rpc_span("register", &req, "");
-        let who = caller(&req)?;
-        traced(span, || self.register_now(&who, req.into_inner()))
+        let (who, conn) = (caller(&req)?, connection(&req));
+        traced(span, || self.register_now(&who, conn, req.into_inner()))
     }
 
     async fn heartbeat(
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let who = caller(&req)?;
-        self.heartbeat_now(&who, req.into_inner())
+        let (who, conn) = (caller(&req)?, connection(&req));
+        self.heartbeat_now(&who, conn, req.into_inner())
     }
 
     async fn announce(
@@ -389,6 +415,7 @@ impl TrackerService {
     fn register_now(
         &self,
         who: &Caller,
+        conn: Option<u64>,
         req: pb::RegisterRequest,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let p = req
@@ -401,10 +428,14 @@ impl TrackerService {
             zone: p.zone,
             upload_capacity: p.upload_capacity,
         };
-        let l = self
-            .state()
-            .register(who, info, req.active_uploads, Instant::now())
+        let (id, now) = (info.id.clone(), Instant::now());
+        let mut s = self.state();
+        let l = s
+            .register(who, info, req.active_uploads, now)
             .map_err(status)?;
+        if let Some(conn) = conn {
+            s.bind_connection(who, &id, conn, now).map_err(status)?;
+        }
         Ok(Response::new(pb::RegisterResponse {
             lease: Some(lease(l)),
         }))
@@ -413,13 +444,21 @@ impl TrackerService {
     fn heartbeat_now(
         &self,
         who: &Caller,
+        conn: Option<u64>,
         req: pb::HeartbeatRequest,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let mut s = self.state();
         // Unknown is an answer, not an error: it is the normal way a restarted
         // tracker asks peers to replay.
-        let (known, l) = match s.heartbeat(who, &req.peer_id, req.active_uploads, Instant::now()) {
-            Ok(l) => (true, l),
+        let now = Instant::now();
+        let (known, l) = match s.heartbeat(who, &req.peer_id, req.active_uploads, now) {
+            Ok(l) => {
+                if let Some(conn) = conn {
+                    s.bind_connection(who, &req.peer_id, conn, now)
+                        .map_err(status)?;
+                }
+                (true, l)
+            }
             Err(StateError::UnknownPeer(_)) => (false, s.lease()),
             Err(e) => return Err(status(e)),
         };

@@ -19,7 +19,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -85,6 +88,24 @@ pub fn client_config(pki: &ClusterPki) -> Result<Arc<rustls::ClientConfig>, TlsE
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub caller: Caller,
+    /// This connection's number, unique for the listener's life: what
+    /// [`incoming`]'s `on_close` is called with when it closes.
+    pub id: u64,
+}
+
+/// Called with a connection's [`ConnInfo::id`] once it has closed.
+pub type OnClose = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// Calls `on_close` when the connection holding it is dropped.
+struct CloseNotice {
+    id: u64,
+    on_close: OnClose,
+}
+
+impl Drop for CloseNotice {
+    fn drop(&mut self) {
+        (self.on_close)(self.id);
+    }
 }
 
 /// An authenticated connection, holding its place among `max_connections`.
@@ -93,6 +114,7 @@ pub struct TlsConn {
     info: ConnInfo,
     stall: Option<Pin<Box<Sleep>>>,
     _slot: OwnedSemaphorePermit,
+    _closed: CloseNotice,
 }
 
 impl Connected for TlsConn {
@@ -172,12 +194,15 @@ impl Drop for AbortOnDrop {
 }
 
 /// Accepts on `listener`, at most `max_connections` at once, and yields the
-/// connections whose client passed the TLS handshake.
+/// connections whose client passed the TLS handshake. `on_close` is called
+/// with each one's [`ConnInfo::id`] when it has closed.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     max_connections: usize,
+    on_close: OnClose,
 ) -> impl Stream<Item = Result<TlsConn, io::Error>> {
+    let ids = Arc::new(AtomicU64::new(0));
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let (tx, rx) = mpsc::channel::<TlsConn>(16);
@@ -204,6 +229,7 @@ pub fn incoming(
                 }
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (ids, on_close) = (ids.clone(), on_close.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -226,11 +252,13 @@ pub fn incoming(
                     .and_then(node_identity)
                     .map(Caller::Identity)
                     .unwrap_or(Caller::Address(remote.ip().to_canonical()));
+                let id = ids.fetch_add(1, Ordering::Relaxed);
                 let conn = TlsConn {
                     io,
-                    info: ConnInfo { remote, caller },
+                    info: ConnInfo { remote, caller, id },
                     stall: None,
                     _slot: slot,
+                    _closed: CloseNotice { id, on_close },
                 };
                 let _ = tx.send(conn).await;
             });

@@ -316,6 +316,9 @@ struct Peer {
     holds: BTreeSet<Digest>,
     /// Bytes charged for the registration and every holding.
     charge: u64,
+    /// The connection the peer last registered or heartbeat over (the
+    /// server's number for it), if the server tracks them.
+    connection: Option<u64>,
 }
 
 struct Holding {
@@ -460,6 +463,7 @@ impl State {
                         expires,
                         holds: BTreeSet::new(),
                         charge: fresh,
+                        connection: None,
                     },
                 );
             }
@@ -725,6 +729,40 @@ impl State {
             peers,
             hashes,
         })
+    }
+
+    /// The live peer `id` of `caller` speaks over connection `conn` (the
+    /// server's number for it): when that connection closes, the peer is
+    /// gone ([`State::connection_closed`]). Called after every registration
+    /// and heartbeat, so a peer that reconnects moves to its new connection.
+    pub fn bind_connection(
+        &mut self,
+        caller: &Caller,
+        id: &str,
+        conn: u64,
+        now: Instant,
+    ) -> Result<(), StateError> {
+        self.own_peer_mut(caller, id, now)?.connection = Some(conn);
+        Ok(())
+    }
+
+    /// Connection `conn` closed: the peers bound to it are forgotten at once,
+    /// with everything they announced, rather than when their lease runs
+    /// out. A process that dies has its connections closed by its kernel,
+    /// so the peers waiting on its pieces learn within a find, not a lease.
+    /// A peer still alive registers again at its next heartbeat (told it is
+    /// unknown) and replays its announcements. Returns how many were dropped.
+    pub fn connection_closed(&mut self, conn: u64) -> usize {
+        let gone: Vec<String> = self
+            .peers
+            .values()
+            .filter(|p| p.connection == Some(conn))
+            .map(|p| p.info.id.clone())
+            .collect();
+        for id in &gone {
+            self.drop_peer(id);
+        }
+        gone.len()
     }
 
     /// Forget peers whose lease ran out, with everything they announced.

@@ -612,3 +612,35 @@ fn state_bytes_stay_within_the_budget_and_come_back() {
     assert_eq!((s.peer_count(), s.blob_count(), s.bytes()), (0, 0, 0));
     assert!(s.callers.is_empty());
 }
+
+/// A peer is gone with the connection it last spoke over, holdings and
+/// all; one that moved to a new connection is not dropped with its old one.
+#[test]
+fn a_peer_is_gone_with_its_connection_not_with_an_old_one() {
+    let t0 = Instant::now();
+    let mut s = State::new(HB);
+    for id in ["a", "b"] {
+        s.register(&by(id), info(id, "z"), 0, t0).unwrap();
+        s.announce(&by(id), id, ann(&[0, 1], vec![]), t0).unwrap();
+    }
+    s.bind_connection(&by("a"), "a", 1, t0).unwrap();
+    s.bind_connection(&by("b"), "b", 2, t0).unwrap();
+    // b reconnected: its old connection's close must not drop it.
+    s.bind_connection(&by("b"), "b", 3, t0).unwrap();
+    assert!(
+        s.bind_connection(&by("b"), "a", 9, t0).is_err(),
+        "only a's caller binds a"
+    );
+    assert_eq!(s.connection_closed(2), 0);
+    assert_eq!(s.connection_closed(1), 1);
+    let found = s.find(&digest(), "b", "z", 10, t0).unwrap();
+    assert!(ids(&found).is_empty(), "{:?}", ids(&found));
+    assert_eq!(s.peer_count(), 1);
+    // Its next heartbeat is answered "unknown": it registers again.
+    assert!(matches!(
+        s.heartbeat(&by("a"), "a", 0, t0),
+        Err(StateError::UnknownPeer(_))
+    ));
+    assert_eq!(s.connection_closed(3), 1);
+    assert_eq!(s.peer_count(), 0);
+}
