@@ -96,6 +96,9 @@ struct Cli {
     /// Where bench.csv, bench.md and bench.png go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// Keep every agent's log in OUT/logs/.
+    #[arg(long)]
+    keep_logs: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -113,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                 modes: cli.modes.clone(),
                 repeat: cli.repeat,
                 out: cli.out.clone(),
+                keep_logs: cli.keep_logs,
             })
         }
     })

@@ -8,7 +8,7 @@
 use std::{
     fs,
     io::Write as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -78,6 +78,8 @@ pub struct Params {
     pub modes: Vec<Mode>,
     pub repeat: usize,
     pub out: PathBuf,
+    /// Keep every agent's log in `out/logs/` (they go with the testbed otherwise).
+    pub keep_logs: bool,
 }
 
 fn progress(msg: &str) {
@@ -169,6 +171,9 @@ pub fn compare(p: &Params) -> anyhow::Result<()> {
                 }
             }
             csv.flush()?;
+            if p.keep_logs {
+                bed.save_logs(&p.out.join("logs"))?;
+            }
         }
     }
     drop(csv);
@@ -322,6 +327,17 @@ impl Bed {
     /// link is not in the way).
     fn push(&self, layout: &Layout) -> anyhow::Result<Image> {
         image::push(&self.tb, &self.origin, layout, REPO, &layout.tag)
+    }
+
+    /// Copies each agent's log to `dir/<mode>-N<n>-n<i>.log`.
+    fn save_logs(&self, dir: &Path) -> anyhow::Result<()> {
+        fs::create_dir_all(dir)?;
+        let mode = self.mode.label().replace('+', "-");
+        for (i, a) in self.agents.iter().enumerate() {
+            let name = format!("{mode}-N{}-n{}.log", self.n, i + 1);
+            fs::write(dir.join(name), a.log_text())?;
+        }
+        Ok(())
     }
 
     /// The processes whose CPU and memory count as the mode's: per node, then
