@@ -312,7 +312,7 @@ fn start_swarm(
         tracker,
         peers: peers.clone(),
         config: SchedConfig::production(),
-        piece_size: store.piece_size(),
+        max_piece_size: store.max_piece_size(),
     });
     let counted = peers.clone();
     metrics.register_gauge(

@@ -7,7 +7,9 @@
 //!
 //! # API
 //!
-//! - [`Store::open`]`(state_dir, capacity, piece_size)` scans `<state_dir>/blobs/`.
+//! - [`Store::open`]`(state_dir, capacity, max_piece_size)` scans `<state_dir>/blobs/`.
+//!   A blob's piece size follows from its size ([`piece_size_for`]), so every
+//!   node cuts a blob the same way.
 //! - [`Store::get`] a complete blob as a [`BlobReader`] (pinned while any clone
 //!   of it or of its [`Chunks`] lives), whose [`BlobReader::read_range`] yields
 //!   verified chunks.
@@ -35,8 +37,8 @@
 //! rename) only after its `.part`; data is unlinked before its meta. At open,
 //! data without a meta file, a meta file without data, and anything that does
 //! not check out (length, header, incomplete bitmap for a complete blob) are
-//! removed. Partial blobs written with another piece size are dropped rather
-//! than resumed. A complete blob's mtime is its last use, so LRU order
+//! removed. Partial blobs written with another piece size (another
+//! `max_piece_size`, or an older rule) are dropped rather than resumed. A complete blob's mtime is its last use, so LRU order
 //! survives restarts (approximately: touching it is best effort).
 
 mod accounting;
@@ -156,7 +158,7 @@ pub struct Store {
 
 struct Inner {
     blobs: PathBuf,
-    piece_size: u64,
+    max_piece_size: u64,
     state: Mutex<State>,
 }
 
@@ -190,11 +192,32 @@ struct Found {
     meta: bool,
 }
 
+/// The smallest piece a blob is cut into, whatever its size: below this the
+/// cost of a request (a stream, a read, a hash, a tracker bit) outweighs the
+/// shorter hop.
+pub const MIN_PIECE_SIZE: u64 = 256 * 1024;
+
+/// A blob of `size` bytes is cut into pieces of this size: about 64 of them
+/// (a power of two from `size / 64`), at least [`MIN_PIECE_SIZE`], at most
+/// `max`. A fresh piece is relayed node to node whole, so each hop costs its
+/// size over the link rate: small blobs get small pieces and reach the last
+/// node soon after the first, while large blobs keep large pieces and their
+/// piece count (so tracker bitmaps and hash lists) bounded. 12 MiB: 256 KiB
+/// pieces; 48 MiB: 1 MiB; 256 MiB and up: `max` (4 MiB by default).
+pub fn piece_size_for(size: u64, max: u64) -> u64 {
+    (size / 64)
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
+        .max(MIN_PIECE_SIZE)
+        .min(max)
+        .max(1)
+}
+
 impl Store {
     /// Opens (creating) `<state_dir>/blobs/`, loads what is there into the
     /// accounting, removes leftovers, and evicts if `capacity` is now exceeded.
-    pub fn open(state_dir: &Path, capacity: u64, piece_size: u64) -> Result<Store, StoreError> {
-        if piece_size == 0 {
+    pub fn open(state_dir: &Path, capacity: u64, max_piece_size: u64) -> Result<Store, StoreError> {
+        if max_piece_size == 0 {
             return Err(StoreError::PieceSizeZero);
         }
         let blobs = state_dir.join("blobs");
@@ -204,7 +227,7 @@ impl Store {
         fs::set_permissions(&blobs, fs::Permissions::from_mode(0o700)).map_err(io_err(&blobs))?;
         let inner = Arc::new(Inner {
             blobs,
-            piece_size,
+            max_piece_size,
             state: Mutex::new(State {
                 acct: Accounting::new(capacity),
                 last_tick: 0,
@@ -301,7 +324,9 @@ impl Store {
                 remove_if_present(&data)?;
             }
             if f.part {
-                if header.piece_size == inner.piece_size && file_len(&part)? == header.size {
+                if header.piece_size == inner.piece_size_for(header.size)
+                    && file_len(&part)? == header.size
+                {
                     debug!(%digest, held = bitmap.held(), pieces = bitmap.pieces(), "partial blob kept for resume");
                     st.acct.insert(*digest, header.size, false, mtime(&meta)?);
                     return Ok(());
@@ -327,8 +352,9 @@ impl Store {
             .collect()
     }
 
-    pub fn piece_size(&self) -> u64 {
-        self.inner.piece_size
+    /// The largest piece size: that of blobs of 256 × it and more.
+    pub fn max_piece_size(&self) -> u64 {
+        self.inner.max_piece_size
     }
 
     pub fn capacity(&self) -> u64 {
@@ -494,7 +520,7 @@ impl Store {
         allocate(&data, size).map_err(io_err(&part))?;
         let header = Header {
             size,
-            piece_size: inner.piece_size,
+            piece_size: inner.piece_size_for(size),
         };
         let tmp = inner.meta_tmp_path(digest);
         let meta = OpenOptions::new()
@@ -524,7 +550,7 @@ impl Store {
         let inner = &self.inner;
         let path = inner.meta_path(digest);
         let (meta, header, bitmap) = read_meta(&path)?;
-        if header.size != size || header.piece_size != inner.piece_size {
+        if header.size != size || header.piece_size != inner.piece_size_for(size) {
             return Err(bad_meta(&path, "size or piece size changed"));
         }
         let part = inner.part_path(digest);
@@ -550,6 +576,10 @@ impl Store {
 }
 
 impl Inner {
+    fn piece_size_for(&self, size: u64) -> u64 {
+        piece_size_for(size, self.max_piece_size)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the accounting consistent before any
         // call that could panic, so a poisoned lock is still usable.

@@ -537,3 +537,31 @@ fn cached_blobs_are_readable_by_the_agent_alone() {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
     }
 }
+
+#[test]
+fn a_blob_is_cut_into_about_64_pieces_of_256_kib_to_the_maximum() {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * KIB;
+    let max = 4 * MIB;
+    for (size, piece) in [
+        (0, 256 * KIB),
+        (1, 256 * KIB),
+        (12 * MIB, 256 * KIB),
+        (12 * MIB + 1, 256 * KIB),
+        (48 * MIB, MIB),
+        (100 * MIB, 2 * MIB),
+        (256 * MIB, 4 * MIB),
+        (3 << 30, 4 * MIB),
+        (u64::MAX, 4 * MIB),
+    ] {
+        assert_eq!(piece_size_for(size, max), piece, "{size} bytes");
+    }
+    // The maximum wins over the minimum (tests run with tiny pieces).
+    assert_eq!(piece_size_for(10 * MIB, 100), 100);
+    // The rule holds for every blob the store begins, so nodes agree.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 1 << 30, max).unwrap();
+    let w = store.begin(&Digest::of(b"x"), 48 * MIB).unwrap();
+    assert_eq!(w.piece_size(), MIB);
+    assert_eq!(w.pieces(), 48);
+}

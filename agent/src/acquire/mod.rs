@@ -207,7 +207,7 @@ impl Acquire {
         }
         // Resume: what a killed download already wrote stays; fetch from the first gap.
         let first_missing = writer.missing_pieces().first().copied().unwrap_or(0);
-        let offset = first_missing * self.store.piece_size();
+        let offset = first_missing * writer.piece_size();
         let resp = match origin.get((offset > 0).then_some(offset)).await {
             Ok(r) => r,
             Err(e) => return Acquired::Unreachable(e),

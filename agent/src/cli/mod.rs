@@ -102,7 +102,8 @@ pub struct AgentArgs {
     /// Blob cache capacity (e.g. 20GiB).
     #[arg(long, env = "DAMSELFLY_CACHE_SIZE", default_value = "20GiB", value_parser = size::parse_size)]
     pub cache_size: u64,
-    /// Piece size of cached blobs.
+    /// Largest piece size of cached blobs: a blob is cut into about 64 pieces
+    /// of 256 KiB up to this (so blobs of 256 × this and more into pieces of this).
     #[arg(long, env = "DAMSELFLY_PIECE_SIZE", default_value = "4MiB", value_parser = size::parse_size, hide = true)]
     pub piece_size: u64,
     /// Only steer and splice: never terminate TLS or cache.

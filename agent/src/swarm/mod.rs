@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use tracing::{Span, debug, field, info, instrument, warn};
 
 use crate::{
-    store::BlobReader,
+    store::{BlobReader, piece_size_for},
     tracker::TrackerClient,
     vocab::{Bitmap, Digest},
 };
@@ -43,8 +43,9 @@ pub struct Swarm {
     pub tracker: TrackerClient,
     pub peers: Arc<peer::PeerClient>,
     pub config: sched::Config,
-    /// The store's piece size: what a join tells the tracker.
-    pub piece_size: u64,
+    /// The store's largest piece size: a join tells the tracker the piece
+    /// size the store cuts the blob into ([`piece_size_for`]).
+    pub max_piece_size: u64,
 }
 
 impl Swarm {
@@ -54,7 +55,7 @@ impl Swarm {
     /// fetching it, so of nodes asking together only the first hears `None`.
     #[instrument(name = "swarm.join", skip_all, fields(peers = 0, hashes = field::Empty))]
     pub async fn join(&self, digest: &Digest, size: u64) -> Option<Holders> {
-        let join = Some((size, self.piece_size));
+        let join = Some((size, piece_size_for(size, self.max_piece_size)));
         let holders = self.find(digest, size, join).await?;
         let known = holders.hashes.iter().filter(|h| h.is_some()).count();
         Span::current().record("peers", holders.peers.len());

@@ -210,6 +210,7 @@ impl Config {
             // What a peer serves one node at once (the peer server's
             // `max_uploads_per_peer`); more would only be answered busy.
             max_per_peer: 2,
+            endgame: false,
             ..Self::eager()
         }
     }
