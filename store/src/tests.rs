@@ -565,3 +565,49 @@ fn a_blob_is_cut_into_about_64_pieces_of_256_kib_to_the_maximum() {
     assert_eq!(w.piece_size(), MIB);
     assert_eq!(w.pieces(), 48);
 }
+
+/// A piece written with the sum its caller computed is recorded as given;
+/// a wrong one is caught when the piece is read, as a disk fault would be.
+/// `commit_verified` trusts the caller's digest check and does not read the
+/// blob back: `commit` catches the same wrong piece, `commit_verified` does
+/// not, and reading still does.
+#[test]
+fn hashed_pieces_are_checked_on_read_and_commit_verified_skips_the_read_back() {
+    let dir = TempDir::new("store");
+    let store = Store::open(&dir.0, 1 << 20, PS).unwrap();
+    let data = blob(3 * 1024, 7);
+    let d = Digest::of(&data);
+    let write = |wrong: bool| {
+        let mut w = store.begin(&d, data.len() as u64).unwrap();
+        for i in w.missing_pieces() {
+            let mut sum: [u8; 32] = Sha256::digest(piece(&data, i)).into();
+            if wrong && i == 1 {
+                sum[0] ^= 1;
+            }
+            w.write_hashed_piece(i, piece(&data, i), sum).unwrap();
+        }
+        w
+    };
+    let w = write(true);
+    assert!(matches!(
+        w.read_piece(1),
+        Err(StoreError::Corrupt { piece: 1, .. })
+    ));
+    assert!(matches!(
+        w.commit(),
+        Err(StoreError::Corrupt { piece: 1, .. })
+    ));
+    assert!(store.get(&d).is_none(), "discarded");
+
+    let r = write(true).commit_verified().unwrap();
+    assert_eq!(read_all(&r, 0, PS).unwrap(), piece(&data, 0));
+    assert!(matches!(
+        read_all(&r, PS, 2 * PS),
+        Err(StoreError::Corrupt { piece: 1, .. })
+    ));
+    drop(r);
+    store.remove(&d).unwrap();
+
+    let r = write(false).commit_verified().unwrap();
+    assert_eq!(read_all(&r, 0, r.size()).unwrap(), data);
+}

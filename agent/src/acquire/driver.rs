@@ -72,8 +72,9 @@ pub(super) struct Driver {
     pub me: Option<SocketAddr>,
 }
 
-/// What came of it: the writer back (to commit) if every piece is held, and
-/// the progress to finish.
+/// What came of it: the writer back (to commit, without reading it back:
+/// [`crate::store::BlobWriter::commit_verified`]) if every piece is held and
+/// the blob passed its digest, and the progress to finish.
 pub(super) struct Outcome {
     pub writer: Option<BlobWriter>,
     pub progress: Option<Progress>,
@@ -159,7 +160,9 @@ impl Driver {
         run.tally.record(&Span::current());
         match stopped {
             None => {
-                let writer = run.writer.take();
+                // Handed back only once the in-order stream has checked the
+                // blob's digest over the very bytes written: it commits unread.
+                let writer = run.writer.take().filter(|_| run.order.finished());
                 self.outcome(writer)
             }
             Some(Stop::WriterLost) => self.outcome(None),
@@ -359,11 +362,16 @@ impl Run {
                         continue;
                     };
                     let copy = data.clone();
-                    let written = on_writer(&mut self.writer, move |w| w.write_piece(piece, &copy))
-                        .await
-                        .ok_or(Stop::WriterLost)?;
+                    // Checked against this sum in `on_result`: not hashed again.
+                    let sum =
+                        self.hashes[piece as usize].unwrap_or_else(|| Sha256::digest(&data).into());
+                    let written = on_writer(&mut self.writer, move |w| {
+                        w.write_hashed_piece(piece, &copy, sum)
+                    })
+                    .await
+                    .ok_or(Stop::WriterLost)?;
                     match written {
-                        Ok(sum) => {
+                        Ok(()) => {
                             if let Some(p) = &job.progress {
                                 p.piece(piece, sum);
                             }

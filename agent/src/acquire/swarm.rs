@@ -85,7 +85,7 @@ impl SwarmJob {
                 }
                 let committed = match outcome.writer {
                     Some(w) if w.missing_pieces().is_empty() => {
-                        tokio::task::spawn_blocking(move || w.commit())
+                        tokio::task::spawn_blocking(move || w.commit_verified())
                             .await
                             .ok()
                             .and_then(Result::ok)
