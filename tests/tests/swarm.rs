@@ -594,7 +594,7 @@ fn upload_rate_holds_over_a_long_transfer() {
 
 /// The node fetching a fresh blob from the origin dies halfway. Its kernel
 /// closes its tracker connection, the tracker forgets it at once, and at
-/// their next find (every 250 ms) the followers agree on one of them to take
+/// their next find (every 100 ms) the followers agree on one of them to take
 /// over the origin fetch while the other takes its pieces: within 2 s, and
 /// the origin sends the rest about once, rather than each follower fetching
 /// it after its patience.

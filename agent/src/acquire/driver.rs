@@ -50,7 +50,7 @@ pub(super) type RangeFetcher =
     Arc<dyn Fn(u64, u64) -> BoxFuture<'static, Result<Bytes, BoxError>> + Send + Sync>;
 
 /// How often a running download asks the tracker for news.
-pub(super) const REFRESH_EVERY: Duration = Duration::from_millis(250);
+pub(super) const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
 /// Origin pieces that fail this many times end the download (the client gets an error).
 const MAX_ORIGIN_FAILURES: u64 = 8;

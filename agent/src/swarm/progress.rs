@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Longest a new piece waits to be announced.
-pub(super) const ANNOUNCE_EVERY: Duration = Duration::from_millis(200);
+pub(super) const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 struct Held {
