@@ -501,20 +501,28 @@ impl Drop for OpenOnDrop {
     }
 }
 
-#[tokio::test]
-async fn a_third_peer_is_refused_while_two_are_served() {
+/// A server whose source holds every request until opened, three clients,
+/// and the first two clients' requests for piece 0 held inside the source.
+struct TwoHeld {
+    fx: Fixture,
+    gated: Arc<Gated>,
+    _open: OpenOnDrop,
+    srv: PeerServer,
+    addr: SocketAddr,
+    peers: Vec<Arc<PeerClient>>,
+    held: JoinSet<Result<Bytes, PeerError>>,
+}
+
+async fn two_held(pieces: u64, configure: impl FnOnce(&mut ServerConfig)) -> TwoHeld {
     let ca = Ca::new("cluster");
-    let fx = fixture(PS as usize);
+    let fx = fixture((pieces * PS) as usize);
     let gated = Arc::new(Gated {
         store: fx.store.clone(),
         open: Mutex::new(false),
         cv: Condvar::new(),
         entered: AtomicUsize::new(0),
     });
-    let _guard = OpenOnDrop(gated.clone());
-    let srv = server(&ca.tls(&ca, "a"), gated.clone(), |c| {
-        c.max_upload_peers = Some(2)
-    });
+    let srv = server(&ca.tls(&ca, "a"), gated.clone(), configure);
     let addr = srv.local_addr();
     let peers: Vec<_> = (0..3)
         .map(|n| Arc::new(client(&ca.tls(&ca, &format!("peer-{n}")))))
@@ -532,23 +540,53 @@ async fn a_third_peer_is_refused_while_two_are_served() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(srv.peers_serving(), 2);
-    let e = peers[2].fetch_piece(addr, &fx.digest, 0, PS).await;
+    TwoHeld {
+        fx,
+        _open: OpenOnDrop(gated.clone()),
+        gated,
+        srv,
+        addr,
+        peers,
+        held,
+    }
+}
+
+impl TwoHeld {
+    /// Lets the held requests through; they get piece 0.
+    async fn release(&mut self) {
+        self.gated.open();
+        while let Some(r) = self.held.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), piece(&self.fx.data, 0));
+        }
+    }
+
+    /// Waits until `busy` is false, at most 2 s.
+    async fn until(&self, what: &str, busy: impl Fn(&PeerServer) -> bool) {
+        let t0 = Instant::now();
+        while busy(&self.srv) {
+            assert!(t0.elapsed() < Duration::from_secs(2), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_third_peer_is_refused_while_two_are_served() {
+    let mut t = two_held(1, |c| c.max_upload_peers = Some(2)).await;
+    assert_eq!(t.srv.peers_serving(), 2);
+    let e = t.peers[2].fetch_piece(t.addr, &t.fx.digest, 0, PS).await;
     assert!(matches!(e, Err(PeerError::Busy)), "{e:?}");
 
-    gated.open();
-    while let Some(r) = held.join_next().await {
-        assert_eq!(r.unwrap().unwrap(), fx.data);
-    }
+    t.release().await;
     // A slot is held until the peer has acknowledged the last byte.
-    let t0 = Instant::now();
-    while srv.peers_serving() > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(2), "slots never freed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    t.until("slots never freed", |s| s.peers_serving() > 0)
+        .await;
     assert_eq!(
-        peers[2].fetch_piece(addr, &fx.digest, 0, PS).await.unwrap(),
-        fx.data
+        t.peers[2]
+            .fetch_piece(t.addr, &t.fx.digest, 0, PS)
+            .await
+            .unwrap(),
+        t.fx.data
     );
 }
 
@@ -557,61 +595,31 @@ async fn a_third_peer_is_refused_while_two_are_served() {
 /// ends.
 #[tokio::test]
 async fn requests_past_the_upload_limits_are_answered_busy_at_once() {
-    let ca = Ca::new("cluster");
-    let fx = fixture(2 * PS as usize);
-    let gated = Arc::new(Gated {
-        store: fx.store.clone(),
-        open: Mutex::new(false),
-        cv: Condvar::new(),
-        entered: AtomicUsize::new(0),
-    });
-    let _guard = OpenOnDrop(gated.clone());
-    let srv = server(&ca.tls(&ca, "a"), gated.clone(), |c| {
+    let mut t = two_held(2, |c| {
         c.max_uploads = 2;
         c.max_uploads_per_peer = 1;
-    });
-    let addr = srv.local_addr();
-    let peers: Vec<_> = (0..3)
-        .map(|n| Arc::new(client(&ca.tls(&ca, &format!("peer-{n}")))))
-        .collect();
-    let mut held = JoinSet::new();
-    for p in &peers[..2] {
-        let (p, d) = (p.clone(), fx.digest);
-        held.spawn(async move { p.fetch_piece(addr, &d, 0, PS).await });
-    }
-    let start = Instant::now();
-    while gated.entered.load(Ordering::SeqCst) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "requests never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(srv.pieces_in_memory(), 2);
+    })
+    .await;
+    assert_eq!(t.srv.pieces_in_memory(), 2);
     let quick = Duration::from_secs(2);
-    let again = tokio::time::timeout(quick, peers[0].fetch_piece(addr, &fx.digest, 1, PS)).await;
+    let (addr, digest) = (t.addr, t.fx.digest);
+    let again = tokio::time::timeout(quick, t.peers[0].fetch_piece(addr, &digest, 1, PS)).await;
     assert!(
         matches!(again, Ok(Err(PeerError::Busy))),
         "per peer: {again:?}"
     );
-    let third = tokio::time::timeout(quick, peers[2].fetch_piece(addr, &fx.digest, 1, PS)).await;
+    let third = tokio::time::timeout(quick, t.peers[2].fetch_piece(addr, &digest, 1, PS)).await;
     assert!(
         matches!(third, Ok(Err(PeerError::Busy))),
         "in all: {third:?}"
     );
 
-    gated.open();
-    while let Some(r) = held.join_next().await {
-        assert_eq!(r.unwrap().unwrap(), piece(&fx.data, 0));
-    }
-    let t0 = Instant::now();
-    while srv.pieces_in_memory() > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(2), "uploads never ended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    t.release().await;
+    t.until("uploads never ended", |s| s.pieces_in_memory() > 0)
+        .await;
     assert_eq!(
-        peers[2].fetch_piece(addr, &fx.digest, 1, PS).await.unwrap(),
-        piece(&fx.data, 1)
+        t.peers[2].fetch_piece(addr, &digest, 1, PS).await.unwrap(),
+        piece(&t.fx.data, 1)
     );
 }
 
