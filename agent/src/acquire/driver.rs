@@ -41,7 +41,7 @@ use crate::{
         Source,
     },
     telemetry::{Metrics, SourceBytes},
-    tracker::rendezvous,
+    tracker::{DEFAULT_MAX_PEERS, rendezvous},
     vocab::{Bitmap, Digest},
 };
 
@@ -491,6 +491,16 @@ impl Run {
     /// A fresh tracker answer: peers' bitmaps, and hashes we lacked.
     fn on_news(&mut self, job: &Driver, holders: Holders) -> Vec<Action> {
         let now = Instant::now();
+        // Hashes first: the peers' update may poll the scheduler (a peer no
+        // longer listed), and a piece a peer holds whose hash is not known
+        // yet would go to the origin.
+        for (i, h) in holders.hashes.into_iter().enumerate() {
+            // Ours came from the origin or an earlier answer: keep it.
+            if let (Some(ours @ None), Some(h)) = (self.hashes.get_mut(i), h) {
+                *ours = Some(h);
+                self.sched.set_hash_known(i as u64, true);
+            }
+        }
         let (mut actions, left) = self.peers.update(&mut self.sched, holders.peers, now);
         self.lost_peer |= left;
         // A peer with nothing asked of it dies silently: its connection
@@ -510,13 +520,6 @@ impl Run {
             warn!(digest = %job.digest, peer = ?self.peers.addrs.get(id.0 as usize), "peer unreachable: dropped for this blob");
             actions.extend(self.sched.drop_peer(id, now));
             self.lost_peer = true;
-        }
-        for (i, h) in holders.hashes.into_iter().enumerate() {
-            // Ours came from the origin or an earlier answer: keep it.
-            if let (Some(ours @ None), Some(h)) = (self.hashes.get_mut(i), h) {
-                *ours = Some(h);
-                self.sched.set_hash_known(i as u64, true);
-            }
         }
         actions.extend(self.sched.poll(now));
         actions
@@ -621,13 +624,17 @@ impl PeerTable {
     }
 
     /// Applies a fresh tracker answer: new and grown bitmaps; peers no longer
-    /// listed are gone (their lease ran out), and their requests go elsewhere.
+    /// listed are gone (their lease ran out, or their connection to the
+    /// tracker closed), and their requests go elsewhere. A full answer
+    /// ([`DEFAULT_MAX_PEERS`]) names only some of the holders, so there a
+    /// peer left out may well be alive: it is kept.
     fn update(
         &mut self,
         sched: &mut Scheduler,
         holders: Vec<(SocketAddr, Vec<u8>)>,
         now: Instant,
     ) -> (Vec<Action>, bool) {
+        let full = holders.len() >= DEFAULT_MAX_PEERS;
         let mut listed = Vec::with_capacity(holders.len());
         for (addr, bitmap) in holders {
             let id = self.id(addr);
@@ -638,6 +645,9 @@ impl PeerTable {
         }
         let mut actions = Vec::new();
         let mut left = false;
+        if full {
+            return (actions, left);
+        }
         for &id in self.ids.values() {
             if !listed.contains(&id) && sched.live_peers().any(|p| p == id) {
                 left = true;

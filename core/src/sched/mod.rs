@@ -345,6 +345,10 @@ pub struct Scheduler {
     /// This node fetches what no peer holds from the origin without waiting:
     /// it took over from a node that was doing so and died.
     leading: bool,
+    /// The rate an unmeasured peer is assumed to have: the best measured
+    /// one, so it gets tried rather than starved. Set at each schedule
+    /// (rates change only with arrivals and timeouts, not while choosing).
+    optimistic: f64,
 }
 
 impl Scheduler {
@@ -382,6 +386,7 @@ impl Scheduler {
             last_news: None,
             patient_until: None,
             leading: false,
+            optimistic: 1.0,
         })
     }
 
@@ -687,6 +692,12 @@ impl Scheduler {
         if self.missing == 0 {
             return;
         }
+        self.optimistic = self
+            .peers
+            .values()
+            .filter_map(|p| p.rate.0)
+            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
+            .unwrap_or(1.0);
         let start = self.read_position;
         let window_end = start.saturating_add(self.config.window.max(1));
         let count = self.piece_count();
@@ -829,14 +840,7 @@ impl Scheduler {
                 .any(|(id, p)| p.have.get(i) && !piece.avoid.contains(id));
             return if held { origin } else { no_holder() };
         }
-        // An unmeasured peer is assumed as good as the best measured one, so
-        // it gets tried rather than starved.
-        let optimistic = self
-            .peers
-            .values()
-            .filter_map(|p| p.rate.0)
-            .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))))
-            .unwrap_or(1.0);
+        let optimistic = self.optimistic;
         let mut usable = 0;
         let mut best: Option<(PeerId, f64, usize)> = None;
         for (&id, p) in &self.peers {

@@ -890,8 +890,12 @@ proptest! {
             }
             let first = (0..n).find(|&i| !d.s.is_held(i)).unwrap();
             d.s.set_read_position(first);
-            // Patience with a stalled swarm runs out.
+            // Patience with a stalled swarm runs out, and so does a busy
+            // peer's backoff: a driver wakes at the next deadline.
             d.now += d.config.patience.unwrap_or_default();
+            if let Some(t) = d.s.next_deadline() {
+                d.now = d.now.max(t);
+            }
             let acts = d.s.poll(d.now);
             d.apply(acts)?;
             let round: Vec<_> = d.outstanding.iter().copied().collect();
