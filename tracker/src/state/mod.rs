@@ -26,7 +26,7 @@
 //!   more than `max_bytes` of heap, whatever the callers send.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     fmt,
     net::IpAddr,
     time::{Duration, Instant},
@@ -674,6 +674,12 @@ impl State {
     /// holding no piece yet are listed (last): they are downloading it, and
     /// waiting for their pieces spares the origin. At most `max_peers` (0:
     /// [`DEFAULT_MAX_PEERS`]), never more than [`Limits::max_answer`].
+    ///
+    /// When more peers hold the blob than an answer names, a quarter of it
+    /// goes to the best ranked (the most complete: where fresh pieces are)
+    /// and the rest to others picked by a hash of the asker's and their ids,
+    /// zone first: each asker sees its own, stable sample, so the swarm
+    /// trades along many paths rather than every node asking the same few.
     pub fn find(
         &self,
         digest: &Digest,
@@ -710,6 +716,27 @@ impl State {
             max_peers
         }
         .min(self.limits.max_answer);
+        if ranked.len() > limit {
+            let best = limit / 4;
+            let mut others: Vec<(bool, u64, &str)> = ranked[best..]
+                .iter()
+                .map(|(p, _)| {
+                    let id = p.info.id.as_str();
+                    (!same_zone(p), sample_key(asking, id), id)
+                })
+                .collect();
+            others.sort_unstable();
+            let picked: HashSet<&str> = others
+                .into_iter()
+                .take(limit - best)
+                .map(|(_, _, id)| id)
+                .collect();
+            let mut rank = 0;
+            ranked.retain(|(p, _)| {
+                rank += 1;
+                rank <= best || picked.contains(p.info.id.as_str())
+            });
+        }
         let peers = ranked
             .into_iter()
             .take(limit)
@@ -869,6 +896,16 @@ impl State {
         }
         h.charge
     }
+}
+
+/// Orders the holders an asker is shown beyond the best ranked: the same
+/// order for the same asker every time (its sample is stable across finds),
+/// a different one for each asker.
+fn sample_key(asking: &str, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (asking, id).hash(&mut h);
+    h.finish()
 }
 
 /// Per piece: the hash every announcer that knows one agrees on, or `None`

@@ -644,3 +644,44 @@ fn a_peer_is_gone_with_its_connection_not_with_an_old_one() {
     assert_eq!(s.connection_closed(3), 1);
     assert_eq!(s.peer_count(), 0);
 }
+
+/// With more holders than an answer names, each asker gets the most
+/// complete few and its own stable sample of the rest, so followers spread
+/// their requests instead of all asking the same 32 nodes.
+#[test]
+fn a_big_swarm_is_shown_to_each_asker_as_its_own_sample() {
+    let t0 = Instant::now();
+    let mut s = State::new(HB);
+    let holders: Vec<String> = (0..100).map(|i| format!("h{i:03}")).collect();
+    for (i, id) in holders.iter().enumerate() {
+        s.register(&by(id), info(id, "z"), 0, t0).unwrap();
+        // h000 holds the most pieces, then h001, ...; the rest hold one.
+        let held: Vec<u64> = (0..(10 - i.min(9)) as u64).collect();
+        s.announce(&by(id), id, ann(&held, vec![]), t0).unwrap();
+    }
+    let askers = ["a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8"];
+    let mut seen = std::collections::HashSet::new();
+    let mut answers = Vec::new();
+    for a in askers {
+        s.register(&by(a), info(a, "z"), 0, t0).unwrap();
+        let f = s.find(&digest(), a, "z", 32, t0).unwrap();
+        let got: Vec<String> = ids(&f).into_iter().map(String::from).collect();
+        assert_eq!(got.len(), 32);
+        // The 8 most complete, in rank order, lead every answer.
+        assert_eq!(got[..8], holders[..8], "{a}");
+        // The same asker gets the same sample again.
+        let again = s.find(&digest(), a, "z", 32, t0).unwrap();
+        assert_eq!(
+            ids(&again),
+            got.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        seen.extend(got.clone());
+        answers.push(got);
+    }
+    assert_ne!(answers[0], answers[1]);
+    assert!(
+        seen.len() > 60,
+        "8 askers saw only {} of 100 holders",
+        seen.len()
+    );
+}
