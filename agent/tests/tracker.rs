@@ -124,7 +124,10 @@ async fn a_peer_is_gone_as_soon_as_its_connection_closes() {
             .is_ok()
     })
     .await;
-    assert_eq!(ids(&stays.find(&d).await.unwrap()), ["leaves"]);
+    let f = stays.find(&d).await.unwrap();
+    assert_eq!(ids(&f), ["leaves"]);
+    // One holder: the tracker's base pace.
+    assert_eq!(f.refresh_after, Duration::from_millis(100));
     hl.abort();
     let _ = hl.await;
     drop(leaves);

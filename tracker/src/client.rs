@@ -75,7 +75,12 @@ pub struct FindResult {
     pub peers: Vec<Candidate>,
     /// Hashes the holders agree on; `None` = unknown or disputed.
     pub hashes: Vec<PieceHash>,
+    /// Ask about this digest again no sooner than this (zero: whenever).
+    pub refresh_after: Duration,
 }
+
+/// The longest a replica may tell us to wait before asking again.
+const MAX_REFRESH_AFTER: Duration = Duration::from_secs(5);
 
 /// The replica that owns `digest`: highest sha256(replica, digest) wins.
 /// Depends only on the set of addresses, not their order, and is the same in
@@ -285,7 +290,7 @@ impl TrackerClient {
         piece_size: u64,
         hashes: Vec<PieceHash>,
         bitmap: Vec<u8>,
-    ) -> Result<(), TrackerError> {
+    ) -> Result<Duration, TrackerError> {
         let req = pb::AnnounceRequest {
             peer_id: self.inner.me.id.clone(),
             digest: digest.to_string(),
@@ -300,7 +305,7 @@ impl TrackerClient {
         self.announced().insert(*digest, req.clone());
         let r = &self.inner.replicas[self.owner_index(digest)];
         match self.call(r, "announce", r.rpc.clone().announce(req)).await {
-            Ok(_) => Ok(()),
+            Ok(resp) => Ok(Duration::from_millis(resp.announce_after_ms).min(MAX_REFRESH_AFTER)),
             // The replica lost us between heartbeats: catch up now rather than
             // at the next beat; the replay carries this announcement.
             Err(TrackerError::Rpc {
@@ -308,7 +313,7 @@ impl TrackerClient {
                 ..
             }) => {
                 r.synced.store(false, Ordering::Relaxed);
-                self.resync(r).await
+                self.resync(r).await.map(|()| Duration::ZERO)
             }
             Err(e) => Err(e),
         }
@@ -379,6 +384,8 @@ impl TrackerClient {
                 .iter()
                 .map(|h| <[u8; 32]>::try_from(&h[..]).ok())
                 .collect(),
+            // A replica's word, within reason: never longer than a lease.
+            refresh_after: Duration::from_millis(resp.refresh_after_ms).min(MAX_REFRESH_AFTER),
         })
     }
 

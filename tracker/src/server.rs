@@ -502,10 +502,12 @@ impl TrackerService {
             hashes,
             bitmap: req.bitmap,
         };
-        self.state()
-            .announce(who, &req.peer_id, a, Instant::now())
+        let mut s = self.state();
+        s.announce(who, &req.peer_id, a, Instant::now())
             .map_err(status)?;
-        Ok(Response::new(pb::AnnounceResponse {}))
+        Ok(Response::new(pb::AnnounceResponse {
+            announce_after_ms: s.pace(&d).as_millis() as u64,
+        }))
     }
 
     fn withdraw_now(
@@ -564,6 +566,7 @@ impl TrackerService {
                 .into_iter()
                 .map(|h| h.map(|h| h.to_vec()).unwrap_or_default())
                 .collect(),
+            refresh_after_ms: f.refresh_after.as_millis() as u64,
         }))
     }
 }

@@ -111,6 +111,7 @@ impl Driver {
         holders: Holders,
         client: mpsc::Sender<Chunk>,
     ) -> Outcome {
+        let first_refresh = holders.refresh_after;
         let mut run = match Run::start(writer, holders, self.digest, self.config.clone()) {
             Ok(run) => run,
             Err(e) => {
@@ -122,7 +123,7 @@ impl Driver {
         };
         // The sender stays here, so `recv` only ever waits, even without refreshes.
         let (news_tx, mut news) = mpsc::channel::<Holders>(1);
-        let _refreshing = self.spawn_refresh(news_tx.clone());
+        let _refreshing = self.spawn_refresh(news_tx.clone(), first_refresh);
         let mut actions = run.sched.poll(Instant::now());
         let stopped = loop {
             if let Err(stop) = run.act(&self, actions).await {
@@ -190,17 +191,19 @@ impl Driver {
         }
     }
 
-    /// Asks the tracker every [`REFRESH_EVERY`] and passes on the answers,
-    /// until the receiver is gone.
-    fn spawn_refresh(&self, tx: mpsc::Sender<Holders>) -> Option<AbortOnDrop> {
+    /// Asks the tracker every [`REFRESH_EVERY`], or as often as its last
+    /// answer allows, and passes on the answers, until the receiver is gone.
+    fn spawn_refresh(&self, tx: mpsc::Sender<Holders>, first: Duration) -> Option<AbortOnDrop> {
         let refresh = self.refresh.clone()?;
         Some(AbortOnDrop(tokio::spawn(async move {
+            let mut wait = first.max(REFRESH_EVERY);
             loop {
-                tokio::time::sleep(REFRESH_EVERY).await;
-                if let Some(h) = refresh().await
-                    && tx.send(h).await.is_err()
-                {
-                    return;
+                tokio::time::sleep(wait).await;
+                if let Some(h) = refresh().await {
+                    wait = h.refresh_after.max(REFRESH_EVERY);
+                    if tx.send(h).await.is_err() {
+                        return;
+                    }
                 }
             }
         })))
@@ -721,6 +724,7 @@ mod tests {
         let holders = Holders {
             peers: vec![(srv.local_addr(), full.as_bytes().to_vec())],
             hashes: sums,
+            refresh_after: Duration::ZERO,
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let outcome = job.run(writer, holders, tx).await;

@@ -30,6 +30,8 @@ pub struct Holders {
     pub peers: Vec<(SocketAddr, Vec<u8>)>,
     /// Per piece: the sha256 the holders agree on.
     pub hashes: Vec<Option<[u8; 32]>>,
+    /// The tracker's word on when to ask again (it grows with the swarm).
+    pub refresh_after: Duration,
 }
 
 /// Asks the tracker again who holds what (`None`: no answer, nobody).
@@ -100,6 +102,7 @@ impl Swarm {
         Some(Holders {
             peers,
             hashes: found.hashes,
+            refresh_after: found.refresh_after,
         })
     }
 

@@ -19,7 +19,8 @@ use crate::{
     vocab::{Bitmap, Digest},
 };
 
-/// Longest a new piece waits to be announced.
+/// Longest a new piece waits to be announced, unless the tracker asks for
+/// less often.
 pub(super) const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
@@ -109,6 +110,8 @@ async fn announce_loop(
 ) {
     // Held pieces as last told to the tracker (the join told it "none").
     let mut told = 0;
+    // The tracker's word on when to announce again (it grows with the swarm).
+    let mut wait = ANNOUNCE_EVERY;
     // What a resumed download already holds goes out at once.
     rx.mark_changed();
     loop {
@@ -118,19 +121,20 @@ async fn announce_loop(
         let count = held.bitmap.held();
         if count != told {
             let bitmap = held.bitmap.as_bytes().to_vec();
-            if let Err(e) = swarm
+            match swarm
                 .tracker
                 .announce(&digest, size, piece_size, held.hashes, bitmap)
                 .await
             {
-                debug!(%digest, error = %e, "progress announce failed");
+                Ok(pace) => wait = pace.max(ANNOUNCE_EVERY),
+                Err(e) => debug!(%digest, error = %e, "progress announce failed"),
             }
             told = count;
         }
         if closed {
             break;
         }
-        tokio::time::sleep(ANNOUNCE_EVERY).await;
+        tokio::time::sleep(wait).await;
     }
     if told == 0 {
         // We joined as fetching and got nothing: others must not wait on us.

@@ -304,6 +304,8 @@ pub struct Found {
     /// Hashes every announcer that knows them agrees on; trailing unknowns
     /// trimmed.
     pub hashes: Vec<PieceHash>,
+    /// How long the asker should wait before asking again ([`State::pace`]).
+    pub refresh_after: Duration,
 }
 
 struct Peer {
@@ -755,7 +757,17 @@ impl State {
             piece_size: blob.piece_size,
             peers,
             hashes,
+            refresh_after: pace(live.len()),
         })
+    }
+
+    /// How long a holder of `digest` should wait before announcing it again,
+    /// and anyone before asking about it again: 100 ms per 32 holders, at
+    /// most 2 s. Every call about a digest goes to one replica, so its calls
+    /// per second must not grow with the swarm: about 320 finds and as many
+    /// announces a second however many hold it, up to 640 holders.
+    pub fn pace(&self, digest: &Digest) -> Duration {
+        pace(self.blobs.get(digest).map_or(0, |b| b.holders.len()))
     }
 
     /// The live peer `id` of `caller` speaks over connection `conn` (the
@@ -896,6 +908,16 @@ impl State {
         }
         h.charge
     }
+}
+
+/// See [`State::pace`].
+const PACE: Duration = Duration::from_millis(100);
+const PACE_PER: usize = 32;
+const MAX_PACE: Duration = Duration::from_secs(2);
+
+fn pace(holders: usize) -> Duration {
+    PACE.saturating_mul(holders.div_ceil(PACE_PER).max(1) as u32)
+        .min(MAX_PACE)
 }
 
 /// Orders the holders an asker is shown beyond the best ranked: the same

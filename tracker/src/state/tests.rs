@@ -679,6 +679,15 @@ fn a_big_swarm_is_shown_to_each_asker_as_its_own_sample() {
         answers.push(got);
     }
     assert_ne!(answers[0], answers[1]);
+    // 100 holders: ask and announce every 400 ms (100 ms per 32), so the
+    // replica's calls for this blob stay about flat as the swarm grows.
+    let f = s.find(&digest(), "a1", "z", 32, t0).unwrap();
+    assert_eq!(f.refresh_after, Duration::from_millis(400));
+    assert_eq!(s.pace(&digest()), Duration::from_millis(400));
+    assert_eq!(
+        s.pace(&Digest::of(b"nobody has it")),
+        Duration::from_millis(100)
+    );
     assert!(
         seen.len() > 60,
         "8 askers saw only {} of 100 holders",
