@@ -1102,3 +1102,78 @@ impl Sim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(nodes: usize, image: u64, layers: u64) -> Params {
+        Params {
+            nodes,
+            image_bytes: image,
+            layers,
+            piece_size: 4 << 20,
+            node_mbit: 250,
+            origin_mbit: 50,
+            latency: Duration::from_millis(1),
+            seed: 7,
+            jitter: Duration::from_millis(50),
+            concurrent_layers: 3,
+            refresh_every: Duration::from_millis(250),
+            announce_every: Duration::from_millis(200),
+            heartbeat: Duration::from_secs(5),
+            max_uploads: 4,
+            max_uploads_per_peer: 2,
+            max_upload_peers: 16,
+            config: Config::production(),
+            hashes_first: false,
+        }
+    }
+
+    #[test]
+    fn one_node_takes_the_origins_time_plus_two_round_trips() {
+        let mut p = params(1, 24 << 20, 1);
+        p.latency = Duration::from_millis(100);
+        p.jitter = Duration::ZERO;
+        let o = run(&p).unwrap();
+        // Join (one round trip), the GET (half), the last byte back (half).
+        let expect = 0.2 + (24 << 20) as f64 * 8.0 / 50e6;
+        assert!(
+            (o.pull_s[0] - expect).abs() < 1e-3,
+            "{} vs {expect}",
+            o.pull_s[0]
+        );
+        assert!((o.origin_bytes - (24 << 20) as f64).abs() < 1.0);
+    }
+
+    #[test]
+    fn eight_nodes_all_finish_from_one_origin_copy_and_the_run_repeats() {
+        let p = params(8, 48 << 20, 4);
+        let o = run(&p).unwrap();
+        assert!(o.pull_s.iter().all(|t| t.is_finite()), "{:?}", o.pull_s);
+        let mut sorted = o.pull_s.clone();
+        sorted.sort_by(f64::total_cmp);
+        let (p50, p99, max) = (
+            crate::report::percentile(&sorted, 0.5),
+            crate::report::percentile(&sorted, 0.99),
+            sorted[7],
+        );
+        assert!(p50 <= p99 && p99 <= max);
+        let ratio = o.origin_bytes / o.image_bytes as f64;
+        assert!(ratio >= 0.999, "origin sent less than the image: {ratio}");
+        // No node beats the bound, and the swarm spares the origin.
+        assert!(
+            sorted[0] >= o.t_star_s * 0.999,
+            "{} < T* {}",
+            sorted[0],
+            o.t_star_s
+        );
+        assert!(ratio < 2.0, "origin {ratio} x the image");
+        assert!(o.rpcs_peak() > 0);
+        let again = run(&p).unwrap();
+        assert_eq!(again.pull_s, o.pull_s, "same seed, same run");
+        let mut other = p.clone();
+        other.seed = 8;
+        assert_ne!(run(&other).unwrap().pull_s, o.pull_s, "the seed matters");
+    }
+}
