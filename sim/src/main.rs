@@ -69,6 +69,14 @@ struct Cli {
     /// answer's new hashes before its peer list (see README-draft.md).
     #[arg(long)]
     hashes_first: bool,
+    /// What-if: peers a find asks for (0, the agent's: the tracker's default
+    /// of 32; at most 64).
+    #[arg(long, default_value_t = 0)]
+    max_peers: usize,
+    /// What-if: the scheduler's busy backoff, ms (Config::production: 50,
+    /// doubling up to 16 x).
+    #[arg(long)]
+    busy_backoff_ms: Option<u64>,
     /// Output directory.
     #[arg(long, default_value = "target/sim")]
     out: PathBuf,
@@ -96,8 +104,15 @@ fn main() -> anyhow::Result<()> {
             max_uploads: cli.max_uploads,
             max_uploads_per_peer: cli.max_uploads_per_peer,
             max_upload_peers: cli.max_upload_peers,
-            config: Config::production(),
+            config: {
+                let mut c = Config::production();
+                if let Some(ms) = cli.busy_backoff_ms {
+                    c.busy_backoff = Duration::from_millis(ms);
+                }
+                c
+            },
             hashes_first: cli.hashes_first,
+            max_peers: cli.max_peers,
         };
         eprintln!("simulating N = {n} ...");
         let started = std::time::Instant::now();
@@ -107,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         let s = &o.stats;
         eprintln!(
             "N = {n}: p50 {:.2} s, p99 {:.2} s, slowest {:.2} s, T* {:.2} s, slowest/T* {:.2}, origin {:.2} x, \
-             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals, wall {:.1} s",
+             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals, {} nodes uploaded (busiest 32: {:.0} % of pieces), wall {:.1} s",
             row.p50_s,
             row.p99_s,
             row.max_s,
@@ -120,6 +135,8 @@ fn main() -> anyhow::Result<()> {
             s.tracker_wall.as_secs_f64(),
             s.spins,
             s.tracker_refusals,
+            s.uploaders,
+            s.top32_share * 100.0,
             wall.as_secs_f64(),
         );
         rows.push(row);

@@ -76,6 +76,9 @@ pub struct Params {
     /// while pieces the listed peers just announced have no known hash yet:
     /// such a piece goes to the origin.
     pub hashes_first: bool,
+    /// Peers asked of the tracker per find (the agent asks 0: the tracker's
+    /// default, 32; the tracker answers at most 64). A what-if knob.
+    pub max_peers: usize,
 }
 
 /// Counts that explain a run.
@@ -102,6 +105,10 @@ pub struct Stats {
     pub tracker_wall: Duration,
     /// Announces and joins the tracker refused (its limits).
     pub tracker_refusals: u64,
+    /// Nodes that uploaded at least one piece, and the share of all
+    /// uploaded pieces the busiest 32 of them served.
+    pub uploaders: usize,
+    pub top32_share: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +231,8 @@ struct Node {
     next_layer: usize,
     layers_done: usize,
     done_at: Option<Time>,
+    /// Pieces uploaded to other nodes.
+    served: u64,
 }
 
 #[derive(Default)]
@@ -386,6 +395,7 @@ impl Sim {
                 next_layer: 0,
                 layers_done: 0,
                 done_at: None,
+                served: 0,
             });
             ids.push(id);
             callers.push(caller);
@@ -471,7 +481,7 @@ impl Sim {
                     &self.digests[layer],
                     &self.ids[node],
                     "",
-                    0,
+                    self.p.max_peers,
                     Some((size, self.p.piece_size)),
                     self.at(self.now),
                 );
@@ -528,6 +538,9 @@ impl Sim {
                             (q.cancelled, q.from, q.dl)
                         };
                         if !cancelled {
+                            if let Source::Peer(server) = from {
+                                self.nodes[server.0 as usize].served += 1;
+                            }
                             self.req_mut(r).refs += 1;
                             let at = self.now + self.half();
                             self.push(at, Ev::Deliver(r));
@@ -624,7 +637,7 @@ impl Sim {
                     &self.digests[layer],
                     &self.ids[node],
                     "",
-                    0,
+                    self.p.max_peers,
                     None,
                     self.at(self.now),
                 );
@@ -1079,6 +1092,12 @@ impl Sim {
     }
 
     fn outcome(&self) -> Outcome {
+        let mut served: Vec<u64> = self.nodes.iter().map(|n| n.served).collect();
+        served.sort_unstable_by(|a, b| b.cmp(a));
+        let total: u64 = served.iter().sum();
+        let mut stats = self.stats.clone();
+        stats.uploaders = served.iter().filter(|&&s| s > 0).count();
+        stats.top32_share = served.iter().take(32).sum::<u64>() as f64 / total.max(1) as f64;
         let pull_s = self
             .nodes
             .iter()
@@ -1098,7 +1117,7 @@ impl Sim {
                 self.p.nodes,
             ),
             rpcs: self.rpcs.clone(),
-            stats: self.stats.clone(),
+            stats,
         }
     }
 }
@@ -1127,6 +1146,7 @@ mod tests {
             max_upload_peers: 16,
             config: Config::production(),
             hashes_first: false,
+            max_peers: 0,
         }
     }
 
