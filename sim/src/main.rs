@@ -77,6 +77,9 @@ struct Cli {
     /// doubling up to 16 x).
     #[arg(long)]
     busy_backoff_ms: Option<u64>,
+    /// A line per simulated second on stderr.
+    #[arg(long)]
+    progress: bool,
     /// Output directory.
     #[arg(long, default_value = "target/sim")]
     out: PathBuf,
@@ -113,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             },
             hashes_first: cli.hashes_first,
             max_peers: cli.max_peers,
+            progress: cli.progress,
         };
         eprintln!("simulating N = {n} ...");
         let started = std::time::Instant::now();

@@ -79,6 +79,8 @@ pub struct Params {
     /// Peers asked of the tracker per find (the agent asks 0: the tracker's
     /// default, 32; the tracker answers at most 64). A what-if knob.
     pub max_peers: usize,
+    /// Print a line per simulated second (time, nodes done, wall time).
+    pub progress: bool,
 }
 
 /// Counts that explain a run.
@@ -454,8 +456,22 @@ impl Sim {
     }
 
     fn run(&mut self) {
+        let wall = Instant::now();
+        let mut next_report = 1_000_000_000;
         while self.nodes_done < self.nodes.len() {
             let Some(e) = self.queue.pop() else { break };
+            if self.p.progress && e.at >= next_report {
+                eprintln!(
+                    "  t = {:.0} s: {} of {} nodes done, origin {:.2} x the image, {} events, wall {:.1} s",
+                    secs(next_report),
+                    self.nodes_done,
+                    self.nodes.len(),
+                    self.net.sent(self.origin, secs(self.now)) / self.p.image_bytes as f64,
+                    self.stats.events,
+                    wall.elapsed().as_secs_f64()
+                );
+                next_report += 1_000_000_000;
+            }
             self.now = e.at;
             self.stats.events += 1;
             self.handle(e.ev);
@@ -1147,6 +1163,7 @@ mod tests {
             config: Config::production(),
             hashes_first: false,
             max_peers: 0,
+            progress: false,
         }
     }
 
