@@ -462,13 +462,15 @@ impl Sim {
             let Some(e) = self.queue.pop() else { break };
             if self.p.progress && e.at >= next_report {
                 eprintln!(
-                    "  t = {:.0} s: {} of {} nodes done, origin {:.2} x the image, {} events, wall {:.1} s",
+                    "  t = {:.0} s: {} of {} nodes done, origin {:.2} x the image, {} events, wall {:.1} s (scheduler {:.1} s, tracker {:.1} s)",
                     secs(next_report),
                     self.nodes_done,
                     self.nodes.len(),
                     self.net.sent(self.origin, secs(self.now)) / self.p.image_bytes as f64,
                     self.stats.events,
-                    wall.elapsed().as_secs_f64()
+                    wall.elapsed().as_secs_f64(),
+                    self.stats.scheduler_wall.as_secs_f64(),
+                    self.stats.tracker_wall.as_secs_f64(),
                 );
                 next_report += 1_000_000_000;
             }
