@@ -59,6 +59,8 @@ pub struct Net {
     free: Vec<FlowId>,
     /// Scratch: links already in the set being recomputed (epoch marks).
     mark: Vec<u64>,
+    /// Scratch: a marked link's place in the set.
+    place: Vec<usize>,
     epoch: u64,
     changed: Vec<Finish>,
     /// Versions are unique across flows, so a finish event of a flow that
@@ -79,6 +81,7 @@ impl Net {
             sent: 0.0,
         });
         self.mark.push(0);
+        self.place.push(0);
         self.links.len() - 1
     }
 
@@ -168,6 +171,7 @@ impl Net {
         for l in [a, b] {
             if self.mark[l] != epoch {
                 self.mark[l] = epoch;
+                self.place[l] = set.len();
                 set.push(l);
             }
         }
@@ -177,6 +181,7 @@ impl Net {
                 let other = if f.up == l { f.down } else { f.up };
                 if self.mark[other] != epoch {
                     self.mark[other] = epoch;
+                    self.place[other] = set.len();
                     set.push(other);
                 }
             }
@@ -215,7 +220,8 @@ impl Net {
             .collect();
         // Progressive filling over the set: raise every unfrozen flow alike
         // until a link of the set is full or a flow reaches its cap.
-        let pos = |l: LinkId| set.iter().position(|&x| x == l);
+        let (mark, place) = (&self.mark, &self.place);
+        let pos = |l: LinkId| (mark[l] == epoch).then(|| place[l]);
         let ends: Vec<[Option<usize>; 2]> = flows
             .iter()
             .map(|&id| {
