@@ -16,4 +16,4 @@ pub use server::{Config, DEFAULT_HEARTBEAT, DEFAULT_MAX_CONNECTIONS, MAX_IN_FLIG
 pub use tls::client_config;
 
 pub use client::{FindResult, MetricsHook, ReplicaHealth, TrackerClient, TrackerError, rendezvous};
-pub use state::{Announce, Caller, Candidate, DEFAULT_MAX_PEERS, Limits, PeerInfo, State};
+pub use state::{Announce, Caller, Candidate, DEFAULT_MAX_PEERS, Found, Limits, PeerInfo, State};

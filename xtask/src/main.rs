@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build-ebpf | test | fuzz | demo | lint | bench | manifests`:
+//! `cargo xtask setup | build-ebpf | test | fuzz | demo | lint | bench | sim | manifests`:
 //! the project's own commands, so a fresh machine and CI run exactly what a
 //! developer runs. `demo` and `test` install what they need first.
 
@@ -77,6 +77,19 @@ enum Cmd {
         /// Arguments for dfly-bench: --nodes 1,2,4,8 --image-size 48MiB --layers 4
         /// --origin-rate 50mbit --node-rate 250mbit --modes direct,central,damselfly,damselfly+seed
         /// --repeat 3 --out DIR, or --micro [--scenario steer|hit|all] (`cargo xtask bench -- --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A simulated rollout (no root): the real scheduler and tracker state on a simulated
+    /// clock and network, N nodes at once, into target/sim/ (sim.csv, sim.md, sim.png);
+    /// `--tracker-load` instead measures one real tracker replica on loopback.
+    Sim {
+        /// Run the tracker load generator (sim/src/bin/tracker-load.rs) instead.
+        #[arg(long)]
+        tracker_load: bool,
+        /// Arguments for damselfly-sim: --nodes 2,4,8 --image-size 48MiB --layers 4
+        /// --node-rate 250mbit --origin-rate 50mbit --latency 1 --seed 1 --out DIR
+        /// (`cargo xtask sim -- --help`); for tracker-load: --clients 16 --seconds 10 --holders 1024.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -159,6 +172,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { args } => demo(&args),
         Cmd::Lint => lint(),
         Cmd::Bench { args } => bench(&args),
+        Cmd::Sim { tracker_load, args } => sim(tracker_load, &args),
     }
 }
 
@@ -512,6 +526,30 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     become_harness("dfly-bench", args)
 }
 
+/// `cargo run --release` of the simulator (or the tracker load generator),
+/// so it lands wherever the target dir is.
+fn sim(tracker_load: bool, args: &[String]) -> anyhow::Result<()> {
+    let bin = if tracker_load {
+        "tracker-load"
+    } else {
+        "damselfly-sim"
+    };
+    let mut cmd = cargo(&[
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "damselfly-sim",
+        "--bin",
+        bin,
+        "--",
+    ]);
+    cmd.args(args);
+    eprintln!("+ {cmd:?}");
+    let err = cmd.exec();
+    Err(err).context(format!("starting {bin}"))
+}
+
 fn demo(args: &[String]) -> anyhow::Result<()> {
     require_root("the demo", "demo")?;
     setup()?;
@@ -587,7 +625,31 @@ unsafe extern "C" {
 mod tests {
     use clap::Parser as _;
 
-    use super::Cli;
+    use super::{Cli, Cmd};
+
+    /// `sim` passes its flags through, and `--tracker-load` picks the other binary.
+    #[test]
+    fn sim_passes_its_arguments_through() {
+        let cli =
+            Cli::try_parse_from(["cargo xtask", "sim", "--nodes", "2,4,8", "--seed", "3"]).unwrap();
+        let Cmd::Sim { tracker_load, args } = cli.cmd else {
+            panic!("not sim");
+        };
+        assert!(!tracker_load);
+        assert_eq!(args, ["--nodes", "2,4,8", "--seed", "3"]);
+        let cli = Cli::try_parse_from([
+            "cargo xtask",
+            "sim",
+            "--tracker-load",
+            "--",
+            "--clients",
+            "8",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.cmd, Cmd::Sim { tracker_load: true, ref args } if args == &["--clients", "8"])
+        );
+    }
 
     /// Every `cargo xtask …` the docs show parses: the subcommands and flags
     /// exist. Usage brackets are dropped and placeholders (`N`) given a value.

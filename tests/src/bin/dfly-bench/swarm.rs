@@ -108,7 +108,7 @@ pub fn compare(p: &Params) -> anyhow::Result<()> {
     // repeat and scenario, built once and pushed to each testbed's origin.
     let work = std::env::temp_dir().join(format!("dfly-{}-bench", std::process::id()));
     let _work = RemoveOnDrop(work.clone());
-    let sizes = layer_sizes(p.image_size, p.layers);
+    let sizes = damselfly_core::rollout::layer_sizes(p.image_size, p.layers);
     progress(&format!(
         "building {} images of {} bytes in {} layers",
         2 * p.repeat,
@@ -226,13 +226,6 @@ fn report(rows: &[Row]) {
             if r.cpu_bound { " (CPU-bound)" } else { "" }
         ));
     }
-}
-
-fn layer_sizes(total: u64, layers: u64) -> Vec<u64> {
-    let each = total / layers;
-    let mut sizes = vec![each; layers as usize];
-    *sizes.last_mut().expect("at least one layer") += total - each * layers;
-    sizes
 }
 
 /// One testbed of N pulling nodes set up for one mode.
