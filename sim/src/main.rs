@@ -42,19 +42,22 @@ struct Cli {
     /// Nodes start uniformly within this many ms of t = 0.
     #[arg(long, default_value_t = 50.0)]
     jitter: f64,
-    /// The agent's piece size (`--piece-size`, 4 MiB by default).
+    /// The agent's largest piece size (`--piece-size`, 4 MiB by default); a
+    /// layer's own follows from its size (`damselfly_store::piece_size_for`).
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     piece_size: u64,
     /// Layers a node pulls at once (containerd's default: 3).
     #[arg(long, default_value_t = 3)]
     concurrent_layers: usize,
     /// Agent timer: a follower asks the tracker again this long after its
-    /// last answer, ms (REFRESH_EVERY in agent/src/acquire/driver.rs).
-    #[arg(long, default_value_t = 250)]
+    /// last answer, or as long as the answer says if longer (the tracker's
+    /// pace), ms (REFRESH_EVERY in agent/src/acquire/driver.rs).
+    #[arg(long, default_value_t = 100)]
     refresh_ms: u64,
-    /// Agent timer: new pieces are announced at most this often, ms
-    /// (ANNOUNCE_EVERY in agent/src/swarm/progress.rs).
-    #[arg(long, default_value_t = 200)]
+    /// Agent timer: new pieces are announced at most this often, or as the
+    /// tracker's pace says if less often, ms (ANNOUNCE_EVERY in
+    /// agent/src/swarm/progress.rs).
+    #[arg(long, default_value_t = 100)]
     announce_ms: u64,
     /// Upload limits of a node's peer server: requests answered at once in
     /// all, to one node, and distinct nodes served (ServerConfig::new in
@@ -65,10 +68,6 @@ struct Cli {
     max_uploads_per_peer: usize,
     #[arg(long, default_value_t = 16)]
     max_upload_peers: usize,
-    /// What-if (not the agent's behaviour): a follower takes a tracker
-    /// answer's new hashes before its peer list (see README-draft.md).
-    #[arg(long)]
-    hashes_first: bool,
     /// What-if: peers a find asks for (0, the agent's: the tracker's default
     /// of 32; at most 64).
     #[arg(long, default_value_t = 0)]
@@ -114,7 +113,6 @@ fn main() -> anyhow::Result<()> {
                 }
                 c
             },
-            hashes_first: cli.hashes_first,
             max_peers: cli.max_peers,
             progress: cli.progress,
         };

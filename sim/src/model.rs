@@ -41,7 +41,8 @@ use damselfly_core::{
     sched::{Action, Config, PeerId, Scheduler, Source},
     vocab::{Bitmap, Digest, PieceHash},
 };
-use damselfly_tracker::{Announce, Caller, Found, PeerInfo, State};
+use damselfly_store::piece_size_for;
+use damselfly_tracker::{Announce, Caller, DEFAULT_MAX_PEERS, Found, PeerInfo, State};
 
 use crate::net::{FlowId, LinkId, Net};
 
@@ -51,6 +52,7 @@ pub struct Params {
     pub nodes: usize,
     pub image_bytes: u64,
     pub layers: u64,
+    /// The largest piece size; a layer's own is `piece_size_for(size, this)`.
     pub piece_size: u64,
     /// Each node's uplink and downlink, Mbit/s.
     pub node_mbit: u32,
@@ -70,12 +72,6 @@ pub struct Params {
     pub max_uploads_per_peer: usize,
     pub max_upload_peers: usize,
     pub config: Config,
-    /// What-if, not what the agent does: take a tracker answer's new hashes
-    /// before its peer list. The agent's `Run::on_news` updates the peers
-    /// first, and `remove_peer` for a peer no longer listed polls at once,
-    /// while pieces the listed peers just announced have no known hash yet:
-    /// such a piece goes to the origin.
-    pub hashes_first: bool,
     /// Peers asked of the tracker per find (the agent asks 0: the tracker's
     /// default, 32; the tracker answers at most 64). A what-if knob.
     pub max_peers: usize,
@@ -500,7 +496,7 @@ impl Sim {
                     &self.ids[node],
                     "",
                     self.p.max_peers,
-                    Some((size, self.p.piece_size)),
+                    Some((size, self.piece_size(size))),
                     self.at(self.now),
                 );
                 self.stats.tracker_wall += t.elapsed();
@@ -668,11 +664,15 @@ impl Sim {
                 if self.dls[dl].finished {
                     return;
                 }
+                // As often as the tracker's pace allows.
+                let wait = found.as_ref().map_or(self.p.refresh_every, |f| {
+                    f.refresh_after.max(self.p.refresh_every)
+                });
                 if let Some(f) = found.filter(|f| !f.peers.is_empty()) {
                     self.on_news(dl, *f);
                 }
                 if !self.dls[dl].finished {
-                    let at = self.now + ns(self.p.refresh_every);
+                    let at = self.now + ns(wait);
                     self.push(at, Ev::RefreshSend(dl));
                 }
             }
@@ -685,7 +685,7 @@ impl Sim {
                 let a = Announce {
                     digest: self.digests[layer],
                     size,
-                    piece_size: self.p.piece_size,
+                    piece_size: self.piece_size(size),
                     hashes,
                     bitmap,
                 };
@@ -712,7 +712,8 @@ impl Sim {
                     // The flush went out: now the complete blob.
                     self.send_announce(dl, true);
                 } else {
-                    let at = self.now + ns(self.p.announce_every);
+                    let pace = self.tracker.pace(&self.digests[d.layer]);
+                    let at = self.now + ns(pace.max(self.p.announce_every));
                     self.push(at, Ev::AnnounceIdle(dl));
                 }
             }
@@ -744,9 +745,13 @@ impl Sim {
 
     fn piece_len(&self, dl: DlId, piece: u64) -> u64 {
         let d = &self.dls[dl];
-        d.size
-            .saturating_sub(piece * self.p.piece_size)
-            .min(self.p.piece_size)
+        let ps = self.piece_size(d.size);
+        d.size.saturating_sub(piece * ps).min(ps)
+    }
+
+    /// A layer's piece size, as the agent's store cuts it.
+    fn piece_size(&self, size: u64) -> u64 {
+        piece_size_for(size, self.p.piece_size)
     }
 
     fn start_layer(&mut self, node: usize) {
@@ -756,7 +761,7 @@ impl Sim {
         }
         self.nodes[node].next_layer += 1;
         let size = self.layer_sizes[layer];
-        let pieces = size.div_ceil(self.p.piece_size);
+        let pieces = size.div_ceil(self.piece_size(size));
         let dl = self.dls.len();
         self.dls.push(Dl {
             node,
@@ -810,7 +815,7 @@ impl Sim {
         let (size, pieces) = (self.dls[dl].size, self.dls[dl].pieces);
         let mut sched = Scheduler::new(
             size,
-            self.p.piece_size,
+            self.piece_size(size),
             Bitmap::new(pieces).as_bytes(),
             self.p.config.clone(),
         )
@@ -858,9 +863,9 @@ impl Sim {
         let t = Instant::now();
         let d = &mut self.dls[dl];
         let s = d.sched.as_mut().expect("followers have a scheduler");
-        if self.p.hashes_first {
-            take_hashes(&mut d.hash_known, s, &found);
-        }
+        // Hashes first, as the agent does: a peer's unlisting polls.
+        take_hashes(&mut d.hash_known, s, &found);
+        let full = found.peers.len() >= DEFAULT_MAX_PEERS;
         let mut listed = BTreeSet::new();
         for c in &found.peers {
             if let Some(id) = node_of(&c.id) {
@@ -872,14 +877,11 @@ impl Sim {
         }
         let mut actions = Vec::new();
         let live: BTreeSet<u32> = s.live_peers().map(|p| p.0).collect();
-        for &id in &d.seen {
+        for &id in d.seen.iter().filter(|_| !full) {
             if !listed.contains(&id) && live.contains(&id) {
                 self.stats.unlisted += 1;
                 actions.extend(s.remove_peer(PeerId(id), now));
             }
-        }
-        if !self.p.hashes_first {
-            take_hashes(&mut d.hash_known, s, &found);
         }
         actions.extend(s.poll(now));
         self.stats.scheduler_wall += t.elapsed();
@@ -1163,7 +1165,6 @@ mod tests {
             max_uploads_per_peer: 2,
             max_upload_peers: 16,
             config: Config::production(),
-            hashes_first: false,
             max_peers: 0,
             progress: false,
         }

@@ -247,7 +247,7 @@ async fn load(cli: &Cli, ca: &Ca, addr: String) -> anyhow::Result<()> {
     let all = hashes.clone();
     let (anns, aerr, ap99) = hammer(&users, secs, move |c| {
         let (d, h, b) = (digest, all.clone(), bitmap.clone());
-        async move { c.announce(&d, size, PIECE, h, b).await }
+        async move { c.announce(&d, size, PIECE, h, b).await.map(drop) }
     })
     .await;
     let listed = clients[0].find(&digest).await?.peers.len();
