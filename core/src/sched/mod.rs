@@ -833,6 +833,11 @@ impl Scheduler {
                 || (in_window && self.patient_until.is_none());
             origin.filter(|_| go)
         };
+        // No live peer holds it (the common case in a big, fresh swarm):
+        // no need to look at each peer.
+        if self.avail[i as usize] == 0 {
+            return no_holder();
+        }
         if !piece.hash_known {
             let held = self
                 .peers
