@@ -150,7 +150,7 @@ fn main() -> anyhow::Result<()> {
         + "\n";
     fs::write(cli.out.join("sim.csv"), csv)?;
     let setting = format!(
-        "Image {} bytes in {} layers ({} B pieces); nodes {} Mbit/s up and down, origin {} Mbit/s; \
+        "Image {} bytes in {} layers (pieces by layer size, at most {} B); nodes {} Mbit/s up and down, origin {} Mbit/s; \
          {} ms round trip per hop; seed {}",
         cli.image_size,
         cli.layers,
