@@ -489,19 +489,8 @@ impl Sim {
                     let d = &self.dls[dl];
                     (d.node, d.layer, d.size)
                 };
-                let t = Instant::now();
-                let found = self.tracker.find_and_join(
-                    &self.callers[node],
-                    &self.digests[layer],
-                    &self.ids[node],
-                    "",
-                    self.p.max_peers,
-                    Some((size, self.piece_size(size))),
-                    self.at(self.now),
-                );
-                self.stats.tracker_wall += t.elapsed();
-                self.count_rpc(FIND);
-                let found = found.unwrap_or_else(|_| {
+                let join = Some((size, self.piece_size(size)));
+                let found = self.find(node, layer, join).unwrap_or_else(|_| {
                     self.stats.tracker_refusals += 1;
                     None
                 });
@@ -645,18 +634,7 @@ impl Sim {
             }
             Ev::FindAt(dl) => {
                 let (node, layer) = (self.dls[dl].node, self.dls[dl].layer);
-                let t = Instant::now();
-                let found = self.tracker.find_and_join(
-                    &self.callers[node],
-                    &self.digests[layer],
-                    &self.ids[node],
-                    "",
-                    self.p.max_peers,
-                    None,
-                    self.at(self.now),
-                );
-                self.stats.tracker_wall += t.elapsed();
-                self.count_rpc(FIND);
+                let found = self.find(node, layer, None);
                 let at = self.now + self.half();
                 self.push(at, Ev::News(dl, found.ok().flatten().map(Box::new)));
             }
@@ -838,6 +816,29 @@ impl Sim {
         self.after(dl, actions, None);
         let at = self.now + ns(self.p.refresh_every);
         self.push(at, Ev::RefreshSend(dl));
+    }
+
+    /// One find (and join, with the blob's geometry) at the tracker, timed
+    /// and counted; `Err`: refused.
+    fn find(
+        &mut self,
+        node: usize,
+        layer: usize,
+        join: Option<(u64, u64)>,
+    ) -> Result<Option<Found>, ()> {
+        let t = Instant::now();
+        let found = self.tracker.find_and_join(
+            &self.callers[node],
+            &self.digests[layer],
+            &self.ids[node],
+            "",
+            self.p.max_peers,
+            join,
+            self.at(self.now),
+        );
+        self.stats.tracker_wall += t.elapsed();
+        self.count_rpc(FIND);
+        found.map_err(drop)
     }
 
     fn sched_call(

@@ -38,7 +38,8 @@
 //! data without a meta file, a meta file without data, and anything that does
 //! not check out (length, header, incomplete bitmap for a complete blob) are
 //! removed. Partial blobs written with another piece size (another
-//! `max_piece_size`, or an older rule) are dropped rather than resumed. A complete blob's mtime is its last use, so LRU order
+//! `max_piece_size`, or an older rule) are dropped rather than resumed. A
+//! complete blob's mtime is its last use, so LRU order
 //! survives restarts (approximately: touching it is best effort).
 
 mod accounting;

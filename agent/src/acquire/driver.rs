@@ -439,17 +439,15 @@ impl Run {
         } else {
             "peer"
         };
-        let data = match result {
-            Ok(data) => data,
-            Err(Failure { busy: true, .. }) => {
+        let data = match (from, result) {
+            (_, Ok(data)) => data,
+            // Only a peer answers busy.
+            (Source::Peer(id), Err(Failure { busy: true, .. })) => {
                 traced.record("result", "busy");
                 job.metrics.piece(source, "busy");
-                return match from {
-                    Source::Peer(id) => self.sched.on_busy(piece, id, now),
-                    Source::Origin => self.sched.on_failure(piece, from, now),
-                };
+                return self.sched.on_busy(piece, id, now);
             }
-            Err(e) => {
+            (_, Err(e)) => {
                 debug!(digest = %job.digest, piece, ?from, error = %e.message, "piece failed");
                 traced.record("result", "failed");
                 traced.record("error", field::display(&e.message));

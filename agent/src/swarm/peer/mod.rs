@@ -44,7 +44,8 @@ use wire::WireError;
 /// QUIC's probe backoff leaves live connections silent for seconds (1.5 s
 /// here made the 16-node bench 1.6 x slower and fetch the image 4.9 x from
 /// the origin, every false "gone" dropping a peer), so a dead node is
-/// usually known from the tracker's lease first.
+/// usually known from the tracker first (its connection to the tracker
+/// closed, or its lease ran out).
 pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
