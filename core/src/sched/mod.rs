@@ -314,6 +314,13 @@ struct Request {
     rescued: bool,
 }
 
+/// How many peers a poll may ask (see [`Scheduler::free_peers`]) and every
+/// piece one of them holds.
+struct Free {
+    peers: usize,
+    offered: Bitmap,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Excluded {
     Banned,
@@ -701,8 +708,32 @@ impl Scheduler {
         let start = self.read_position;
         let window_end = start.saturating_add(self.config.window.max(1));
         let count = self.piece_count();
+        let free = self.free_peers();
+        // Past the read window (and the busy window), a piece no free peer
+        // offers goes nowhere unless to the origin, and a follower sends it
+        // there only if it failed before or its holders cannot be checked
+        // (see `choose`): leave the rest out, so a poll in a big swarm sorts
+        // only what it may send.
+        let anywhere = self.leading || self.peers.is_empty();
+        let near_end = match self.config.busy_window {
+            Some(w) => window_end.max(start.saturating_add(w)),
+            None => window_end,
+        };
+        // Missing pieces with no request out, left out or not.
+        let mut waiting = 0;
         let mut order: Vec<(bool, u32, u64, u64)> = (0..count)
-            .filter(|&i| !self.pieces[i as usize].done && !self.has_request(i))
+            .filter(|&i| {
+                let p = &self.pieces[i as usize];
+                if p.done || self.has_request(i) {
+                    return false;
+                }
+                waiting += 1;
+                anywhere
+                    || (i >= start && i < near_end)
+                    || free.offered.get(i)
+                    || p.failures > 0
+                    || (!p.hash_known && self.avail[i as usize] > 0)
+            })
             .map(|i| {
                 let in_window = i >= start && i < window_end;
                 // Window pieces in index order; the rest rarest first.
@@ -712,21 +743,54 @@ impl Scheduler {
             })
             .collect();
         order.sort_unstable();
-        let waiting = order.len();
         let mut sent = 0;
+        let mut free = free;
         for (_, _, _, i) in order {
-            if self.requests.len() >= self.config.max_in_flight {
+            if self.requests.len() >= self.config.max_in_flight
+                || (free.peers == 0 && self.origin_in_flight >= self.config.max_origin)
+            {
                 break;
             }
-            if let Some(from) = self.choose(i, None) {
+            if let Some(from) = self.choose(i, None, &free) {
                 self.request(i, from, now, out);
                 sent += 1;
+                if let Source::Peer(id) = from
+                    && self.peers[&id].in_flight >= self.config.max_per_peer
+                {
+                    // The pieces only this peer offered would each cost a
+                    // look at every peer to find nobody.
+                    free = self.free_peers();
+                }
             }
         }
         self.rescue(now, out);
         if self.config.endgame && sent == waiting {
             self.endgame(now, out);
         }
+    }
+
+    /// Peers that may be asked for something now: below their request limit
+    /// and not backing off after a busy answer. Choosing looks at these
+    /// only, so a poll in a big swarm where every holder is busy costs
+    /// little.
+    fn free_peers(&self) -> Free {
+        let mut free = Free {
+            peers: 0,
+            offered: Bitmap::new(self.piece_count()),
+        };
+        for p in self.peers.values() {
+            if self.is_free(p) {
+                free.peers += 1;
+                if p.have.held() > 0 {
+                    free.offered.union_with(&p.have);
+                }
+            }
+        }
+        free
+    }
+
+    fn is_free(&self, p: &Peer) -> bool {
+        p.in_flight < self.config.max_per_peer && p.busy_until.is_none()
     }
 
     fn in_window(&self, i: u64) -> bool {
@@ -780,7 +844,7 @@ impl Scheduler {
             if self.requests.len() >= self.config.max_in_flight {
                 continue;
             }
-            if let Some(other) = self.choose(piece, Some(from)) {
+            if let Some(other) = self.choose(piece, Some(from), &self.free_peers()) {
                 self.request(piece, other, now, out);
             }
         }
@@ -811,15 +875,18 @@ impl Scheduler {
             }
             // Only to other peers: a duplicate from the origin costs the
             // origin bytes the swarm exists to save.
-            if let Some(other @ Source::Peer(_)) = self.choose(piece, Some(from)) {
+            if let Some(other @ Source::Peer(_)) =
+                self.choose(piece, Some(from), &self.free_peers())
+            {
                 self.request(piece, other, now, out);
             }
         }
     }
 
     /// Where to ask for `piece` now, if anywhere. `busy` is the source already
-    /// asked (endgame, rescue), which must not be asked twice.
-    fn choose(&self, i: u64, busy: Option<Source>) -> Option<Source> {
+    /// asked (endgame, rescue), which must not be asked twice; `free` is
+    /// [`Self::free_peers`].
+    fn choose(&self, i: u64, busy: Option<Source>, free: &Free) -> Option<Source> {
         let piece = &self.pieces[i as usize];
         let origin = (self.origin_in_flight < self.config.max_origin
             && busy != Some(Source::Origin))
@@ -833,27 +900,34 @@ impl Scheduler {
                 || (in_window && self.patient_until.is_none());
             origin.filter(|_| go)
         };
+        let avail = self.avail[i as usize] as usize;
         // No live peer holds it (the common case in a big, fresh swarm):
         // no need to look at each peer.
-        if self.avail[i as usize] == 0 {
+        if avail == 0 {
             return no_holder();
         }
+        // Some live peer holds it that has not failed it and is not the one
+        // already asked. Holders outnumbering the peers to leave out settle
+        // it without a look at each.
+        let usable = || {
+            let left_out = piece.avoid.len() + usize::from(matches!(busy, Some(Source::Peer(_))));
+            avail > left_out
+                || self.peers.iter().any(|(&id, p)| {
+                    p.have.get(i) && !piece.avoid.contains(&id) && busy != Some(Source::Peer(id))
+                })
+        };
         if !piece.hash_known {
-            let held = self
-                .peers
-                .iter()
-                .any(|(id, p)| p.have.get(i) && !piece.avoid.contains(id));
-            return if held { origin } else { no_holder() };
+            return if usable() { origin } else { no_holder() };
         }
         let optimistic = self.optimistic;
-        let mut usable = 0;
         let mut best: Option<(PeerId, f64, usize)> = None;
-        for (&id, p) in &self.peers {
-            if !p.have.get(i) || piece.avoid.contains(&id) || busy == Some(Source::Peer(id)) {
-                continue;
-            }
-            usable += 1;
-            if p.in_flight >= self.config.max_per_peer || p.busy_until.is_some() {
+        let offered = free.offered.get(i);
+        for (&id, p) in self.peers.iter().filter(|_| offered) {
+            if !self.is_free(p)
+                || !p.have.get(i)
+                || piece.avoid.contains(&id)
+                || busy == Some(Source::Peer(id))
+            {
                 continue;
             }
             let rate = p.rate.0.unwrap_or(optimistic);
@@ -873,7 +947,10 @@ impl Scheduler {
                     Some(Source::Peer(id))
                 }
             }
-            None if usable > 0 => origin.filter(|_| match self.config.busy_window {
+            // Nothing can be asked of the origin either: no need to know why.
+            None if origin.is_none() => None,
+            // Every usable holder is at its limit or backing off.
+            None if usable() => origin.filter(|_| match self.config.busy_window {
                 // 0: never; the client waits for the busy peer.
                 Some(w) => i >= self.read_position && i - self.read_position < w,
                 None => in_window,

@@ -1077,3 +1077,94 @@ fn when_every_holder_is_busy_the_piece_waits_for_the_first_one_free() {
         [(0, Source::Peer(p1))]
     );
 }
+
+/// A busy window wider than the read window reaches past it: a piece there
+/// whose only holder is busy goes to the origin, one past both waits. (The
+/// poll leaves out pieces that can go nowhere; this is the edge of that.)
+#[test]
+fn a_busy_window_wider_than_the_read_window_still_sends_its_pieces_to_the_origin() {
+    let mut s = sched(
+        8,
+        Config {
+            window: 2,
+            busy_window: Some(4),
+            max_per_peer: 1,
+            max_origin: 1,
+            busy_backoff: secs(10),
+            ..cfg()
+        },
+    );
+    s.add_peer(A, &all(8)).unwrap();
+    let t = Instant::now();
+    let o = Source::Origin;
+    assert_eq!(requests(&s.poll(t)), [(0, Source::Peer(A)), (1, o)]);
+    assert!(
+        requests(&s.on_busy(0, A, t)).is_empty(),
+        "the origin is full"
+    );
+    assert_eq!(requests(&s.on_piece(1, o, PS, t, true)), [(0, o)]);
+    // 2 and 3 lie past the read window, within the busy window.
+    assert_eq!(requests(&s.on_piece(0, o, PS, t, true)), [(2, o)]);
+    assert_eq!(requests(&s.on_piece(2, o, PS, t, true)), [(3, o)]);
+    assert!(requests(&s.on_piece(3, o, PS, t, true)).is_empty());
+}
+
+/// Many peers, each holding a few pieces, most of them busy: every poll
+/// still sends each piece a free holder has to one, as if it looked at
+/// every peer for every piece (the poll only looks where a free peer
+/// offers something).
+#[test]
+fn a_free_holder_is_found_among_many_busy_peers() {
+    let n = 64;
+    let mut s = sched(
+        n,
+        Config {
+            window: 1,
+            max_per_peer: 1,
+            max_in_flight: 64,
+            busy_window: Some(0),
+            busy_backoff: secs(10),
+            ..cfg()
+        },
+    );
+    for p in 0..32u32 {
+        s.add_peer(
+            PeerId(p),
+            &bits(n, [u64::from(p) * 2, u64::from(p) * 2 + 1]),
+        )
+        .unwrap();
+    }
+    let t = Instant::now();
+    let first = requests(&s.poll(t));
+    assert_eq!(first.len(), 32, "one request per peer: {first:?}");
+    // The even peers answer busy; their other piece stays with them (no
+    // other holder), so nothing new goes out until the odd ones deliver.
+    for (piece, from) in &first {
+        let Source::Peer(PeerId(p)) = *from else {
+            panic!("{first:?}")
+        };
+        if p % 2 == 0 {
+            assert!(requests(&s.on_busy(*piece, PeerId(p), t)).is_empty());
+        }
+    }
+    let mut next = Vec::new();
+    for (piece, from) in &first {
+        let Source::Peer(PeerId(p)) = *from else {
+            unreachable!()
+        };
+        if p % 2 == 1 {
+            next.extend(requests(&s.on_piece(*piece, *from, PS, t, true)));
+        }
+    }
+    // Each odd peer is asked for its other piece, nobody else for anything.
+    let mut want: Vec<(u64, Source)> = first
+        .iter()
+        .filter_map(|(piece, from)| match *from {
+            Source::Peer(PeerId(p)) if p % 2 == 1 => Some((piece ^ 1, *from)),
+            _ => None,
+        })
+        .collect();
+    want.sort();
+    next.sort();
+    assert_eq!(next, want);
+}

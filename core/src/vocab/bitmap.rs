@@ -107,6 +107,15 @@ impl Bitmap {
         (at, self.bytes[at] | 1 << (i % 8))
     }
 
+    /// Sets every bit `other` has (same piece count; bits past either's end
+    /// are never set).
+    pub fn union_with(&mut self, other: &Bitmap) {
+        for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
+            self.held += u64::from((b & !*a).count_ones());
+            *a |= b;
+        }
+    }
+
     pub fn missing(&self) -> impl Iterator<Item = u64> + '_ {
         (0..self.pieces).filter(|&i| !self.get(i))
     }
@@ -115,6 +124,19 @@ impl Bitmap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_holds_what_either_holds() {
+        let mut a = Bitmap::new(10);
+        a.set(1);
+        a.set(9);
+        let mut b = Bitmap::new(10);
+        b.set(1);
+        b.set(4);
+        a.union_with(&b);
+        assert_eq!(a.held(), 3);
+        assert!(a.get(1) && a.get(4) && a.get(9) && !a.get(0));
+    }
 
     #[test]
     fn set_get_and_missing() {
