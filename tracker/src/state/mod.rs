@@ -49,6 +49,12 @@ pub(super) const PEER_OVERHEAD: u64 = 1024;
 pub(super) const HOLDING_OVERHEAD: u64 = 1024;
 /// Heap per piece hash kept (`Option<[u8; 32]>`).
 pub(super) const HASH_BYTES: u64 = 33;
+/// Heap of a blob's [`Votes`]: per piece slot, and per distinct hash of a
+/// piece (36 bytes and the allocator's header). Honest holders share one vote per piece, so
+/// this is charged to the state as a whole, not to the holders: a caller's
+/// own hashes already bound how many votes it can add.
+const VOTE_SLOT_BYTES: u64 = 24;
+const VOTE_BYTES: u64 = 48;
 
 /// What the tracker accepts. The defaults fit a cluster of a few thousand
 /// nodes with 4 MiB pieces (blobs up to 64 GiB) in 256 MiB of state.
@@ -333,11 +339,83 @@ struct Blob {
     size: u64,
     piece_size: u64,
     holders: HashMap<String, Holding>,
+    votes: Votes,
 }
 
-impl Blob {
-    fn pieces(&self) -> u64 {
-        self.size.div_ceil(self.piece_size)
+/// Per piece, each hash the blob's holders announced and how many did: the
+/// agreed hash list ([`Votes::agreed`]) without going over every holder's
+/// list at each find. Kept with the holdings, so it counts every holder
+/// until its holding is taken out (withdrawn, expired, replaced).
+#[derive(Default)]
+struct Votes {
+    slots: Vec<Vec<([u8; 32], u32)>>,
+    /// Distinct (piece, hash) votes.
+    votes: u64,
+}
+
+impl Votes {
+    /// Heap charged for it ([`VOTE_SLOT_BYTES`], [`VOTE_BYTES`]).
+    fn heap(&self) -> u64 {
+        VOTE_SLOT_BYTES * self.slots.len() as u64 + VOTE_BYTES * self.votes
+    }
+
+    fn add(&mut self, hashes: &[PieceHash]) {
+        // Exact reservations throughout: the charge counts what is used,
+        // and a Vec's growth would hold up to four times that.
+        if self.slots.len() < hashes.len() {
+            self.slots.reserve_exact(hashes.len() - self.slots.len());
+            self.slots.resize_with(hashes.len(), Vec::new);
+        }
+        for (slot, h) in self.slots.iter_mut().zip(hashes) {
+            let Some(h) = h else { continue };
+            match slot.iter_mut().find(|(v, _)| v == h) {
+                Some((_, n)) => *n += 1,
+                None => {
+                    slot.reserve_exact(1);
+                    slot.push((*h, 1));
+                    self.votes += 1;
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, hashes: &[PieceHash]) {
+        for (slot, h) in self.slots.iter_mut().zip(hashes) {
+            let Some(h) = h else { continue };
+            if let Some(at) = slot.iter().position(|(v, _)| v == h) {
+                slot[at].1 -= 1;
+                if slot[at].1 == 0 {
+                    slot.swap_remove(at);
+                    slot.shrink_to_fit();
+                    self.votes -= 1;
+                }
+            }
+        }
+        while self.slots.last().is_some_and(Vec::is_empty) {
+            self.slots.pop();
+        }
+        if self.slots.capacity() > 2 * self.slots.len() {
+            self.slots.shrink_to_fit();
+        }
+    }
+
+    /// Per piece: the hash every announcer that knows one agrees on, or
+    /// `None` when nobody knows it or two disagree. A liar can thus only
+    /// erase a hash (the downloader then verifies another way or retries),
+    /// never plant one that others contradict. Trailing unknowns trimmed.
+    fn agreed(&self) -> Vec<PieceHash> {
+        let mut out: Vec<PieceHash> = self
+            .slots
+            .iter()
+            .map(|slot| match slot[..] {
+                [(h, _)] => Some(h),
+                _ => None,
+            })
+            .collect();
+        while out.last() == Some(&None) {
+            out.pop();
+        }
+        out
     }
 }
 
@@ -429,7 +507,7 @@ impl State {
                     });
                 }
                 let old = PEER_OVERHEAD + p.info.heap() + caller.heap();
-                self.admit(caller, fresh.saturating_sub(old), "registration")?;
+                self.admit(caller, fresh.saturating_sub(old), 0, "registration")?;
                 let p = self.peers.get_mut(&info.id).expect("looked up above");
                 p.info = info;
                 p.active_uploads = active_uploads;
@@ -453,7 +531,7 @@ impl State {
                         max: self.limits.max_peers_per_caller,
                     });
                 }
-                self.admit(caller, fresh, "registration")?;
+                self.admit(caller, fresh, 0, "registration")?;
                 self.recharge(caller, 0, fresh);
                 self.callers.entry(caller.clone()).or_default().peers += 1;
                 self.peers.insert(
@@ -574,14 +652,19 @@ impl State {
             + bitmap.as_bytes().len() as u64
             + HASH_BYTES * hashes.capacity() as u64;
         let old = old.unwrap_or(0);
-        self.admit(caller, charge.saturating_sub(old), "announcement")?;
+        // At worst each hash is a vote of its own in a slot of its own.
+        let votes = (VOTE_SLOT_BYTES + VOTE_BYTES) * hashes.len() as u64;
+        self.admit(caller, charge.saturating_sub(old), votes, "announcement")?;
         self.recharge(caller, old, charge);
         let blob = self.blobs.entry(digest).or_insert_with(|| Blob {
             size: a.size,
             piece_size: a.piece_size,
             holders: HashMap::new(),
+            votes: Votes::default(),
         });
-        blob.holders.insert(
+        let votes_before = blob.votes.heap();
+        blob.votes.add(&hashes);
+        let replaced = blob.holders.insert(
             id.to_string(),
             Holding {
                 bitmap,
@@ -589,6 +672,10 @@ impl State {
                 charge,
             },
         );
+        if let Some(old) = replaced {
+            blob.votes.remove(&old.hashes);
+        }
+        self.bytes = self.bytes - votes_before + blob.votes.heap();
         let p = self.peers.get_mut(id).expect("checked live above");
         p.holds.insert(digest);
         p.charge = p.charge - old + charge;
@@ -700,7 +787,7 @@ impl State {
         if live.is_empty() {
             return None;
         }
-        let hashes = merge_hashes(blob.pieces(), live.iter().map(|(_, h)| &h.hashes[..]));
+        let hashes = blob.votes.agreed();
         let same_zone = |p: &Peer| !zone.is_empty() && p.info.zone == zone;
         let mut ranked: Vec<&(&Peer, &Holding)> =
             live.iter().filter(|(p, _)| p.info.id != asking).collect();
@@ -846,12 +933,20 @@ impl State {
     }
 
     /// Whether `caller` may take `extra` more bytes.
-    fn admit(&self, caller: &Caller, extra: u64, what: &'static str) -> Result<(), StateError> {
+    /// Whether `caller` may take `extra` more bytes, and the state `extra`
+    /// plus `shared` (charged to nobody: see [`VOTE_BYTES`]).
+    fn admit(
+        &self,
+        caller: &Caller,
+        extra: u64,
+        shared: u64,
+        what: &'static str,
+    ) -> Result<(), StateError> {
         let l = &self.limits;
-        if self.bytes + extra > l.max_bytes {
+        if self.bytes + extra + shared > l.max_bytes {
             return Err(StateError::OutOfMemory {
                 what,
-                needed: extra,
+                needed: extra + shared,
                 used: self.bytes,
                 max: l.max_bytes,
                 whose: String::new(),
@@ -901,6 +996,9 @@ impl State {
         let Some(h) = b.holders.remove(id) else {
             return 0;
         };
+        let votes_before = b.votes.heap();
+        b.votes.remove(&h.hashes);
+        self.bytes = self.bytes - votes_before + b.votes.heap();
         // The geometry belongs to the holders: with none left, the next
         // announcer sets it afresh.
         if b.holders.is_empty() {
@@ -928,41 +1026,6 @@ fn sample_key(asking: &str, id: &str) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     (asking, id).hash(&mut h);
     h.finish()
-}
-
-/// Per piece: the hash every announcer that knows one agrees on, or `None`
-/// when nobody knows it or two disagree. A liar can thus only erase a hash
-/// (the downloader then verifies another way or retries), never plant one
-/// that others contradict.
-fn merge_hashes<'a>(pieces: u64, lists: impl Iterator<Item = &'a [PieceHash]>) -> Vec<PieceHash> {
-    #[derive(Clone, Copy)]
-    enum Slot {
-        Unknown,
-        Agreed([u8; 32]),
-        Conflict,
-    }
-    let mut slots = vec![Slot::Unknown; pieces as usize];
-    for list in lists {
-        for (slot, h) in slots.iter_mut().zip(list) {
-            let Some(h) = h else { continue };
-            *slot = match *slot {
-                Slot::Unknown => Slot::Agreed(*h),
-                Slot::Agreed(a) if a == *h => Slot::Agreed(a),
-                _ => Slot::Conflict,
-            };
-        }
-    }
-    let mut out: Vec<PieceHash> = slots
-        .into_iter()
-        .map(|s| match s {
-            Slot::Agreed(h) => Some(h),
-            Slot::Unknown | Slot::Conflict => None,
-        })
-        .collect();
-    while out.last() == Some(&None) {
-        out.pop();
-    }
-    out
 }
 
 #[cfg(test)]
