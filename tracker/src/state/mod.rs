@@ -26,7 +26,7 @@
 //!   more than `max_bytes` of heap, whatever the callers send.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     fmt,
     net::IpAddr,
     time::{Duration, Instant},
@@ -789,43 +789,47 @@ impl State {
         }
         let hashes = blob.votes.agreed();
         let same_zone = |p: &Peer| !zone.is_empty() && p.info.zone == zone;
-        let mut ranked: Vec<&(&Peer, &Holding)> =
-            live.iter().filter(|(p, _)| p.info.id != asking).collect();
-        ranked.sort_by(|(a, ha), (b, hb)| {
+        let rank = |(a, ha): &&(&Peer, &Holding), (b, hb): &&(&Peer, &Holding)| {
             same_zone(b)
                 .cmp(&same_zone(a))
                 .then(hb.bitmap.held().cmp(&ha.bitmap.held()))
                 .then(a.active_uploads.cmp(&b.active_uploads))
                 .then(b.info.upload_capacity.cmp(&a.info.upload_capacity))
                 .then(a.info.id.cmp(&b.info.id))
-        });
+        };
+        let mut ranked: Vec<&(&Peer, &Holding)> =
+            live.iter().filter(|(p, _)| p.info.id != asking).collect();
         let limit = if max_peers == 0 {
             DEFAULT_MAX_PEERS
         } else {
             max_peers
         }
         .min(self.limits.max_answer);
+        // Selections rather than sorts of every holder: a find costs
+        // O(holders), and one replica answers a whole swarm's finds.
         if ranked.len() > limit {
             let best = limit / 4;
-            let mut others: Vec<(bool, u64, &str)> = ranked[best..]
+            if best > 0 {
+                ranked.select_nth_unstable_by(best - 1, rank);
+            }
+            let mut others: Vec<(bool, u64, &str, &(&Peer, &Holding))> = ranked[best..]
                 .iter()
-                .map(|(p, _)| {
-                    let id = p.info.id.as_str();
-                    (!same_zone(p), sample_key(asking, id), id)
+                .map(|e| {
+                    let id = e.0.info.id.as_str();
+                    (!same_zone(e.0), sample_key(asking, id), id, *e)
                 })
                 .collect();
-            others.sort_unstable();
-            let picked: HashSet<&str> = others
-                .into_iter()
-                .take(limit - best)
-                .map(|(_, _, id)| id)
-                .collect();
-            let mut rank = 0;
-            ranked.retain(|(p, _)| {
-                rank += 1;
-                rank <= best || picked.contains(p.info.id.as_str())
-            });
+            let take = limit - best;
+            if take > 0 && others.len() > take {
+                others
+                    .select_nth_unstable_by(take - 1, |x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+            }
+            others.truncate(take);
+            ranked.truncate(best);
+            ranked.extend(others.into_iter().map(|(_, _, _, e)| e));
         }
+        // The best ranked stay first: everyone else ranks below them.
+        ranked.sort_by(rank);
         let peers = ranked
             .into_iter()
             .take(limit)
