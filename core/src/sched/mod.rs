@@ -275,6 +275,9 @@ impl Rate {
 #[derive(Debug, Clone)]
 struct Peer {
     have: Bitmap,
+    /// Pieces it holds that this node lacks: a peer with none is passed over
+    /// without looking at its bitmap.
+    useful: u64,
     in_flight: usize,
     rate: Rate,
     failures_in_a_row: u32,
@@ -287,6 +290,7 @@ impl Peer {
     fn new(have: Bitmap) -> Self {
         Self {
             have,
+            useful: 0,
             in_flight: 0,
             rate: Rate::default(),
             failures_in_a_row: 0,
@@ -300,6 +304,9 @@ impl Peer {
 struct Piece {
     done: bool,
     hash_known: bool,
+    /// Requests out for it (`requests` holds them; this spares a lookup
+    /// per piece per poll).
+    out: u32,
     failures: u32,
     /// Peers that failed this piece: not asked for it again.
     avoid: Vec<PeerId>,
@@ -314,8 +321,8 @@ struct Request {
     rescued: bool,
 }
 
-/// How many peers a poll may ask (see [`Scheduler::free_peers`]) and every
-/// piece one of them holds.
+/// How many peers a poll may ask for something this node lacks (see
+/// [`Scheduler::free_peers`]) and every piece one of them holds.
 struct Free {
     peers: usize,
     offered: Bitmap,
@@ -467,8 +474,10 @@ impl Scheduler {
             return Ok(());
         }
         let old = self.peers.remove(&peer);
+        let mut useful = 0;
         for i in 0..self.piece_count() {
             let (was, is) = (old.as_ref().is_some_and(|p| p.have.get(i)), have.get(i));
+            useful += u64::from(is && !self.pieces[i as usize].done);
             let a = &mut self.avail[i as usize];
             match (was, is) {
                 (false, true) => {
@@ -480,8 +489,11 @@ impl Scheduler {
             }
         }
         let peer_state = match old {
-            Some(p) => Peer { have, ..p },
-            None => Peer::new(have),
+            Some(p) => Peer { have, useful, ..p },
+            None => Peer {
+                useful,
+                ..Peer::new(have)
+            },
         };
         self.peers.insert(peer, peer_state);
         Ok(())
@@ -505,7 +517,9 @@ impl Scheduler {
         if !p.have.get(piece) {
             p.have.set(piece);
             self.avail[piece as usize] += 1;
-            self.news |= !self.pieces[piece as usize].done;
+            let lack = !self.pieces[piece as usize].done;
+            p.useful += u64::from(lack);
+            self.news |= lack;
         }
     }
 
@@ -779,11 +793,9 @@ impl Scheduler {
             offered: Bitmap::new(self.piece_count()),
         };
         for p in self.peers.values() {
-            if self.is_free(p) {
+            if self.is_free(p) && p.useful > 0 {
                 free.peers += 1;
-                if p.have.held() > 0 {
-                    free.offered.union_with(&p.have);
-                }
+                free.offered.union_with(&p.have);
             }
         }
         free
@@ -924,6 +936,7 @@ impl Scheduler {
         let offered = free.offered.get(i);
         for (&id, p) in self.peers.iter().filter(|_| offered) {
             if !self.is_free(p)
+                || p.useful == 0
                 || !p.have.get(i)
                 || piece.avoid.contains(&id)
                 || busy == Some(Source::Peer(id))
@@ -973,6 +986,7 @@ impl Scheduler {
                     .in_flight += 1
             }
         }
+        self.pieces[piece as usize].out += 1;
         self.requests.insert(
             (piece, from),
             Request {
@@ -996,7 +1010,7 @@ impl Scheduler {
     }
 
     fn has_request(&self, piece: u64) -> bool {
-        self.copies(piece).next().is_some()
+        self.pieces[piece as usize].out > 0
     }
 
     fn copies(&self, piece: u64) -> impl Iterator<Item = Source> + '_ {
@@ -1007,6 +1021,7 @@ impl Scheduler {
 
     fn end_request(&mut self, piece: u64, from: Source) -> Option<Request> {
         let r = self.requests.remove(&(piece, from))?;
+        self.pieces[piece as usize].out -= 1;
         match from {
             Source::Origin => self.origin_in_flight -= 1,
             Source::Peer(id) => {
@@ -1040,12 +1055,36 @@ impl Scheduler {
     fn complete(&mut self, piece: u64, out: &mut Vec<Action>) {
         self.pieces[piece as usize].done = true;
         self.missing -= 1;
+        for p in self.peers.values_mut().filter(|p| p.have.get(piece)) {
+            p.useful -= 1;
+        }
         self.news = true;
         out.push(Action::Completed(piece));
         let others: Vec<Source> = self.copies(piece).collect();
         for from in others {
             self.end_request(piece, from);
             out.push(Action::Cancel { piece, from });
+        }
+    }
+
+    /// The counts kept alongside the state agree with it (tests).
+    #[cfg(test)]
+    fn check_counts(&self) {
+        for (i, piece) in self.pieces.iter().enumerate() {
+            let i = i as u64;
+            let holders = self.peers.values().filter(|p| p.have.get(i)).count();
+            assert_eq!(self.avail[i as usize] as usize, holders, "avail of {i}");
+            assert_eq!(
+                piece.out as usize,
+                self.copies(i).count(),
+                "requests for {i}"
+            );
+        }
+        for (id, p) in &self.peers {
+            let lacked = (0..self.piece_count())
+                .filter(|&i| p.have.get(i) && !self.pieces[i as usize].done)
+                .count();
+            assert_eq!(p.useful as usize, lacked, "useful of {id:?}");
         }
     }
 

@@ -881,6 +881,7 @@ proptest! {
         };
         for op in ops {
             d.step(op)?;
+            d.s.check_counts();
         }
         // From here on the driver reads in order and every source
         // delivers: each round completes at least one piece.
@@ -898,6 +899,7 @@ proptest! {
             }
             let acts = d.s.poll(d.now);
             d.apply(acts)?;
+            d.s.check_counts();
             let round: Vec<_> = d.outstanding.iter().copied().collect();
             for r in round {
                 if d.outstanding.remove(&r) {
