@@ -76,9 +76,17 @@ struct Cli {
     /// doubling up to 16 x).
     #[arg(long)]
     busy_backoff_ms: Option<u64>,
+    /// What-if: the scheduler's requests out at once (Config::production: 16).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
     /// A line per simulated second on stderr.
     #[arg(long)]
     progress: bool,
+    /// With --progress: why followers wait, each simulated second (downloads
+    /// under way, requests out, idle ones and whether a peer they know holds
+    /// a piece they lack and has an upload slot free).
+    #[arg(long)]
+    census: bool,
     /// Output directory.
     #[arg(long, default_value = "target/sim")]
     out: PathBuf,
@@ -111,10 +119,14 @@ fn main() -> anyhow::Result<()> {
                 if let Some(ms) = cli.busy_backoff_ms {
                     c.busy_backoff = Duration::from_millis(ms);
                 }
+                if let Some(n) = cli.max_in_flight {
+                    c.max_in_flight = n;
+                }
                 c
             },
             max_peers: cli.max_peers,
             progress: cli.progress,
+            census: cli.census,
         };
         eprintln!("simulating N = {n} ...");
         let started = std::time::Instant::now();
@@ -124,7 +136,8 @@ fn main() -> anyhow::Result<()> {
         let s = &o.stats;
         eprintln!(
             "N = {n}: p50 {:.2} s, p99 {:.2} s, slowest {:.2} s, T* {:.2} s, slowest/T* {:.2}, origin {:.2} x, \
-             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals, {} nodes uploaded (busiest 32: {:.0} % of pieces), wall {:.1} s",
+             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals, {} nodes uploaded (busiest 32: {:.0} % of pieces), \
+             requests: {} to peers ({} busy), {} to the origin, {} streamed, {} cancelled, wall {:.1} s",
             row.p50_s,
             row.p99_s,
             row.max_s,
@@ -139,6 +152,11 @@ fn main() -> anyhow::Result<()> {
             s.tracker_refusals,
             s.uploaders,
             s.top32_share * 100.0,
+            s.peer_requests,
+            s.busy,
+            s.origin_requests,
+            s.streamed_pieces,
+            s.cancels,
             wall.as_secs_f64(),
         );
         rows.push(row);

@@ -77,6 +77,8 @@ pub struct Params {
     pub max_peers: usize,
     /// Print a line per simulated second (time, nodes done, wall time).
     pub progress: bool,
+    /// ... and a census of the downloads under way (see [`Sim::census`]).
+    pub census: bool,
 }
 
 /// Counts that explain a run.
@@ -231,6 +233,8 @@ struct Node {
     done_at: Option<Time>,
     /// Pieces uploaded to other nodes.
     served: u64,
+    /// This node's download of each layer it started.
+    dl_of: HashMap<usize, DlId>,
 }
 
 #[derive(Default)]
@@ -344,7 +348,7 @@ pub fn run(p: &Params) -> anyhow::Result<Outcome> {
     );
     anyhow::ensure!(p.piece_size > 0, "piece size must be positive");
     let mut sim = Sim::new(p.clone());
-    sim.run();
+    sim.run(Time::MAX);
     Ok(sim.outcome())
 }
 
@@ -394,6 +398,7 @@ impl Sim {
                 layers_done: 0,
                 done_at: None,
                 served: 0,
+                dl_of: HashMap::new(),
             });
             ids.push(id);
             callers.push(caller);
@@ -451,10 +456,14 @@ impl Sim {
         self.rpcs[s][kind] += 1;
     }
 
-    fn run(&mut self) {
+    /// Until every node is done, or the next event is past `end`.
+    fn run(&mut self, end: Time) {
         let wall = Instant::now();
         let mut next_report = 1_000_000_000;
         while self.nodes_done < self.nodes.len() {
+            if self.queue.peek().is_none_or(|e| e.at > end) {
+                break;
+            }
             let Some(e) = self.queue.pop() else { break };
             if self.p.progress && e.at >= next_report {
                 eprintln!(
@@ -469,11 +478,79 @@ impl Sim {
                     self.stats.tracker_wall.as_secs_f64(),
                 );
                 next_report += 1_000_000_000;
+                if self.p.census {
+                    eprintln!("{}", self.census());
+                }
             }
             self.now = e.at;
             self.stats.events += 1;
             self.handle(e.ev);
         }
+    }
+
+    /// Why followers' downlinks sit idle: per layer, the downloads under
+    /// way, pieces held and hashes known (means) and requests out; then the
+    /// downloads with no request out, those of them for which a peer they
+    /// have been told of truly holds a piece they lack (hash known), and of
+    /// those, how many such peers have an upload slot free. Many idle with
+    /// free holders means the scheduler does not know or is backing off.
+    fn census(&self) -> String {
+        let mut layers = Vec::new();
+        for l in 0..self.layer_sizes.len() {
+            let ds: Vec<&Dl> = self
+                .dls
+                .iter()
+                .filter(|d| d.layer == l && !d.finished && d.sched.is_some())
+                .collect();
+            let n = ds.len().max(1) as u64;
+            let held: u64 = ds.iter().map(|d| d.held.held()).sum();
+            let known: u64 = ds
+                .iter()
+                .map(|d| d.hash_known.iter().filter(|k| **k).count() as u64)
+                .sum();
+            let out: usize = ds
+                .iter()
+                .filter_map(|d| d.sched.as_ref())
+                .map(Scheduler::in_flight)
+                .sum();
+            layers.push(format!(
+                "layer {l}: {} following, held {}, hashes {}, requests out {out}",
+                ds.len(),
+                held / n,
+                known / n
+            ));
+        }
+        let (mut idle, mut could, mut free) = (0, 0, 0);
+        for d in self.dls.iter().filter(|d| !d.finished) {
+            if d.sched.as_ref().is_none_or(|s| s.in_flight() != 0) {
+                continue;
+            }
+            idle += 1;
+            let holders: Vec<usize> = d
+                .seen
+                .iter()
+                .map(|&id| id as usize)
+                .filter(|&id| {
+                    self.nodes[id].dl_of.get(&d.layer).is_some_and(|&sd| {
+                        let h = &self.dls[sd].held;
+                        (0..d.pieces)
+                            .any(|i| h.get(i) && !d.held.get(i) && d.hash_known[i as usize])
+                    })
+                })
+                .collect();
+            if !holders.is_empty() {
+                could += 1;
+                free += usize::from(
+                    holders
+                        .iter()
+                        .any(|&id| self.nodes[id].uploads < self.p.max_uploads),
+                );
+            }
+        }
+        format!(
+            "    {}\n    idle: {idle} downloads with no request out; {could} of them know a peer holding a piece they lack, {free} one with an upload slot free",
+            layers.join("; ")
+        )
     }
 
     fn handle(&mut self, ev: Ev) {
@@ -741,6 +818,7 @@ impl Sim {
         let size = self.layer_sizes[layer];
         let pieces = size.div_ceil(self.piece_size(size));
         let dl = self.dls.len();
+        self.nodes[node].dl_of.insert(layer, dl);
         self.dls.push(Dl {
             node,
             layer,
@@ -1168,6 +1246,7 @@ mod tests {
             config: Config::production(),
             max_peers: 0,
             progress: false,
+            census: false,
         }
     }
 
@@ -1185,6 +1264,18 @@ mod tests {
             o.pull_s[0]
         );
         assert!((o.origin_bytes - (24 << 20) as f64).abs() < 1.0);
+    }
+
+    #[test]
+    fn the_census_counts_the_followers_under_way_and_none_after() {
+        let mut sim = Sim::new(params(8, 48 << 20, 1));
+        sim.run(2_000_000_000);
+        let mid = sim.census();
+        assert!(mid.contains("layer 0: 7 following"), "{mid}");
+        sim.run(Time::MAX);
+        let end = sim.census();
+        assert!(end.contains("layer 0: 0 following"), "{end}");
+        assert!(end.contains("idle: 0 downloads"), "{end}");
     }
 
     #[test]
