@@ -72,6 +72,11 @@ struct Cli {
     /// of 32; at most 64).
     #[arg(long, default_value_t = 0)]
     max_peers: usize,
+    /// What-if: holders the tracker names per blob (its
+    /// Limits::max_peers_per_digest, 1024; past it a node's announcements are
+    /// refused and nobody is told it holds pieces).
+    #[arg(long)]
+    max_holders: Option<usize>,
     /// What-if: the scheduler's busy backoff, ms (Config::production: 50,
     /// doubling up to 16 x).
     #[arg(long)]
@@ -125,6 +130,9 @@ fn main() -> anyhow::Result<()> {
                 c
             },
             max_peers: cli.max_peers,
+            max_holders: cli
+                .max_holders
+                .unwrap_or(damselfly_tracker::Limits::default().max_peers_per_digest),
             progress: cli.progress,
             census: cli.census,
         };
@@ -136,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         let s = &o.stats;
         eprintln!(
             "N = {n}: p50 {:.2} s, p99 {:.2} s, slowest {:.2} s, T* {:.2} s, slowest/T* {:.2}, origin {:.2} x, \
-             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals, {} nodes uploaded (busiest 32: {:.0} % of pieces), \
+             {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals (joins and announces past its limits), {} nodes uploaded (busiest 32: {:.0} % of pieces), \
              requests: {} to peers ({} busy), {} to the origin, {} streamed, {} cancelled, wall {:.1} s",
             row.p50_s,
             row.p99_s,

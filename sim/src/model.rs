@@ -42,7 +42,7 @@ use damselfly_core::{
     vocab::{Bitmap, Digest, PieceHash},
 };
 use damselfly_store::piece_size_for;
-use damselfly_tracker::{Announce, Caller, DEFAULT_MAX_PEERS, Found, PeerInfo, State};
+use damselfly_tracker::{Announce, Caller, DEFAULT_MAX_PEERS, Found, Limits, PeerInfo, State};
 
 use crate::net::{FlowId, LinkId, Net};
 
@@ -75,6 +75,9 @@ pub struct Params {
     /// Peers asked of the tracker per find (the agent asks 0: the tracker's
     /// default, 32; the tracker answers at most 64). A what-if knob.
     pub max_peers: usize,
+    /// Holders the tracker names per blob (`Limits::max_peers_per_digest`;
+    /// past it announcements are refused and those nodes go unnamed).
+    pub max_holders: usize,
     /// Print a line per simulated second (time, nodes done, wall time).
     pub progress: bool,
     /// ... and a census of the downloads under way (see [`Sim::census`]).
@@ -358,7 +361,13 @@ impl Sim {
         let mut net = Net::new();
         let origin = net.add_link(bytes_per_s(p.origin_mbit));
         let mut rng = Rng(p.seed);
-        let mut tracker = State::new(p.heartbeat);
+        let mut tracker = State::with_limits(
+            p.heartbeat,
+            Limits {
+                max_peers_per_digest: p.max_holders,
+                ..Limits::default()
+            },
+        );
         let mut nodes = Vec::with_capacity(p.nodes);
         let mut ids = Vec::with_capacity(p.nodes);
         let mut callers = Vec::with_capacity(p.nodes);
@@ -1245,6 +1254,7 @@ mod tests {
             max_upload_peers: 16,
             config: Config::production(),
             max_peers: 0,
+            max_holders: Limits::default().max_peers_per_digest,
             progress: false,
             census: false,
         }

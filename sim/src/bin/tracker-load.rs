@@ -87,6 +87,12 @@ fn main() -> anyhow::Result<()> {
         cli.clients >= 1 && cli.clients <= cli.holders,
         "--clients must be 1..=--holders"
     );
+    let most = damselfly_tracker::Limits::default().max_peers_per_digest;
+    anyhow::ensure!(
+        cli.holders <= most,
+        "--holders {} is past the {most} holders the tracker names per blob (Limits::max_peers_per_digest)",
+        cli.holders
+    );
     state_only(&cli);
     let ca = Ca::new()?;
     // The replica: its own runtime, so its cores are what is measured.
