@@ -73,7 +73,7 @@ struct Cli {
     #[arg(long, default_value_t = 0)]
     max_peers: usize,
     /// What-if: holders the tracker names per blob (its
-    /// Limits::max_peers_per_digest, 1024; past it a node's announcements are
+    /// Limits::max_peers_per_digest, 4096; past it a node's announcements are
     /// refused and nobody is told it holds pieces).
     #[arg(long)]
     max_holders: Option<usize>,
