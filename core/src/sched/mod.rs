@@ -722,7 +722,7 @@ impl Scheduler {
         let start = self.read_position;
         let window_end = start.saturating_add(self.config.window.max(1));
         let count = self.piece_count();
-        let free = self.free_peers();
+        let mut free = self.free_peers();
         // Past the read window (and the busy window), a piece no free peer
         // offers goes nowhere unless to the origin, and a follower sends it
         // there only if it failed before or its holders cannot be checked
@@ -758,7 +758,6 @@ impl Scheduler {
             .collect();
         order.sort_unstable();
         let mut sent = 0;
-        let mut free = free;
         for (_, _, _, i) in order {
             if self.requests.len() >= self.config.max_in_flight
                 || (free.peers == 0 && self.origin_in_flight >= self.config.max_origin)
@@ -783,17 +782,16 @@ impl Scheduler {
         }
     }
 
-    /// Peers that may be asked for something now: below their request limit
-    /// and not backing off after a busy answer. Choosing looks at these
-    /// only, so a poll in a big swarm where every holder is busy costs
-    /// little.
+    /// Peers that may be asked for something now ([`Self::is_free`]).
+    /// Choosing looks at these only, so a poll in a big swarm where every
+    /// holder is busy costs little.
     fn free_peers(&self) -> Free {
         let mut free = Free {
             peers: 0,
             offered: Bitmap::new(self.piece_count()),
         };
         for p in self.peers.values() {
-            if self.is_free(p) && p.useful > 0 {
+            if self.is_free(p) {
                 free.peers += 1;
                 free.offered.union_with(&p.have);
             }
@@ -801,8 +799,10 @@ impl Scheduler {
         free
     }
 
+    /// Below its request limit, not backing off after a busy answer, and
+    /// holding something this node lacks.
     fn is_free(&self, p: &Peer) -> bool {
-        p.in_flight < self.config.max_per_peer && p.busy_until.is_none()
+        p.in_flight < self.config.max_per_peer && p.busy_until.is_none() && p.useful > 0
     }
 
     fn in_window(&self, i: u64) -> bool {
@@ -936,7 +936,6 @@ impl Scheduler {
         let offered = free.offered.get(i);
         for (&id, p) in self.peers.iter().filter(|_| offered) {
             if !self.is_free(p)
-                || p.useful == 0
                 || !p.have.get(i)
                 || piece.avoid.contains(&id)
                 || busy == Some(Source::Peer(id))

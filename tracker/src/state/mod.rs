@@ -20,7 +20,8 @@
 //!   per peer, holders per digest, peers in all and per caller.
 //! - Every registration and holding is charged its heap bytes
 //!   ([`PEER_OVERHEAD`], [`HOLDING_OVERHEAD`], [`HASH_BYTES`] plus its
-//!   strings and bitmap), and a change that would take the total past
+//!   strings and bitmap; each blob's hash votes, [`VOTE_BYTES`], to the
+//!   state as a whole), and a change that would take the total past
 //!   [`Limits::max_bytes`], or one caller's share past
 //!   [`Limits::max_bytes_per_caller`], is refused. So the state never holds
 //!   more than `max_bytes` of heap, whatever the callers send.
@@ -50,9 +51,9 @@ pub(super) const HOLDING_OVERHEAD: u64 = 1024;
 /// Heap per piece hash kept (`Option<[u8; 32]>`).
 pub(super) const HASH_BYTES: u64 = 33;
 /// Heap of a blob's [`Votes`]: per piece slot, and per distinct hash of a
-/// piece (36 bytes and the allocator's header). Honest holders share one vote per piece, so
-/// this is charged to the state as a whole, not to the holders: a caller's
-/// own hashes already bound how many votes it can add.
+/// piece (36 bytes and the allocator's header). Honest holders share one
+/// vote per piece, so this is charged to the state as a whole, not to the
+/// holders: a caller's own hashes already bound how many votes it can add.
 const VOTE_SLOT_BYTES: u64 = 24;
 const VOTE_BYTES: u64 = 48;
 
@@ -944,7 +945,6 @@ impl State {
         Ok(p)
     }
 
-    /// Whether `caller` may take `extra` more bytes.
     /// Whether `caller` may take `extra` more bytes, and the state `extra`
     /// plus `shared` (charged to nobody: see [`VOTE_BYTES`]).
     fn admit(
