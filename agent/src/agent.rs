@@ -22,7 +22,8 @@ use crate::{
     steer::{Listeners, Rules, Steering, mounts},
     store::Store,
     swarm::{
-        ClientConfig, Config as SchedConfig, PeerClient, PeerServer, PeerTls, ServerConfig, Swarm,
+        ClientConfig, Config as SchedConfig, Haves, PeerClient, PeerServer, PeerTls, ServerConfig,
+        Swarm,
     },
     telemetry::{Metrics, RecentErrors},
     tracker::{PeerInfo, TrackerClient},
@@ -276,6 +277,8 @@ fn start_swarm(
     server_cfg.max_upload_peers = Some(args.max_upload_peers);
     server_cfg.rate = (args.upload_rate > 0).then(|| Arc::new(RateLimiter::new(args.upload_rate)));
     server_cfg.bytes_out = Some(metrics.peer_bytes_hook("out"));
+    server_cfg.haves = Arc::new(Haves::new(Some(metrics.peer_haves_hook("out"))));
+    let haves = server_cfg.haves.clone();
     let server = PeerServer::bind(&tls, Arc::new(store.clone()), server_cfg)
         .with_context(|| format!("--peer-listen {}", args.peer_listen))?;
     let mut client_cfg = ClientConfig::new(SocketAddr::new(unspecified(args.peer_listen), 0));
@@ -285,6 +288,7 @@ fn start_swarm(
     // only the backstop, above its longest timeout.
     client_cfg.request_timeout = Duration::from_secs(120);
     client_cfg.bytes_in = Some(metrics.peer_bytes_hook("in"));
+    client_cfg.haves_in = Some(metrics.peer_haves_hook("in"));
     let peers = Arc::new(PeerClient::new(&tls, client_cfg)?);
     let advertise = match args.peer_advertise {
         Some(a) => a.resolve(server.local_addr().port()),
@@ -311,6 +315,7 @@ fn start_swarm(
     let swarm = Arc::new(Swarm {
         tracker,
         peers: peers.clone(),
+        haves,
         config: SchedConfig::production(),
         max_piece_size: store.max_piece_size(),
     });

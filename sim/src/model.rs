@@ -23,6 +23,12 @@
 //!   all, `max_uploads_per_peer` to one node and `max_upload_peers` distinct
 //!   nodes; a request beyond answers busy at once. An upload slot is held
 //!   until the requester acknowledges the last byte.
+//! - `swarm/peer/haves.rs`: a node fetching a layer tells the downloads that
+//!   asked it for that layer (busy or not; at most `MAX_ASKERS`) of each
+//!   piece it stores, half a round trip later; a follower takes a have from
+//!   a peer the tracker named, for a piece whose hash it knows, and polls if
+//!   it could ask for it. The leader, until its stream is done, answers busy
+//!   a piece it has sent while it holds one it has sent to nobody.
 //! - containerd pulls `concurrent_layers` layers at once, in order.
 //!
 //! Not modelled: node failures (and the takeover election), the registry's
@@ -162,6 +168,7 @@ enum Ev {
     StreamArrive(DlId, u64),
     FlowDone(FlowId, u64),
     ReqArrive(ReqId),
+    Have(DlId, u32, u64),
     BusyReply(ReqId),
     Deliver(ReqId),
     ResetArrive(ReqId),
@@ -238,6 +245,9 @@ struct Node {
     served: u64,
     /// This node's download of each layer it started.
     dl_of: HashMap<usize, DlId>,
+    /// Per layer, the downloads that asked this node for it (told of each
+    /// piece it stores).
+    askers: HashMap<usize, Vec<DlId>>,
 }
 
 #[derive(Default)]
@@ -267,6 +277,11 @@ struct Dl {
     finished: bool,
     wake: u64,
     ann: Announcing,
+    /// Leading: streaming the layer from the origin for the swarm.
+    seeding: bool,
+    /// Pieces sent to some peer, and how many held are not (leaders only).
+    sent: Vec<bool>,
+    held_unsent: u64,
 }
 
 pub struct Sim {
@@ -291,6 +306,9 @@ pub struct Sim {
     stats: Stats,
     nodes_done: usize,
 }
+
+/// `haves::MAX_ASKERS`.
+const MAX_ASKERS: usize = 64;
 
 const FIND: usize = 0;
 const ANNOUNCE: usize = 1;
@@ -408,6 +426,7 @@ impl Sim {
                 done_at: None,
                 served: 0,
                 dl_of: HashMap::new(),
+                askers: HashMap::new(),
             });
             ids.push(id);
             callers.push(caller);
@@ -586,6 +605,9 @@ impl Sim {
             Ev::JoinAnswer(dl, found) => match found.filter(|f| !f.peers.is_empty()) {
                 None => {
                     // Nobody else: this node leads, one GET from the origin.
+                    let d = &mut self.dls[dl];
+                    d.seeding = true;
+                    d.sent = vec![false; d.pieces as usize];
                     let at = self.now + self.half();
                     self.push(at, Ev::StreamStart(dl));
                 }
@@ -650,6 +672,7 @@ impl Sim {
                 }
             }
             Ev::ReqArrive(r) => self.req_arrive(r),
+            Ev::Have(dl, peer, piece) => self.on_have(dl, peer, piece),
             Ev::BusyReply(r) => {
                 let (cancelled, dl, piece, from) = {
                     let q = self.req_mut(r);
@@ -843,6 +866,9 @@ impl Sim {
             finished: false,
             wake: 0,
             ann: Announcing::default(),
+            seeding: false,
+            sent: Vec::new(),
+            held_unsent: 0,
         });
         let at = self.now + self.half();
         self.push(at, Ev::JoinAt(dl));
@@ -1027,9 +1053,21 @@ impl Sim {
         self.push(at, Ev::Wake(dl, v));
     }
 
-    /// A piece is kept: written, announced (progress), counted.
+    /// A piece is kept: written, told to the peers that asked (haves),
+    /// announced (progress), counted.
     fn keep(&mut self, dl: DlId, piece: u64) {
+        let (node, layer) = (self.dls[dl].node, self.dls[dl].layer);
+        let at = self.now + self.half();
+        let askers = self.nodes[node].askers.get(&layer).cloned();
+        for w in askers.into_iter().flatten() {
+            if !self.dls[w].finished {
+                self.push(at, Ev::Have(w, node as u32, piece));
+            }
+        }
         let d = &mut self.dls[dl];
+        if d.seeding && !d.sent[piece as usize] {
+            d.held_unsent += 1;
+        }
         d.held.set(piece);
         if !d.ann.busy {
             self.send_announce(dl, false);
@@ -1068,6 +1106,7 @@ impl Sim {
             return;
         }
         d.finished = true;
+        d.seeding = false;
         d.ann.finishing = true;
         d.sched = None;
         let node = d.node;
@@ -1164,17 +1203,29 @@ impl Sim {
             Source::Origin => (self.origin, self.nodes[client].down),
             Source::Peer(server) => {
                 let server = server.0 as usize;
+                let layer = self.dls[dl].layer;
+                let fetching = self.nodes[server].dl_of.get(&layer).copied();
+                // Busy or not, it trades this layer: tell it of our pieces.
+                if fetching.is_some_and(|sd| !self.dls[sd].finished) {
+                    let askers = self.nodes[server].askers.entry(layer).or_default();
+                    if askers.len() < MAX_ASKERS && !askers.contains(&dl) {
+                        askers.push(dl);
+                    }
+                }
                 let p = &self.p;
-                let n = &mut self.nodes[server];
+                let n = &self.nodes[server];
                 let mine = n.serving.get(&client).copied().unwrap_or(0);
                 let full_peers = mine == 0 && n.serving.len() >= p.max_upload_peers;
-                if full_peers || mine >= p.max_uploads_per_peer || n.uploads >= p.max_uploads {
+                let full =
+                    full_peers || mine >= p.max_uploads_per_peer || n.uploads >= p.max_uploads;
+                if full || !fetching.is_none_or(|sd| self.may_send(sd, piece)) {
                     self.stats.busy += 1;
                     self.req_mut(r).phase = Phase::Back;
                     let at = self.now + self.half();
                     self.push(at, Ev::BusyReply(r));
                     return;
                 }
+                let n = &mut self.nodes[server];
                 n.uploads += 1;
                 *n.serving.entry(client).or_default() += 1;
                 (n.up, self.nodes[client].down)
@@ -1186,6 +1237,44 @@ impl Sim {
         // The request's own reference now belongs to the flow.
         self.req_mut(r).phase = Phase::Serving(flow);
         self.apply_net();
+    }
+
+    /// `Haves::may_send`: a leader sends every piece it holds once before
+    /// any twice; a yes counts the piece as sent.
+    fn may_send(&mut self, server_dl: DlId, piece: u64) -> bool {
+        let d = &mut self.dls[server_dl];
+        if !d.seeding {
+            return true;
+        }
+        let sent = &mut d.sent[piece as usize];
+        if *sent {
+            return d.held_unsent == 0;
+        }
+        *sent = true;
+        d.held_unsent -= 1;
+        true
+    }
+
+    /// `Run::on_have`: from a peer the tracker named, for a piece whose hash
+    /// is known; a poll only if the scheduler could ask for it now.
+    fn on_have(&mut self, dl: DlId, peer: u32, piece: u64) {
+        let d = &mut self.dls[dl];
+        let known = d.hash_known.get(piece as usize) == Some(&true);
+        let Some(s) = d.sched.as_mut().filter(|_| !d.finished) else {
+            return;
+        };
+        if !known || !d.seen.contains(&peer) {
+            return;
+        }
+        let t = Instant::now();
+        s.peer_has(PeerId(peer), piece);
+        let ask = s.could_ask(PeerId(peer), piece);
+        self.stats.scheduler_wall += t.elapsed();
+        if ask {
+            let now = self.at(self.now);
+            let actions = self.sched_call(dl, |s| s.poll(now));
+            self.after(dl, actions, None);
+        }
     }
 
     fn release(&mut self, server: usize, client: usize) {

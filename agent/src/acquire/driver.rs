@@ -124,6 +124,7 @@ impl Driver {
         // The sender stays here, so `recv` only ever waits, even without refreshes.
         let (news_tx, mut news) = mpsc::channel::<Holders>(1);
         let _refreshing = self.spawn_refresh(news_tx.clone(), first_refresh);
+        let mut haves = self.peers.listen(self.digest);
         let mut actions = run.sched.poll(Instant::now());
         let stopped = loop {
             if let Err(stop) = run.act(&self, actions).await {
@@ -155,6 +156,7 @@ impl Driver {
                     run.on_result(&self, done)
                 }
                 Some(h) = news.recv() => run.on_news(&self, h),
+                Some((addr, piece)) = haves.recv() => run.on_have(addr, piece),
                 _ = tokio::time::sleep_until(wake.into()) => run.sched.poll(Instant::now()),
             };
         };
@@ -487,6 +489,26 @@ impl Run {
             self.arrived.insert(piece, data);
         }
         self.sched.on_piece(piece, from, len, now, verified)
+    }
+
+    /// A peer we asked for this blob now holds `piece` (see
+    /// `swarm::peer::haves`). Taken only from a peer the tracker named, and
+    /// only once the tracker has given the piece's hash: until then the piece
+    /// could not be checked, and the scheduler would send it to the origin.
+    /// A peer that lies costs one request, answered "not found".
+    fn on_have(&mut self, addr: SocketAddr, piece: u64) -> Vec<Action> {
+        let Some(&id) = self.peers.ids.get(&addr) else {
+            return Vec::new();
+        };
+        if self.hashes.get(piece as usize).is_none_or(Option::is_none) {
+            return Vec::new();
+        }
+        self.sched.peer_has(id, piece);
+        if self.sched.could_ask(id, piece) {
+            self.sched.poll(Instant::now())
+        } else {
+            Vec::new()
+        }
     }
 
     /// A fresh tracker answer: peers' bitmaps, and hashes we lacked.

@@ -202,7 +202,7 @@ impl Acquire {
                     return Acquired::Streaming { size, body };
                 }
                 // We are the first: others that ask now wait for our pieces.
-                None => progress = Some(swarm::progress_of(swarm, &writer)),
+                None => progress = Some(swarm::progress_of(swarm, &writer, true)),
             }
         }
         // Resume: what a killed download already wrote stays; fetch from the first gap.

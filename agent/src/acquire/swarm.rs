@@ -52,7 +52,7 @@ impl SwarmJob {
             metrics: self.metrics.clone(),
             config: self.swarm.config.clone(),
             refresh: Some(self.swarm.refresher(digest, size)),
-            progress: Some(progress_of(&self.swarm, &writer)),
+            progress: Some(progress_of(&self.swarm, &writer, false)),
             bytes,
             me: self.swarm.tracker.me().quic_addr.parse().ok(),
         };
@@ -108,8 +108,9 @@ impl SwarmJob {
     }
 }
 
-/// Starts telling the tracker what we hold of the blob `writer` fills.
-pub(super) fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
+/// Starts telling the tracker, and the peers that ask us, what we hold of
+/// the blob `writer` fills; `seeding`: from the origin, for the swarm.
+pub(super) fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter, seeding: bool) -> Progress {
     let bitmap = writer.bitmap().clone();
     // Only a resumed download holds pieces already; their sums are a few reads.
     let hashes = if bitmap.held() > 0 {
@@ -120,9 +121,9 @@ pub(super) fn progress_of(swarm: &Arc<Swarm>, writer: &BlobWriter) -> Progress {
     Progress::start(
         swarm.clone(),
         writer.digest(),
-        writer.size(),
-        writer.piece_size(),
+        (writer.size(), writer.piece_size()),
         bitmap,
         hashes,
+        seeding,
     )
 }

@@ -7,7 +7,10 @@ mod progress;
 #[cfg(test)]
 pub(crate) use peer::tests as peer_tests;
 
-pub use peer::{ClientConfig, PeerClient, PeerError, PeerServer, PeerTls, ServerConfig, wire};
+pub use peer::{
+    ClientConfig, HaveListener, Haves, PeerClient, PeerError, PeerServer, PeerTls, ServerConfig,
+    wire,
+};
 pub use progress::Progress;
 pub use sched::{Action, Config, Error, PeerId, Scheduler, Source};
 
@@ -44,6 +47,8 @@ const FIND_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Swarm {
     pub tracker: TrackerClient,
     pub peers: Arc<peer::PeerClient>,
+    /// The peer server's: what our fetches tell the peers that ask us.
+    pub haves: Arc<Haves>,
     pub config: sched::Config,
     /// The store's largest piece size: a join tells the tracker the piece
     /// size the store cuts the blob into ([`piece_size_for`]).

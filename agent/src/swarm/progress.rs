@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::{
     store::BlobReader,
-    swarm::Swarm,
+    swarm::{Haves, Swarm},
     vocab::{Bitmap, Digest},
 };
 
@@ -37,20 +37,41 @@ pub struct Progress {
     task: JoinHandle<()>,
     swarm: Arc<Swarm>,
     digest: Digest,
+    _telling: Telling,
+}
+
+/// Peers that asked us for the blob hear of each piece until it is dropped.
+struct Telling {
+    haves: Arc<Haves>,
+    digest: Digest,
+}
+
+impl Drop for Telling {
+    fn drop(&mut self) {
+        self.haves.end(&self.digest);
+    }
 }
 
 impl Progress {
     /// Starts announcing; `bitmap` and `hashes` are what is held already
-    /// (a resumed download).
+    /// (a resumed download). `seeding`: this node fetches the blob from the
+    /// origin for the swarm (see [`Haves`]).
     pub fn start(
         swarm: Arc<Swarm>,
         digest: Digest,
-        size: u64,
-        piece_size: u64,
+        (size, piece_size): (u64, u64),
         bitmap: Bitmap,
         mut hashes: Vec<Option<[u8; 32]>>,
+        seeding: bool,
     ) -> Self {
         hashes.resize(bitmap.pieces() as usize, None);
+        swarm
+            .haves
+            .start(digest, bitmap.pieces(), bitmap.held(), seeding);
+        let _telling = Telling {
+            haves: swarm.haves.clone(),
+            digest,
+        };
         let (held, rx) = watch::channel(Held { bitmap, hashes });
         let task = tokio::spawn(announce_loop(swarm.clone(), digest, size, piece_size, rx));
         Self {
@@ -58,11 +79,13 @@ impl Progress {
             task,
             swarm,
             digest,
+            _telling,
         }
     }
 
     /// Piece `index`, whose sha256 is `sum`, is now held (and servable).
     pub fn piece(&self, index: u64, sum: [u8; 32]) {
+        self.swarm.haves.held(&self.digest, index);
         self.held.send_modify(|h| {
             if index < h.bitmap.pieces() {
                 h.bitmap.set(index);
@@ -92,6 +115,7 @@ impl Progress {
             task,
             swarm,
             digest,
+            ..
         } = self;
         drop(held);
         let _ = task.await;

@@ -59,6 +59,7 @@ pub struct Metrics {
     authz_checks: Family<ResultLabel, Counter>,
     pieces: Family<PieceLabels, Counter>,
     peer_bytes: Family<DirectionLabel, Counter>,
+    peer_haves: Family<DirectionLabel, Counter>,
     tracker_requests: Family<RpcLabels, Counter>,
 }
 
@@ -107,6 +108,12 @@ impl Metrics {
             "Bytes exchanged with other nodes over QUIC (in: fetched, out: served)",
             peer_bytes.clone(),
         );
+        let peer_haves = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "damselfly_peer_haves",
+            "Pieces a node was told of the moment a peer stored them (in: taken to a fetch of ours, out: sent to peers that asked us)",
+            peer_haves.clone(),
+        );
         let tracker_requests = Family::<RpcLabels, Counter>::default();
         registry.register(
             "damselfly_tracker_requests",
@@ -122,6 +129,7 @@ impl Metrics {
             authz_checks,
             pieces,
             peer_bytes,
+            peer_haves,
             tracker_requests,
         }
     }
@@ -136,6 +144,17 @@ impl Metrics {
     pub fn peer_bytes_hook(&self, direction: &'static str) -> Arc<dyn Fn(u64) + Send + Sync> {
         let counter = self
             .peer_bytes
+            .get_or_create(&DirectionLabel { direction })
+            .clone();
+        Arc::new(move |n| {
+            counter.inc_by(n);
+        })
+    }
+
+    /// A have counter for the QUIC layer (`damselfly_peer_haves_total`).
+    pub fn peer_haves_hook(&self, direction: &'static str) -> Arc<dyn Fn(u64) + Send + Sync> {
+        let counter = self
+            .peer_haves
             .get_or_create(&DirectionLabel { direction })
             .clone();
         Arc::new(move |n| {

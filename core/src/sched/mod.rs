@@ -523,6 +523,21 @@ impl Scheduler {
         }
     }
 
+    /// Whether a poll could now ask `peer` for `piece`: this node lacks it,
+    /// its hash is known, nobody is asked for it yet, and the peer and this
+    /// node have a request to spare. A driver told of pieces one at a time
+    /// polls only then.
+    pub fn could_ask(&self, peer: PeerId, piece: u64) -> bool {
+        let (Some(p), Some(i)) = (self.peers.get(&peer), self.pieces.get(piece as usize)) else {
+            return false;
+        };
+        !i.done
+            && i.hash_known
+            && i.out == 0
+            && self.is_free(p)
+            && self.requests.len() < self.config.max_in_flight
+    }
+
     /// The peer is gone (connection closed, tracker forgot it). Its requests
     /// are cancelled and their pieces go elsewhere. Unlike a dropped peer, it
     /// may be added again.

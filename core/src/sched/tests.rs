@@ -1170,3 +1170,36 @@ fn a_free_holder_is_found_among_many_busy_peers() {
     next.sort();
     assert_eq!(next, want);
 }
+
+/// A driver told of pieces one at a time (a peer's have) polls only when
+/// `could_ask` says a poll would ask for that piece.
+#[test]
+fn a_piece_told_of_can_be_asked_only_when_nothing_stands_in_the_way() {
+    let t = Instant::now();
+    let config = Config {
+        max_per_peer: 1,
+        max_origin: 0,
+        ..cfg()
+    };
+    let mut s = sched(4, config);
+    s.add_peer(A, &bits(4, [])).unwrap();
+    assert!(s.poll(t).is_empty());
+    s.peer_has(A, 2);
+    assert!(s.could_ask(A, 2));
+    assert_eq!(requests(&s.poll(t)), vec![(2, Source::Peer(A))]);
+    // A is at its limit; piece 2 is asked of A already; B is unknown.
+    s.peer_has(A, 3);
+    assert!(!s.could_ask(A, 3));
+    assert!(!s.could_ask(B, 3));
+    s.peer_has(B, 2);
+    assert!(!s.could_ask(B, 2));
+    // A piece whose hash is not known is not asked of a peer.
+    s.set_hash_known(1, false);
+    s.peer_has(B, 1);
+    assert!(!s.could_ask(B, 1));
+    // A is free again once its piece came (and asked at once for the
+    // piece held back); piece 2 is held.
+    let next = s.on_piece(2, Source::Peer(A), PS, t, true);
+    assert_eq!(requests(&next), vec![(3, Source::Peer(A))]);
+    assert!(!s.could_ask(A, 2));
+}

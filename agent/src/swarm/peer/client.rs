@@ -1,5 +1,6 @@
 //! The fetching side: one cached connection per peer address, one stream
-//! per piece.
+//! per piece; and the pieces peers tell us they now hold (datagrams, see
+//! `haves`), passed to the fetch of that blob.
 
 use std::{
     collections::HashMap,
@@ -12,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{Connection, Endpoint};
 use tracing::debug;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::{
     BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PEER_SERVER_NAME, PeerError, PeerTls, UPLOADS_PER_PEER,
@@ -37,6 +38,8 @@ pub struct ClientConfig {
     /// (its server's `max_uploads_per_peer`) and answers the rest busy, and
     /// a busy answer costs a round trip and a backoff.
     pub max_requests_per_peer: usize,
+    /// Counts the haves taken in (metrics).
+    pub haves_in: Option<BytesHook>,
 }
 
 impl ClientConfig {
@@ -49,6 +52,7 @@ impl ClientConfig {
             rate: None,
             bytes_in: None,
             max_requests_per_peer: UPLOADS_PER_PEER,
+            haves_in: None,
         }
     }
 }
@@ -57,6 +61,38 @@ pub struct PeerClient {
     endpoint: Endpoint,
     cfg: ClientConfig,
     conns: Mutex<HashMap<SocketAddr, Slot>>,
+    listeners: Listeners,
+}
+
+/// Per blob being fetched: where to send a peer's address and the index of
+/// a piece it now holds.
+type Listeners = Arc<Mutex<HashMap<Digest, mpsc::Sender<(SocketAddr, u64)>>>>;
+
+/// Haves waiting for the fetch of one blob, beyond which more are dropped
+/// (the tracker tells them too): a few pieces' worth from every peer.
+const HAVES_QUEUED: usize = 1024;
+/// Datagrams a connection holds before they are read (haves are 42 bytes);
+/// past it QUIC drops the oldest.
+const DATAGRAMS_BUFFERED: usize = 64 * 1024;
+
+/// The haves for one blob's fetch, until dropped.
+pub struct HaveListener {
+    rx: mpsc::Receiver<(SocketAddr, u64)>,
+    digest: Digest,
+    listeners: Listeners,
+}
+
+impl HaveListener {
+    /// The next peer address and piece index.
+    pub async fn recv(&mut self) -> Option<(SocketAddr, u64)> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for HaveListener {
+    fn drop(&mut self) {
+        lock(&self.listeners).remove(&self.digest);
+    }
 }
 
 /// One peer's connection, and the lock that makes concurrent fetches to a
@@ -85,7 +121,9 @@ pub struct PeerCounts {
 impl PeerClient {
     /// Binds the client endpoint; needs a tokio runtime.
     pub fn new(tls: &PeerTls, cfg: ClientConfig) -> Result<Self, PeerError> {
-        let config = tls.client_config(Arc::new(transport(cfg.idle_timeout, cfg.keep_alive, 0)))?;
+        let mut t = transport(cfg.idle_timeout, cfg.keep_alive, 0);
+        t.datagram_receive_buffer_size(Some(DATAGRAMS_BUFFERED));
+        let config = tls.client_config(Arc::new(t))?;
         let mut endpoint = Endpoint::client(cfg.bind).map_err(|source| PeerError::Bind {
             addr: cfg.bind,
             source,
@@ -95,7 +133,20 @@ impl PeerClient {
             endpoint,
             cfg,
             conns: Mutex::new(HashMap::new()),
+            listeners: Listeners::default(),
         })
+    }
+
+    /// The pieces of `digest` that the peers we asked for it tell us they
+    /// now hold. One fetch per blob listens; a second replaces the first.
+    pub fn listen(&self, digest: Digest) -> HaveListener {
+        let (tx, rx) = mpsc::channel(HAVES_QUEUED);
+        lock(&self.listeners).insert(digest, tx);
+        HaveListener {
+            rx,
+            digest,
+            listeners: self.listeners.clone(),
+        }
     }
 
     /// Piece `index` of `digest` from the peer at `addr`, which must be
@@ -235,6 +286,12 @@ impl PeerClient {
         })?;
         let conn = connecting.await?;
         debug!(%addr, "connected to peer");
+        tokio::spawn(take_haves(
+            conn.clone(),
+            addr,
+            self.listeners.clone(),
+            self.cfg.haves_in.clone(),
+        ));
         let mut conns = self.lock();
         let slot = conns.entry(addr).or_default();
         slot.conn = Some(conn.clone());
@@ -311,6 +368,34 @@ impl PeerClient {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Slot>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Passes each have `conn`'s peer sends to the fetch of its blob, until the
+/// connection closes. A malformed datagram is dropped, as is a have for a
+/// blob no fetch listens to or whose fetch is behind.
+async fn take_haves(
+    conn: Connection,
+    addr: SocketAddr,
+    listeners: Listeners,
+    count: Option<BytesHook>,
+) {
+    while let Ok(d) = conn.read_datagram().await {
+        let Ok(have) = Request::decode(&d) else {
+            debug!(%addr, len = d.len(), "malformed have dropped");
+            continue;
+        };
+        let tx = lock(&listeners).get(&have.digest).cloned();
+        if let Some(tx) = tx
+            && tx.try_send((addr, have.index)).is_ok()
+            && let Some(count) = &count
+        {
+            count(1);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn live(conn: &Option<Connection>) -> Option<Connection> {

@@ -14,6 +14,7 @@
 //! peer may lie.
 
 mod client;
+mod haves;
 mod server;
 mod slots;
 mod tls;
@@ -33,7 +34,8 @@ use crate::{
 };
 
 use crate::pki::PEER_SERVER_NAME;
-pub use client::{ClientConfig, PeerClient};
+pub use client::{ClientConfig, HaveListener, PeerClient};
+pub use haves::Haves;
 pub use server::{PeerServer, ServerConfig};
 pub use tls::PeerTls;
 use tls::TlsError;
@@ -133,7 +135,8 @@ impl PeerError {
 }
 
 /// Shared by both ends; `bidi_streams` is how many streams the other end
-/// may open at once (0 for a client, which is never asked anything).
+/// may open at once (0 for a client, which is never asked anything; it is
+/// only told of pieces, in datagrams: see [`haves`]).
 fn transport(idle: Duration, keep_alive: Duration, bidi_streams: u32) -> TransportConfig {
     let mut t = TransportConfig::default();
     // Past the QUIC varint range (2^62 ms) means "never": fall back to none.

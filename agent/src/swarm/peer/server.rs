@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     BytesHook, IDLE_TIMEOUT, KEEP_ALIVE, PeerError, PeerTls, PieceSource, UPLOADS_PER_PEER,
+    haves::Haves,
     slots::UploadSlots,
     transport,
     wire::{REQUEST_LEN, Request, ResponseHead},
@@ -83,6 +84,9 @@ pub struct ServerConfig {
     pub bytes_out: Option<BytesHook>,
     /// Test-only: flip a byte in every piece sent. See [`CORRUPT_UPLOADS_ENV`].
     pub corrupt_uploads: bool,
+    /// Who asked for the blobs this node fetches, told of each new piece;
+    /// and which pieces of a blob fetched from the origin went out.
+    pub haves: Arc<Haves>,
 }
 
 impl ServerConfig {
@@ -102,6 +106,7 @@ impl ServerConfig {
             rate: None,
             bytes_out: None,
             corrupt_uploads: std::env::var(CORRUPT_UPLOADS_ENV).is_ok_and(|v| v == "1"),
+            haves: Arc::default(),
         }
     }
 }
@@ -126,6 +131,7 @@ struct Shared {
     bytes_out: Option<BytesHook>,
     corrupt: bool,
     connected: AtomicUsize,
+    haves: Arc<Haves>,
 }
 
 impl PeerServer {
@@ -136,6 +142,10 @@ impl PeerServer {
         cfg: ServerConfig,
     ) -> Result<Self, PeerError> {
         let mut t = transport(cfg.idle_timeout, cfg.keep_alive, cfg.max_streams_per_peer);
+        // Datagrams go out only (haves), but quinn sends none without a
+        // receive buffer: a small one, where a client's only displace each
+        // other (never read).
+        t.datagram_receive_buffer_size(Some(REQUEST_WINDOW as usize));
         t.stream_receive_window(VarInt::from_u32(REQUEST_WINDOW));
         t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
         let server = tls.server_config(Arc::new(t))?;
@@ -162,6 +172,7 @@ impl PeerServer {
             bytes_out: cfg.bytes_out,
             corrupt: cfg.corrupt_uploads,
             connected: AtomicUsize::new(0),
+            haves: cfg.haves,
         });
         let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         info!(addr = %local_addr, "peer server listening");
@@ -244,9 +255,9 @@ async fn serve_connection(conn: Connection, shared: Arc<Shared>) {
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let (shared, uploads) = (shared.clone(), uploads.clone());
+                let (shared, uploads, conn) = (shared.clone(), uploads.clone(), conn.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_stream(send, recv, peer, &shared, &uploads).await {
+                    if let Err(e) = serve_stream(send, recv, &conn, &shared, &uploads).await {
                         debug!(%peer, error = %e, "peer request ended early");
                     }
                 });
@@ -262,10 +273,11 @@ async fn serve_connection(conn: Connection, shared: Arc<Shared>) {
 async fn serve_stream(
     mut send: SendStream,
     mut recv: RecvStream,
-    peer: SocketAddr,
+    conn: &Connection,
     shared: &Shared,
     peer_uploads: &Arc<Semaphore>,
 ) -> Result<(), PeerError> {
+    let peer = conn.remote_address();
     let mut buf = [0u8; REQUEST_LEN];
     tokio::time::timeout(shared.request_timeout, recv.read_exact(&mut buf))
         .await
@@ -277,6 +289,8 @@ async fn serve_stream(
             return Err(e.into());
         }
     };
+    // Busy or not, it trades this blob: tell it of our next pieces.
+    shared.haves.asked(&req.digest, conn);
     let Some(_slot) = shared.slots.try_acquire(peer) else {
         debug!(%peer, "upload refused: max upload peers reached");
         return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
@@ -309,6 +323,10 @@ async fn serve_stream(
             return respond(&mut send, ResponseHead::Error, shared.write_timeout).await;
         }
     };
+    if !shared.haves.may_send(&req.digest, req.index) {
+        debug!(%peer, index = req.index, "upload refused: seeding pieces nobody has yet first");
+        return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
+    }
     let piece = if shared.corrupt {
         corrupt(piece)
     } else {

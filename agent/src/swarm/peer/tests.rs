@@ -760,3 +760,78 @@ async fn rsa_pkcs1_certificates_like_helms_work_for_peers() {
         .unwrap();
     assert_eq!(got, piece(&fx.data, 1));
 }
+
+/// The next have for `l`'s blob within 2 s, if any.
+async fn next_have(l: &mut HaveListener) -> Option<(SocketAddr, u64)> {
+    tokio::time::timeout(Duration::from_secs(2), l.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test]
+async fn peers_that_asked_for_a_blob_hear_of_each_piece_stored_after() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(4 * PS as usize);
+    let (sent, sent_hook) = counter();
+    let haves = Arc::new(Haves::new(Some(sent_hook)));
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.haves = haves.clone();
+    });
+    let addr = srv.local_addr();
+    // This node fetches the blob (as far as the server's haves know).
+    haves.start(fx.digest, 4, 1, false);
+    let (asker, quiet) = (client(&ca.tls(&ca, "b")), client(&ca.tls(&ca, "c")));
+    let (mut heard, mut unheard) = (asker.listen(fx.digest), quiet.listen(fx.digest));
+    asker.fetch_piece(addr, &fx.digest, 0, PS).await.unwrap();
+    // `quiet` is connected too, but asked for another blob.
+    let other = Digest::of(b"other");
+    let e = quiet.fetch_piece(addr, &other, 0, PS).await;
+    assert!(matches!(e, Err(PeerError::NotFound { .. })), "{e:?}");
+
+    haves.held(&fx.digest, 2);
+    assert_eq!(next_have(&mut heard).await, Some((addr, 2)));
+    assert_eq!(sent.load(Ordering::Relaxed), 1);
+    assert_eq!(next_have(&mut unheard).await, None, "never asked for it");
+
+    // Over: no more haves for it, and none for a blob nobody fetches.
+    haves.end(&fx.digest);
+    haves.held(&fx.digest, 3);
+    haves.held(&other, 0);
+    assert_eq!(next_have(&mut heard).await, None);
+}
+
+#[tokio::test]
+async fn a_node_fetching_from_the_origin_sends_each_held_piece_once_before_any_twice() {
+    let ca = Ca::new("cluster");
+    let fx = fixture(3 * PS as usize);
+    let haves = Arc::new(Haves::default());
+    let srv = server(&ca.tls(&ca, "a"), Arc::new(fx.store.clone()), |c| {
+        c.haves = haves.clone();
+    });
+    let addr = srv.local_addr();
+    haves.start(fx.digest, 3, 0, true);
+    haves.held(&fx.digest, 0);
+    haves.held(&fx.digest, 1);
+    let (b, c) = (client(&ca.tls(&ca, "b")), client(&ca.tls(&ca, "c")));
+    let d = fx.digest;
+    assert_eq!(
+        b.fetch_piece(addr, &d, 0, PS).await.unwrap(),
+        piece(&fx.data, 0)
+    );
+    let e = c.fetch_piece(addr, &d, 0, PS).await;
+    assert!(matches!(e, Err(PeerError::Busy)), "piece 1 went to nobody: {e:?}");
+    assert_eq!(
+        c.fetch_piece(addr, &d, 1, PS).await.unwrap(),
+        piece(&fx.data, 1)
+    );
+    // Every held piece went out once: copies again.
+    assert_eq!(
+        c.fetch_piece(addr, &d, 0, PS).await.unwrap(),
+        piece(&fx.data, 0)
+    );
+    // Fetched: no longer seeding.
+    haves.end(&fx.digest);
+    assert!(b.fetch_piece(addr, &d, 1, PS).await.is_ok());
+    assert!(c.fetch_piece(addr, &d, 1, PS).await.is_ok());
+}
