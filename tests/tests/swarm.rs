@@ -227,6 +227,18 @@ fn four_nodes_pulling_at_once_take_the_image_from_the_origin_about_once() {
         "only {from_peers} bytes moved between peers\n{}",
         logs()
     );
+    // Nodes told the peers that asked them of each piece as they stored it
+    // (datagrams), and those took the news to their fetches.
+    let haves = |direction: &str| -> f64 {
+        let series = format!("damselfly_peer_haves_total{{direction=\"{direction}\"}}");
+        s.agents.iter().map(|a| m(a, &series)).sum()
+    };
+    let (out, taken) = (haves("out"), haves("in"));
+    assert!(
+        out > 0.0 && taken > 0.0 && taken <= out,
+        "haves sent {out}, taken {taken}\n{}",
+        logs()
+    );
 }
 
 #[test]
