@@ -74,8 +74,13 @@ impl Haves {
             sent: vec![false; pieces as usize],
             held_unsent: held,
         });
-        self.lock()
-            .insert(digest, Fetching { askers: Vec::new(), seed });
+        self.lock().insert(
+            digest,
+            Fetching {
+                askers: Vec::new(),
+                seed,
+            },
+        );
     }
 
     /// Piece `index` of `digest` is stored: tell the peers that asked.

@@ -820,7 +820,10 @@ async fn a_node_fetching_from_the_origin_sends_each_held_piece_once_before_any_t
         piece(&fx.data, 0)
     );
     let e = c.fetch_piece(addr, &d, 0, PS).await;
-    assert!(matches!(e, Err(PeerError::Busy)), "piece 1 went to nobody: {e:?}");
+    assert!(
+        matches!(e, Err(PeerError::Busy)),
+        "piece 1 went to nobody: {e:?}"
+    );
     assert_eq!(
         c.fetch_piece(addr, &d, 1, PS).await.unwrap(),
         piece(&fx.data, 1)
