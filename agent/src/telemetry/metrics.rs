@@ -142,24 +142,12 @@ impl Metrics {
 
     /// A byte counter for the QUIC layer, usable before the metrics are shared.
     pub fn peer_bytes_hook(&self, direction: &'static str) -> Arc<dyn Fn(u64) + Send + Sync> {
-        let counter = self
-            .peer_bytes
-            .get_or_create(&DirectionLabel { direction })
-            .clone();
-        Arc::new(move |n| {
-            counter.inc_by(n);
-        })
+        count_hook(&self.peer_bytes, direction)
     }
 
     /// A have counter for the QUIC layer (`damselfly_peer_haves_total`).
     pub fn peer_haves_hook(&self, direction: &'static str) -> Arc<dyn Fn(u64) + Send + Sync> {
-        let counter = self
-            .peer_haves
-            .get_or_create(&DirectionLabel { direction })
-            .clone();
-        Arc::new(move |n| {
-            counter.inc_by(n);
-        })
+        count_hook(&self.peer_haves, direction)
     }
 
     /// `damselfly_tracker_requests_total` as the tracker client's hook.
@@ -246,6 +234,17 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// `family`'s counter for `direction` as a hook for code that knows no metrics.
+fn count_hook(
+    family: &Family<DirectionLabel, Counter>,
+    direction: &'static str,
+) -> Arc<dyn Fn(u64) + Send + Sync> {
+    let counter = family.get_or_create(&DirectionLabel { direction }).clone();
+    Arc::new(move |n| {
+        counter.inc_by(n);
+    })
 }
 
 impl Default for Metrics {
