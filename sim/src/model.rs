@@ -1239,7 +1239,7 @@ impl Sim {
         self.apply_net();
     }
 
-    /// `Haves::may_send`: a leader sends every piece it holds once before
+    /// `Haves::may_send`, then `sending`: a leader sends every piece it holds once before
     /// any twice; a yes counts the piece as sent.
     fn may_send(&mut self, server_dl: DlId, piece: u64) -> bool {
         let d = &mut self.dls[server_dl];

@@ -78,6 +78,8 @@ const DATAGRAMS_BUFFERED: usize = 64 * 1024;
 /// The haves for one blob's fetch, until dropped.
 pub struct HaveListener {
     rx: mpsc::Receiver<(SocketAddr, u64)>,
+    /// Ours in `listeners`, unless a later listener replaced it.
+    tx: mpsc::Sender<(SocketAddr, u64)>,
     digest: Digest,
     listeners: Listeners,
 }
@@ -91,7 +93,13 @@ impl HaveListener {
 
 impl Drop for HaveListener {
     fn drop(&mut self) {
-        lock(&self.listeners).remove(&self.digest);
+        let mut listeners = lock(&self.listeners);
+        if listeners
+            .get(&self.digest)
+            .is_some_and(|tx| tx.same_channel(&self.tx))
+        {
+            listeners.remove(&self.digest);
+        }
     }
 }
 
@@ -141,9 +149,10 @@ impl PeerClient {
     /// now hold. One fetch per blob listens; a second replaces the first.
     pub fn listen(&self, digest: Digest) -> HaveListener {
         let (tx, rx) = mpsc::channel(HAVES_QUEUED);
-        lock(&self.listeners).insert(digest, tx);
+        lock(&self.listeners).insert(digest, tx.clone());
         HaveListener {
             rx,
+            tx,
             digest,
             listeners: self.listeners.clone(),
         }

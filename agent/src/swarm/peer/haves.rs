@@ -133,21 +133,24 @@ impl Haves {
     }
 
     /// Whether to send piece `index` of `digest` now (see the module docs on
-    /// seeding); a yes counts it as sent.
+    /// seeding). Asked before the piece is read, so a refusal costs no read.
     pub(super) fn may_send(&self, digest: &Digest, index: u64) -> bool {
-        let mut blobs = self.lock();
-        let Some(seed) = blobs.get_mut(digest).and_then(|f| f.seed.as_mut()) else {
+        let blobs = self.lock();
+        let Some(seed) = blobs.get(digest).and_then(|f| f.seed.as_ref()) else {
             return true;
         };
-        match seed.sent.get_mut(index as usize) {
-            Some(sent @ false) => {
-                *sent = true;
-                seed.held_unsent = seed.held_unsent.saturating_sub(1);
-                true
-            }
-            Some(true) => seed.held_unsent == 0,
-            // Not a piece of the blob as we cut it: the store says so.
-            None => true,
+        // Past the blob as we cut it: the store says so.
+        seed.sent.get(index as usize) != Some(&true) || seed.held_unsent == 0
+    }
+
+    /// Piece `index` of `digest` was read and goes out: counted as sent.
+    pub(super) fn sending(&self, digest: &Digest, index: u64) {
+        let mut blobs = self.lock();
+        if let Some(seed) = blobs.get_mut(digest).and_then(|f| f.seed.as_mut())
+            && let Some(sent @ false) = seed.sent.get_mut(index as usize)
+        {
+            *sent = true;
+            seed.held_unsent = seed.held_unsent.saturating_sub(1);
         }
     }
 
@@ -160,26 +163,35 @@ impl Haves {
 mod tests {
     use super::*;
 
+    /// What the server does: ask, then count a piece it sends.
+    fn send(h: &Haves, d: &Digest, i: u64) -> bool {
+        let ok = h.may_send(d, i);
+        if ok {
+            h.sending(d, i);
+        }
+        ok
+    }
+
     #[test]
     fn a_seed_sends_every_held_piece_once_before_any_twice() {
         let h = Haves::default();
         let d = Digest([1; 32]);
         h.start(d, 4, 0, true);
         h.held(&d, 0);
-        assert!(h.may_send(&d, 0));
+        assert!(send(&h, &d, 0));
         // Nothing else held: a second copy is the best use of the uplink.
-        assert!(h.may_send(&d, 0));
+        assert!(send(&h, &d, 0));
         h.held(&d, 1);
-        assert!(!h.may_send(&d, 0), "piece 1 went to nobody yet");
-        assert!(h.may_send(&d, 1));
-        assert!(h.may_send(&d, 0));
+        assert!(!send(&h, &d, 0), "piece 1 went to nobody yet");
+        assert!(send(&h, &d, 1));
+        assert!(send(&h, &d, 0));
         // Past the blob: the store answers not found.
-        assert!(h.may_send(&d, 9));
+        assert!(send(&h, &d, 9));
         h.end(&d);
         h.start(d, 4, 0, false);
         h.held(&d, 2);
         h.held(&d, 3);
-        assert!(h.may_send(&d, 2) && h.may_send(&d, 2), "not seeding");
+        assert!(send(&h, &d, 2) && send(&h, &d, 2), "not seeding");
     }
 
     #[test]
@@ -187,10 +199,10 @@ mod tests {
         let h = Haves::default();
         let d = Digest([2; 32]);
         h.start(d, 3, 2, true);
-        assert!(h.may_send(&d, 0));
-        assert!(!h.may_send(&d, 0));
-        assert!(h.may_send(&d, 1));
-        assert!(h.may_send(&d, 0));
+        assert!(send(&h, &d, 0));
+        assert!(!send(&h, &d, 0));
+        assert!(send(&h, &d, 1));
+        assert!(send(&h, &d, 0));
     }
 
     #[test]
@@ -198,6 +210,6 @@ mod tests {
         let h = Haves::default();
         let d = Digest([3; 32]);
         h.held(&d, 0);
-        assert!(h.may_send(&d, 0) && h.may_send(&d, 0));
+        assert!(send(&h, &d, 0) && send(&h, &d, 0));
     }
 }

@@ -307,6 +307,10 @@ async fn serve_stream(
             return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
         }
     };
+    if !shared.haves.may_send(&req.digest, req.index) {
+        debug!(%peer, index = req.index, "upload refused: seeding pieces nobody has yet first");
+        return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
+    }
     let source = shared.source.clone();
     let read = tokio::task::spawn_blocking(move || source.piece(&req.digest, req.index)).await;
     let piece = match read {
@@ -323,10 +327,7 @@ async fn serve_stream(
             return respond(&mut send, ResponseHead::Error, shared.write_timeout).await;
         }
     };
-    if !shared.haves.may_send(&req.digest, req.index) {
-        debug!(%peer, index = req.index, "upload refused: seeding pieces nobody has yet first");
-        return respond(&mut send, ResponseHead::Busy, shared.write_timeout).await;
-    }
+    shared.haves.sending(&req.digest, req.index);
     let piece = if shared.corrupt {
         corrupt(piece)
     } else {

@@ -794,6 +794,13 @@ async fn peers_that_asked_for_a_blob_hear_of_each_piece_stored_after() {
     assert_eq!(sent.load(Ordering::Relaxed), 1);
     assert_eq!(next_have(&mut unheard).await, None, "never asked for it");
 
+    // A later listener for the blob replaces this one; dropping the old one
+    // leaves it in place.
+    let newer = asker.listen(fx.digest);
+    drop(std::mem::replace(&mut heard, newer));
+    haves.held(&fx.digest, 1);
+    assert_eq!(next_have(&mut heard).await, Some((addr, 1)));
+
     // Over: no more haves for it, and none for a blob nobody fetches.
     haves.end(&fx.digest);
     haves.held(&fx.digest, 3);
