@@ -89,7 +89,8 @@ struct Cli {
     progress: bool,
     /// With --progress: why followers wait, each simulated second (downloads
     /// under way, requests out, idle ones and whether a peer they know holds
-    /// a piece they lack and has an upload slot free).
+    /// a piece they lack and has an upload slot free; how full the nodes'
+    /// links were, the leaders' apart, and the upload slots taken).
     #[arg(long)]
     census: bool,
     /// Output directory.
@@ -145,7 +146,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!(
             "N = {n}: p50 {:.2} s, p99 {:.2} s, slowest {:.2} s, T* {:.2} s, slowest/T* {:.2}, origin {:.2} x, \
              {} events, {} scheduler calls ({:.1} s), tracker {:.1} s, {} deadline spins, {} tracker refusals (joins and announces past its limits), {} nodes uploaded (busiest 32: {:.0} % of pieces), \
-             requests: {} to peers ({} busy), {} to the origin, {} streamed, {} cancelled, wall {:.1} s",
+             requests: {} to peers ({} busy: {} at the holder's distinct-peer limit, {} at its per-peer limit, {} at its upload limit, {} seeding), {} to the origin, {} streamed, {} cancelled, wall {:.1} s",
             row.p50_s,
             row.p99_s,
             row.max_s,
@@ -162,6 +163,10 @@ fn main() -> anyhow::Result<()> {
             s.top32_share * 100.0,
             s.peer_requests,
             s.busy,
+            s.busy_peers,
+            s.busy_per_peer,
+            s.busy_uploads,
+            s.busy_seeding,
             s.origin_requests,
             s.streamed_pieces,
             s.cancels,

@@ -90,12 +90,27 @@ pub struct Params {
     pub census: bool,
 }
 
+/// Why a holder answered busy (see [`Stats::busy_peers`]).
+enum Busy {
+    Peers,
+    PerPeer,
+    Uploads,
+    Seeding,
+}
+
 /// Counts that explain a run.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     /// Piece requests to peers, and how many were answered busy.
     pub peer_requests: u64,
     pub busy: u64,
+    /// Why: the holder serves `max_upload_peers` others, this node's
+    /// `max_uploads_per_peer` already, `max_uploads` in all, or a leader
+    /// holds pieces it has sent to nobody (seeding).
+    pub busy_peers: u64,
+    pub busy_per_peer: u64,
+    pub busy_uploads: u64,
+    pub busy_seeding: u64,
     /// Range requests to the origin (followers), and pieces the leaders
     /// streamed.
     pub origin_requests: u64,
@@ -305,6 +320,9 @@ pub struct Sim {
     rpcs: Vec<[u32; 3]>,
     stats: Stats,
     nodes_done: usize,
+    /// At the last census: its time and what each node's uplink and
+    /// downlink had sent by then.
+    census_prev: (Time, Vec<(f64, f64)>),
 }
 
 /// `haves::MAX_ASKERS`.
@@ -455,6 +473,7 @@ impl Sim {
             rpcs: Vec::new(),
             stats: Stats::default(),
             nodes_done: 0,
+            census_prev: (0, Vec::new()),
             p,
         }
     }
@@ -522,7 +541,8 @@ impl Sim {
     /// have been told of truly holds a piece they lack (hash known), and of
     /// those, how many such peers have an upload slot free. Many idle with
     /// free holders means the scheduler does not know or is backing off.
-    fn census(&self) -> String {
+    fn census(&mut self) -> String {
+        let links = self.link_use();
         let mut layers = Vec::new();
         for l in 0..self.layer_sizes.len() {
             let ds: Vec<&Dl> = self
@@ -576,8 +596,62 @@ impl Sim {
             }
         }
         format!(
-            "    {}\n    idle: {idle} downloads with no request out; {could} of them know a peer holding a piece they lack, {free} one with an upload slot free",
+            "    {}\n    idle: {idle} downloads with no request out; {could} of them know a peer holding a piece they lack, {free} one with an upload slot free\n    {links}",
             layers.join("; ")
+        )
+    }
+
+    /// How full the nodes' links were since the last census, and the upload
+    /// slots taken now: slots full while links are not means transfers held
+    /// back at the other end (a receiver with many requests out).
+    fn link_use(&mut self) -> String {
+        let now = secs(self.now);
+        let sent: Vec<(f64, f64)> = self
+            .nodes
+            .iter()
+            .map(|n| (self.net.sent(n.up, now), self.net.sent(n.down, now)))
+            .collect();
+        let (since, prev) = std::mem::replace(&mut self.census_prev, (self.now, sent.clone()));
+        let span = secs(self.now.saturating_sub(since));
+        let per_node = f64::from(self.p.node_mbit) * 1e6 / 8.0 * span;
+        let share = |nodes: &mut dyn Iterator<Item = usize>, up: bool| {
+            let (mut bytes, mut n) = (0.0, 0);
+            for i in nodes {
+                let before = prev.get(i).copied().unwrap_or_default();
+                bytes += if up {
+                    sent[i].0 - before.0
+                } else {
+                    sent[i].1 - before.1
+                };
+                n += 1;
+            }
+            if n == 0 || per_node <= 0.0 {
+                0.0
+            } else {
+                bytes / (per_node * n as f64) * 100.0
+            }
+        };
+        let all = self.nodes.len();
+        let leaders: BTreeSet<usize> = self
+            .dls
+            .iter()
+            .filter(|d| d.seeding && !d.finished)
+            .map(|d| d.node)
+            .collect();
+        let slots: usize = self.nodes.iter().map(|n| n.uploads).sum();
+        let leading = if leaders.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (leaders' {:.0} %)",
+                share(&mut leaders.iter().copied(), true)
+            )
+        };
+        format!(
+            "links since the last census: uplinks {:.0} % used{leading}, downlinks {:.0} %; upload slots taken {slots} of {}",
+            share(&mut (0..all), true),
+            share(&mut (0..all), false),
+            all * self.p.max_uploads,
         )
     }
 
@@ -1216,9 +1290,26 @@ impl Sim {
                 let n = &self.nodes[server];
                 let mine = n.serving.get(&client).copied().unwrap_or(0);
                 let full_peers = mine == 0 && n.serving.len() >= p.max_upload_peers;
-                let full =
-                    full_peers || mine >= p.max_uploads_per_peer || n.uploads >= p.max_uploads;
-                if full || !fetching.is_none_or(|sd| self.may_send(sd, piece)) {
+                // `may_send` counts a yes as sent: ask it only if nothing else refuses.
+                let cause = if full_peers {
+                    Some(Busy::Peers)
+                } else if mine >= p.max_uploads_per_peer {
+                    Some(Busy::PerPeer)
+                } else if n.uploads >= p.max_uploads {
+                    Some(Busy::Uploads)
+                } else if !fetching.is_none_or(|sd| self.may_send(sd, piece)) {
+                    Some(Busy::Seeding)
+                } else {
+                    None
+                };
+                if let Some(cause) = cause {
+                    let s = &mut self.stats;
+                    *match cause {
+                        Busy::Peers => &mut s.busy_peers,
+                        Busy::PerPeer => &mut s.busy_per_peer,
+                        Busy::Uploads => &mut s.busy_uploads,
+                        Busy::Seeding => &mut s.busy_seeding,
+                    } += 1;
                     self.stats.busy += 1;
                     self.req_mut(r).phase = Phase::Back;
                     let at = self.now + self.half();
@@ -1375,6 +1466,18 @@ mod tests {
         let end = sim.census();
         assert!(end.contains("layer 0: 0 following"), "{end}");
         assert!(end.contains("idle: 0 downloads"), "{end}");
+        assert!(
+            mid.contains("links since the last census: uplinks") && mid.contains("(leaders' "),
+            "{mid}"
+        );
+        // No holder serves more than its 4 at once.
+        let taken: usize = mid
+            .split("upload slots taken ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{mid}"));
+        assert!((1..=32).contains(&taken), "{mid}");
     }
 
     #[test]
