@@ -84,6 +84,11 @@ struct Cli {
     /// What-if: the scheduler's requests out at once (Config::production: 16).
     #[arg(long)]
     max_in_flight: Option<usize>,
+    /// What-if: a holder answers busy a node already receiving this many
+    /// transfers, even with a slot free (not in the agent: its requests
+    /// do not say how much the asker receives).
+    #[arg(long)]
+    fed_limit: Option<usize>,
     /// A line per simulated second on stderr.
     #[arg(long)]
     progress: bool,
@@ -134,6 +139,7 @@ fn main() -> anyhow::Result<()> {
             max_holders: cli
                 .max_holders
                 .unwrap_or(damselfly_tracker::Limits::default().max_peers_per_digest),
+            fed_limit: cli.fed_limit,
             progress: cli.progress,
             census: cli.census,
         };

@@ -84,6 +84,11 @@ pub struct Params {
     /// Holders the tracker names per blob (`Limits::max_peers_per_digest`;
     /// past it announcements are refused and those nodes go unnamed).
     pub max_holders: usize,
+    /// What-if (not in the agent): a holder answers busy, even with a slot
+    /// free, a node already receiving this many transfers (peer pieces and
+    /// origin streams), so its slots go to nodes that receive little. The
+    /// agent would need the asker to say how many it receives.
+    pub fed_limit: Option<usize>,
     /// Print a line per simulated second (time, nodes done, wall time).
     pub progress: bool,
     /// ... and a census of the downloads under way (see [`Sim::census`]).
@@ -105,7 +110,8 @@ pub struct Stats {
     pub peer_requests: u64,
     pub busy: u64,
     /// Why: the holder serves `max_upload_peers` others, this node's
-    /// `max_uploads_per_peer` already, `max_uploads` in all, or a leader
+    /// `max_uploads_per_peer` already, `max_uploads` in all (or the asker
+    /// receives `fed_limit` transfers already), or a leader
     /// holds pieces it has sent to nobody (seeding).
     pub busy_peers: u64,
     pub busy_per_peer: u64,
@@ -1295,7 +1301,10 @@ impl Sim {
                     Some(Busy::Peers)
                 } else if mine >= p.max_uploads_per_peer {
                     Some(Busy::PerPeer)
-                } else if n.uploads >= p.max_uploads {
+                } else if n.uploads >= p.max_uploads
+                    || p.fed_limit
+                        .is_some_and(|k| self.net.flows_on(self.nodes[client].down) >= k)
+                {
                     Some(Busy::Uploads)
                 } else if !fetching.is_none_or(|sd| self.may_send(sd, piece)) {
                     Some(Busy::Seeding)
@@ -1435,6 +1444,7 @@ mod tests {
             config: Config::production(),
             max_peers: 0,
             max_holders: Limits::default().max_peers_per_digest,
+            fed_limit: None,
             progress: false,
             census: false,
         }
@@ -1478,6 +1488,26 @@ mod tests {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{mid}"));
         assert!((1..=32).contains(&taken), "{mid}");
+    }
+
+    #[test]
+    fn a_fed_limit_turns_away_askers_that_receive_enough() {
+        let base = params(4, 48 << 20, 1);
+        let plain = run(&base).unwrap();
+        // One transfer at a time per node: asking while one arrives is
+        // refused, so more answers are busy, and still every node finishes
+        // from one origin copy.
+        let mut one = base.clone();
+        one.fed_limit = Some(1);
+        let fed = run(&one).unwrap();
+        assert!(
+            fed.stats.busy > plain.stats.busy,
+            "{} vs {}",
+            fed.stats.busy,
+            plain.stats.busy
+        );
+        assert!(fed.pull_s.iter().all(|t| t.is_finite()), "{:?}", fed.pull_s);
+        assert!(fed.origin_bytes < fed.image_bytes as f64 * 1.05);
     }
 
     #[test]
