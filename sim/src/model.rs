@@ -1508,6 +1508,18 @@ mod tests {
         );
         assert!(fed.pull_s.iter().all(|t| t.is_finite()), "{:?}", fed.pull_s);
         assert!(fed.origin_bytes < fed.image_bytes as f64 * 1.05);
+        // Every holder refusing everyone holds no follower up for longer
+        // than its patience: it takes its pieces from the origin.
+        let mut none = base.clone();
+        none.fed_limit = Some(0);
+        let refused = run(&none).unwrap();
+        assert_eq!(refused.stats.busy, refused.stats.peer_requests);
+        assert!(
+            refused.pull_s.iter().all(|t| t.is_finite()),
+            "{:?}",
+            refused.pull_s
+        );
+        assert!(refused.origin_bytes > fed.origin_bytes * 2.0);
     }
 
     #[test]

@@ -35,8 +35,9 @@
 //!   measured rate, an unmeasured peer counts as the best measured one so it
 //!   gets tried; ties to the one with fewer requests out), unless the origin
 //!   has been measured faster than that peer, then the origin;
-//! - holders exist but all are busy: the origin if the piece is in the read
-//!   window, else wait for a slot;
+//! - holders exist but all are busy: the origin if the piece is in the busy
+//!   window ([`Config::busy_window`]), or in the read window once the swarm
+//!   has gone `patience` without news; else wait for a slot;
 //! - no usable holder (none holds it, or every holder already failed this
 //!   piece): the origin if this node leads ([`Scheduler::set_leading`]: it
 //!   took over from the node fetching the blob from the origin), there are
@@ -176,7 +177,9 @@ pub struct Config {
     /// How long a read-window piece nobody holds waits for the swarm while
     /// it makes progress, before it goes to the origin (`None`: no wait).
     /// Nodes that start a pull together thus wait for the one fetching from
-    /// the origin instead of each fetching the blob.
+    /// the origin instead of each fetching the blob. A read-window piece
+    /// whose holders all answer busy waits as long (`None`: as long as
+    /// they do, within the busy window).
     pub patience: Option<Duration>,
 }
 
@@ -976,11 +979,19 @@ impl Scheduler {
             }
             // Nothing can be asked of the origin either: no need to know why.
             None if origin.is_none() => None,
-            // Every usable holder is at its limit or backing off.
-            None if usable() => origin.filter(|_| match self.config.busy_window {
-                // 0: never; the client waits for the busy peer.
-                Some(w) => i >= self.read_position && i - self.read_position < w,
-                None => in_window,
+            // Every usable holder is at its limit or backing off. The client
+            // waits for them, but not forever: holders that stay busy while
+            // the swarm goes `patience` without news (one that answers busy
+            // to everyone, say) do not hold up the read window.
+            None if usable() => origin.filter(|_| {
+                let near = match self.config.busy_window {
+                    // 0: none; the client waits for the busy peer.
+                    Some(w) => i >= self.read_position && i - self.read_position < w,
+                    None => in_window,
+                };
+                near || (in_window
+                    && self.config.patience.is_some()
+                    && self.patient_until.is_none())
             }),
             None => no_holder(),
         }

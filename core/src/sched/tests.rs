@@ -1080,6 +1080,49 @@ fn when_every_holder_is_busy_the_piece_waits_for_the_first_one_free() {
     );
 }
 
+/// Holders that answer busy to everyone hold up the read window no longer
+/// than the swarm's patience: with no piece arriving or announced for that
+/// long, the piece the client waits for goes to the origin; far pieces still
+/// wait.
+#[test]
+fn holders_busy_for_the_whole_patience_lose_the_read_window_to_the_origin() {
+    let mut s = sched(
+        4,
+        Config {
+            window: 1,
+            busy_window: Some(0),
+            busy_backoff: Duration::from_millis(100),
+            patience: Some(secs(10)),
+            ..cfg()
+        },
+    );
+    s.add_peer(A, &all(4)).unwrap();
+    let t = Instant::now();
+    let mut now = t;
+    let mut out = s.poll(now);
+    // Every answer is busy; the scheduler asks again after each backoff.
+    while now < t + secs(10) {
+        for (piece, from) in requests(&out) {
+            assert_eq!(from, Source::Peer(A), "at {:?}", now - t);
+            s.on_busy(piece, A, now);
+        }
+        now = s.next_deadline().expect("a backoff or the patience ends");
+        out = s.poll(now);
+    }
+    let last = requests(&out);
+    assert!(last.contains(&(0, Source::Origin)), "{last:?}");
+    assert!(
+        last.iter()
+            .all(|&(p, from)| from != Source::Origin || p == 0),
+        "only the read window: {last:?}"
+    );
+    // A piece completing is news: patience starts over.
+    s.on_piece(0, Source::Origin, PS, now, true);
+    s.set_read_position(1);
+    let after = requests(&s.poll(now));
+    assert!(!after.contains(&(1, Source::Origin)), "{after:?}");
+}
+
 /// A busy window wider than the read window reaches past it: a piece there
 /// whose only holder is busy goes to the origin, one past both waits. (The
 /// poll leaves out pieces that can go nowhere; this is the edge of that.)
