@@ -618,23 +618,22 @@ impl Sim {
             .map(|n| (self.net.sent(n.up, now), self.net.sent(n.down, now)))
             .collect();
         let (since, prev) = std::mem::replace(&mut self.census_prev, (self.now, sent.clone()));
-        let span = secs(self.now.saturating_sub(since));
-        let per_node = f64::from(self.p.node_mbit) * 1e6 / 8.0 * span;
-        let share = |nodes: &mut dyn Iterator<Item = usize>, up: bool| {
-            let (mut bytes, mut n) = (0.0, 0);
-            for i in nodes {
-                let before = prev.get(i).copied().unwrap_or_default();
-                bytes += if up {
-                    sent[i].0 - before.0
-                } else {
-                    sent[i].1 - before.1
-                };
-                n += 1;
-            }
-            if n == 0 || per_node <= 0.0 {
+        // Bytes each node's uplink and downlink moved since then.
+        let moved: Vec<(f64, f64)> = sent
+            .iter()
+            .enumerate()
+            .map(|(i, &(up, down))| {
+                let (up0, down0) = prev.get(i).copied().unwrap_or_default();
+                (up - up0, down - down0)
+            })
+            .collect();
+        let capacity =
+            f64::from(self.p.node_mbit) * 1e6 / 8.0 * secs(self.now.saturating_sub(since));
+        let percent = |bytes: f64, nodes: usize| {
+            if nodes == 0 || capacity <= 0.0 {
                 0.0
             } else {
-                bytes / (per_node * n as f64) * 100.0
+                bytes / (capacity * nodes as f64) * 100.0
             }
         };
         let all = self.nodes.len();
@@ -648,15 +647,16 @@ impl Sim {
         let leading = if leaders.is_empty() {
             String::new()
         } else {
-            format!(
-                " (leaders' {:.0} %)",
-                share(&mut leaders.iter().copied(), true)
-            )
+            let up: f64 = leaders.iter().map(|&l| moved[l].0).sum();
+            format!(" (leaders' {:.0} %)", percent(up, leaders.len()))
         };
+        let (up, down) = moved
+            .iter()
+            .fold((0.0, 0.0), |(u, d), &(mu, md)| (u + mu, d + md));
         format!(
             "links since the last census: uplinks {:.0} % used{leading}, downlinks {:.0} %; upload slots taken {slots} of {}",
-            share(&mut (0..all), true),
-            share(&mut (0..all), false),
+            percent(up, all),
+            percent(down, all),
             all * self.p.max_uploads,
         )
     }
